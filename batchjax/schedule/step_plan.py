@@ -1,0 +1,100 @@
+"""Values that cross from the schedule to whoever executes it (the engine or the simulator).
+
+A policy's batcher emits one `StepPlan` per step; the executor runs it and reports back, for
+every chunk that sampled, the token it produced and whether the request finished. The batcher
+owns all KV page ids (page 0 is reserved as the null page that padding writes to), so the
+engine and the simulator account memory identically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+NULL_PAGE = 0  # never allocated: padding tokens write their KV here
+
+
+@dataclasses.dataclass(frozen=True)
+class Budgets:
+    """Limits every step respects."""
+
+    max_tokens_per_step: int
+    kv_budget_pages: int  # usable pages, not counting the null page
+    page_size: int
+    max_num_seqs: int | None = None  # request cap of the `none`/`vllm` baselines
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefixRef:
+    """A group's shared prefix as the executor sees it: pages and length (its KV is computed)."""
+
+    group_id: int
+    page_table: tuple[int, ...]
+    prefix_len: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkWork:
+    """Tokens of one sequence computed in one step.
+
+    A sequence is a request (`seq_id >= 0`, its index in the input) or the prefix of group g
+    (`seq_id == prefix_seq_id(g)`), whose own pages are that group's shared prefix pages.
+    Token i of the chunk has own-part index `own_start + i` and model position
+    `prefix_len + own_start + i`, where `prefix_len` is that of the group the sequence attends
+    (0 if none). It attends, causally, to own-part indices `<= own_start + i` in `page_table`,
+    and, without a mask, to the whole shared prefix of `prefix_group`.
+    """
+
+    seq_id: int
+    token_ids: tuple[int, ...]  # the inputs; a decode chunk is (last sampled token,)
+    own_start: int
+    page_table: tuple[int, ...]  # own pages, enough for own_start + len(token_ids) tokens
+    prefix_group: int | None  # group whose shared prefix this sequence attends
+    prefix_len: int  # that prefix's length in tokens (0 when prefix_group is None)
+    sample: bool  # sample a token from the last position (last prompt chunk, or decode)
+    is_decode: bool = False
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """One step's work, in the order the executor lays tokens out."""
+
+    step_index: int
+    chunks: tuple[ChunkWork, ...]
+    prefixes: tuple[PrefixRef, ...]  # every group that a chunk in this step attends
+    preempted: tuple[int, ...] = ()  # requests sent back to waiting before this step
+    kv_pages_in_use: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledToken:
+    """What the executor reports for a chunk that sampled."""
+
+    seq_id: int
+    token_id: int
+    finished: bool  # EOS, stop token/string or max_tokens reached: the request is done
+
+
+def prefix_seq_id(group_id: int) -> int:
+    """Sequence id of a group's prefix computation (negative, so it never clashes)."""
+    return -(group_id + 1)
+
+
+def group_of_prefix_seq(seq_id: int) -> int:
+    return -seq_id - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedRequest:
+    """What the schedule knows of a request: its prompt tokens and its decode limit."""
+
+    prompt_token_ids: tuple[int, ...]
+    max_tokens: int
+    decode_estimate: float | None = None  # expected output length; None: use max_tokens
