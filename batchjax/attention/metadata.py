@@ -1,0 +1,37 @@
+"""Per-step attention metadata, built on the host by the engine and closed over by attention.
+
+The step's tokens are laid out flat (`T` rows). Attention has two parts (DESIGN.md):
+- own part: every token attends causally to its own sequence's pages. Single-token chunks
+  (decode, one-token suffixes) are *rows*, one query each; longer chunks are cut into *blocks*
+  of `BLOCK_Q` consecutive queries of one sequence, so a block's keys are gathered once.
+- prefix part: the tokens of a group are cut into blocks of `BLOCK_Q` queries, each block
+  attending without a mask to the group's whole shared prefix: one dense
+  `[BLOCK_Q x prefix_len]` product per block instead of a matrix-vector product per query.
+Index padding points at row `T` (one past the end), which gathers clamp and scatters drop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+BLOCK_Q = 16  # queries per block; a degree-16 group's decode tokens fill one block
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class PagedAttentionMetadata:
+    slot_mapping: jax.Array  # [T] flat KV slot (page * page_size + offset) each token writes
+    # own part, single-query rows
+    row_token: jax.Array  # [R] token row, T = padding
+    row_page_table: jax.Array  # [R, P] own pages of the row's sequence
+    row_kv_len: jax.Array  # [R] own keys visible to the row (its own index + 1)
+    # own part, blocks of BLOCK_Q queries of one sequence
+    blk_token: jax.Array  # [B, BLOCK_Q] token rows, T = padding
+    blk_page_table: jax.Array  # [B, P]
+    blk_qpos: jax.Array  # [B, BLOCK_Q] own index of each query; keys <= it are visible
+    # prefix part, blocks of BLOCK_Q queries of one group
+    gblk_token: jax.Array  # [Bg, BLOCK_Q] token rows, T = padding
+    gblk_page_table: jax.Array  # [Bg, Pg] the group's shared prefix pages
+    gblk_prefix_len: jax.Array  # [Bg] prefix length in tokens (0 for padding blocks)

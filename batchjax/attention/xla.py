@@ -1,0 +1,121 @@
+"""Shared-prefix paged attention in plain jnp: the reference path and the CPU default."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from batchjax.attention.metadata import PagedAttentionMetadata
+
+# Finite, so fully masked rows give no NaN; exp(MASK_VALUE - anything real) underflows to 0.
+MASK_VALUE = -1e30
+
+
+def write_kv(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
+    """Scatter `new: [T, Hkv, D]` into `pages: [N, page_size, Hkv, D]` at flat slots `[T]`."""
+    n, ps, h, d = pages.shape
+    flat = pages.reshape(n * ps, h, d).at[slot_mapping].set(new.astype(pages.dtype))
+    return flat.reshape(n, ps, h, d)
+
+
+def _gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
+    """`page_table: [N, P]` -> keys `[N, P * page_size, Hkv, D]` in index order."""
+    g = pages[page_table]  # [N, P, ps, Hkv, D]
+    n, p, ps, h, d = g.shape
+    return g.reshape(n, p * ps, h, d)
+
+
+def attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Masked softmax attention with its log-sum-exp.
+
+    q: [N, Q, Hq, D], k/v: [N, K, Hkv, D], mask: [N, Q, K] -> out [N, Q, Hq, D], lse [N, Q, Hq].
+    Rows with no visible key get out 0 and lse MASK_VALUE.
+    """
+    n, nq, hq, d = q.shape
+    hkv = k.shape[2]
+    qg = q.reshape(n, nq, hkv, hq // hkv, d)
+    s = jnp.einsum("nqhrd,nkhd->nhrqk", qg, k, preferred_element_type=jnp.float32)
+    s = s * (1.0 / jnp.sqrt(jnp.float32(d)))
+    s = jnp.where(mask[:, None, None], s, MASK_VALUE)
+    m = jnp.max(s, axis=-1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=-1, keepdims=True)
+    o = jnp.einsum("nhrqk,nkhd->nqhrd", (p / l).astype(v.dtype), v,
+                   preferred_element_type=jnp.float32)
+    lse = (m + jnp.log(l))[..., 0]  # [N, Hkv, R, Q]
+    seen = jnp.any(mask, axis=-1)  # [N, Q]
+    lse = jnp.where(seen[:, None, None, :], lse, MASK_VALUE)
+    o = jnp.where(seen[:, :, None, None, None], o, 0.0)
+    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(n, nq, hq)
+    return o.reshape(n, nq, hq, d), lse
+
+
+def merge_attention_states(
+    o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array
+) -> jax.Array:
+    """o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2), stably; o*: [T, H, D], lse*: [T, H]."""
+    m = jnp.maximum(lse1, lse2)
+    w1 = jnp.exp(lse1 - m)[..., None]
+    w2 = jnp.exp(lse2 - m)[..., None]
+    return (w1 * o1 + w2 * o2) / (w1 + w2)
+
+
+def _scatter_rows(shape, rows: jax.Array, vals: jax.Array, fill) -> jax.Array:
+    """Place `vals: [M, ...]` at token rows `[M]` of a fresh `[T, ...]`; row T is dropped."""
+    return jnp.full(shape, fill, vals.dtype).at[rows].set(vals, mode="drop")
+
+
+def shared_prefix_paged_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata
+) -> jax.Array:
+    """Own part (causal over own pages) + prefix part (dense over the group's prefix), merged.
+
+    q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] already holding this step's keys.
+    """
+    t, hq, d = q.shape
+    q_pad = jnp.concatenate([q, jnp.zeros((1, hq, d), q.dtype)])  # row T = padding query
+
+    # Own part, single-query rows.
+    rk = _gather_pages(k_pages, md.row_page_table)
+    rv = _gather_pages(v_pages, md.row_page_table)
+    rmask = jnp.arange(rk.shape[1])[None, None, :] < md.row_kv_len[:, None, None]
+    ro, rl = attend(q_pad[md.row_token][:, None], rk, rv, rmask)
+
+    # Own part, blocks of one sequence.
+    bk = _gather_pages(k_pages, md.blk_page_table)
+    bv = _gather_pages(v_pages, md.blk_page_table)
+    bmask = jnp.arange(bk.shape[1])[None, None, :] <= md.blk_qpos[:, :, None]
+    bo, bl = attend(q_pad[md.blk_token], bk, bv, bmask)
+
+    own_rows = jnp.concatenate([md.row_token, md.blk_token.reshape(-1)])
+    own_o = _scatter_rows((t, hq, d), own_rows,
+                          jnp.concatenate([ro[:, 0], bo.reshape(-1, hq, d)]), 0.0)
+    own_l = _scatter_rows((t, hq), own_rows,
+                          jnp.concatenate([rl[:, 0], bl.reshape(-1, hq)]), MASK_VALUE)
+
+    # Prefix part: each block of a group's queries against the whole shared prefix.
+    gk = _gather_pages(k_pages, md.gblk_page_table)
+    gv = _gather_pages(v_pages, md.gblk_page_table)
+    gtok = md.gblk_token
+    gmask = (jnp.arange(gk.shape[1])[None, None, :] < md.gblk_prefix_len[:, None, None]) & (
+        gtok[:, :, None] < t)
+    go, gl = attend(q_pad[gtok], gk, gv, gmask)
+    pre_o = _scatter_rows((t, hq, d), gtok.reshape(-1), go.reshape(-1, hq, d), 0.0)
+    pre_l = _scatter_rows((t, hq), gtok.reshape(-1), gl.reshape(-1, hq), MASK_VALUE)
+
+    return merge_attention_states(own_o, own_l, pre_o, pre_l).astype(q.dtype)
+
+
+def make_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_paged_attention):
+    """An `AttentionFn` over page pools `(k_pages, v_pages)` for one step's metadata."""
+
+    def attention(layer, q, k, v, layer_kv):
+        del layer
+        k_pages, v_pages = layer_kv
+        k_pages = write_kv(k_pages, k, md.slot_mapping)
+        v_pages = write_kv(v_pages, v, md.slot_mapping)
+        return impl(q, k_pages, v_pages, md), (k_pages, v_pages)
+
+    return attention

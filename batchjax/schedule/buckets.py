@@ -1,0 +1,60 @@
+"""The one table of static shapes every step is padded to.
+
+XLA compiles one program per input shape, so each dimension of a step (tokens, decode rows,
+query blocks, ...) is rounded up to the next entry of its ladder. The same table drives warm-up
+and run time; the number of distinct shapes a run produces is reported as
+`num_compiled_shapes`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+
+
+def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
+    out, n = [], lo
+    while n < hi:
+        out.append(n)
+        n *= 2
+    out.append(hi)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True)
+class BucketTable:
+    """Ladders per step dimension; a size above a ladder's top is an error, not a new shape."""
+
+    tokens: tuple[int, ...] = powers_of_two(16, 1024)
+    rows: tuple[int, ...] = powers_of_two(8, 1024)  # decode rows and sampled rows
+    blocks: tuple[int, ...] = powers_of_two(2, 1024)  # query blocks of a step
+    pages: tuple[int, ...] = powers_of_two(4, 4096)  # pages per page table
+
+    @staticmethod
+    def round_up(ladder: tuple[int, ...], n: int, what: str) -> int:
+        i = bisect.bisect_left(ladder, n)
+        if i == len(ladder):
+            raise ValueError(f"{what}={n} exceeds the largest bucket {ladder[-1]}")
+        return ladder[i]
+
+    def tokens_bucket(self, n: int) -> int:
+        return self.round_up(self.tokens, n, "tokens")
+
+    def rows_bucket(self, n: int) -> int:
+        return self.round_up(self.rows, n, "rows")
+
+    def blocks_bucket(self, n: int) -> int:
+        return self.round_up(self.blocks, n, "blocks")
+
+    def pages_bucket(self, n: int) -> int:
+        return self.round_up(self.pages, n, "pages")
+
+    @classmethod
+    def for_budget(cls, max_tokens_per_step: int) -> "BucketTable":
+        """Ladders whose tops cover a step of `max_tokens_per_step` tokens."""
+        top = 1 << max(4, (max_tokens_per_step - 1).bit_length())
+        return cls(
+            tokens=powers_of_two(16, top),
+            rows=powers_of_two(8, max(8, top)),
+            blocks=powers_of_two(2, max(2, top)),
+        )
