@@ -1,0 +1,51 @@
+"""Run metrics shared by the engine, the simulator and the benchmarks: one vocabulary, one table.
+
+Names follow DESIGN.md: `logical_prefill_tokens` (sum of prompt lengths),
+`computed_prefill_tokens` (prompt tokens actually run through the model),
+`saving_ratio = 1 - computed / logical`, and `optimal_saving_ratio` (the token trie's bound).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+# (key, label, format) in the order a summary shows them; absent keys are skipped.
+_ROWS = (
+    ("policy", "policy", "{}"),
+    ("model", "model", "{}"),
+    ("num_requests", "requests", "{:,}"),
+    ("failed_requests", "failed requests", "{:,}"),
+    ("num_groups", "prefix groups", "{:,}"),
+    ("logical_prefill_tokens", "logical prefill tokens", "{:,}"),
+    ("computed_prefill_tokens", "computed prefill tokens", "{:,}"),
+    ("saving_ratio", "saving ratio", "{:.1%}"),
+    ("optimal_saving_ratio", "optimal saving ratio", "{:.1%}"),
+    ("output_tokens", "output tokens", "{:,}"),
+    ("num_steps", "steps", "{:,}"),
+    ("num_preemptions", "preemptions", "{:,}"),
+    ("peak_kv_pages", "peak KV pages", "{:,}"),
+    ("kv_budget_pages", "KV budget pages", "{:,}"),
+    ("num_compiled_shapes", "compiled shapes", "{:,}"),
+    ("plan_s", "planning time (s)", "{:.3f}"),
+    ("wall_s", "wall time (s)", "{:.2f}"),
+    ("simulated_s", "simulated time (s, estimate)", "{:.2f}"),
+    ("output_tokens_per_s", "output tokens/s", "{:,.1f}"),
+    ("total_tokens_per_s", "total tokens/s", "{:,.1f}"),
+)
+
+
+def saving_ratio(logical: int, computed: int) -> float:
+    return 1.0 - computed / logical if logical else 0.0
+
+
+def summary_table(metrics: Mapping[str, Any], title: str = "summary") -> str:
+    """A two-column text table of the metrics a person reads first."""
+    rows = [(label, fmt.format(metrics[key])) for key, label, fmt in _ROWS
+            if metrics.get(key) is not None]
+    width = max((len(label) for label, _ in rows), default=0)
+    vwidth = max((len(v) for _, v in rows), default=0)
+    line = "-" * (width + vwidth + 5)
+    out = [line, f" {title}", line]
+    out += [f" {label:<{width}}   {value:>{vwidth}}" for label, value in rows]
+    out.append(line)
+    return "\n".join(out)

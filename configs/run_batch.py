@@ -1,0 +1,18 @@
+"""Defaults of `python -m experiments.run_batch`; override as `--config.key=value`."""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.model = "smollm2-135m"
+    c.policy = "batchllm"
+    c.attention = "xla"
+    c.dtype = "float32"
+    c.page_size = 16
+    c.kv_budget_mb = 1024.0
+    c.max_tokens_per_step = 512
+    c.max_num_seqs = 256
+    c.strict = False
+    c.print_results = 8  # answers echoed to the terminal at the end (0: none)
+    return c
