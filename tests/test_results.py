@@ -1,0 +1,110 @@
+"""Output lines in both shapes, and the journal surviving a killed run."""
+
+import json
+
+import pytest
+
+from batchjax.engine.results import Result, ResultsJournal, error_result, to_output_line
+from batchjax.requests import InputFormat, RequestError
+
+
+def _result(i: int) -> Result:
+    return Result(id=f"r{i}", index=i, text=f"answer {i} é", token_ids=(i, i + 1, 2),
+                  finish_reason="stop", prompt_tokens=10 + i, completion_tokens=3,
+                  cached_prompt_tokens=4, error=None)
+
+
+_BAD = RequestError(line=7, id=None, field="max_tokens", message="must be an integer >= 1")
+
+
+def test_native_lines_hold_text_tokens_reason_and_usage():
+    assert to_output_line(_result(1), InputFormat.NATIVE) == {
+        "id": "r1", "text": "answer 1 é", "token_ids": [1, 2, 2], "finish_reason": "stop",
+        "usage": {"prompt_tokens": 11, "completion_tokens": 3, "cached_prompt_tokens": 4},
+    }
+    assert to_output_line(error_result(_BAD), InputFormat.NATIVE) == {
+        "id": "line-7", "error": {"message": "must be an integer >= 1", "field": "max_tokens"},
+    }
+    no_field = RequestError(line=3, id="x", field=None, message="invalid JSON")
+    assert to_output_line(error_result(no_field), InputFormat.NATIVE) == {
+        "id": "x", "error": {"message": "invalid JSON"}}
+
+
+def test_openai_lines_follow_the_batch_output_shape():
+    chat = to_output_line(_result(1), InputFormat.OPENAI_CHAT, model="smollm2-135m")
+    assert chat["custom_id"] == "r1" and chat["id"].startswith("batch_req_") and chat["error"] is None
+    assert chat["response"]["status_code"] == 200
+    body = chat["response"]["body"]
+    assert body["object"] == "chat.completion" and body["model"] == "smollm2-135m"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "answer 1 é"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["total_tokens"] == 14
+    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 4}
+    completion = to_output_line(_result(1), InputFormat.OPENAI_COMPLETIONS)["response"]["body"]
+    assert completion["object"] == "text_completion" and completion["choices"][0]["text"] == "answer 1 é"
+    failed = to_output_line(error_result(_BAD), InputFormat.OPENAI_CHAT)
+    assert failed["custom_id"] == "line-7" and failed["response"]["status_code"] == 400
+    assert failed["response"]["body"]["error"]["param"] == "max_tokens"
+    # Ids derive from the request id: a rerun writes the same bytes.
+    assert to_output_line(_result(1), InputFormat.OPENAI_CHAT) == to_output_line(_result(1), InputFormat.OPENAI_CHAT)
+
+
+@pytest.mark.parametrize("fmt", [InputFormat.NATIVE, InputFormat.OPENAI_CHAT])
+def test_a_killed_run_resumes_to_the_same_file_as_an_uninterrupted_one(tmp_path, fmt):
+    results = [_result(i) for i in range(6)] + [error_result(_BAD)]
+    # Requests finish out of input order; the final file is in input order.
+    finish_order = [3, 0, 6, 5, 1, 4, 2]
+    input_order = [r.id for r in results]
+
+    clean = tmp_path / "clean.jsonl"
+    with ResultsJournal(clean, fmt) as journal:
+        for i in finish_order:
+            journal.append(results[i])
+        journal.finalize(input_order)
+
+    crashed = tmp_path / "crashed.jsonl"
+    with ResultsJournal(crashed, fmt) as journal:
+        for i in finish_order[:3]:
+            journal.append(results[i])
+    torn = json.dumps(to_output_line(results[finish_order[3]], fmt)).encode()[:25]
+    with open(crashed, "ab") as f:
+        f.write(torn)  # the kill landed in the middle of a write
+
+    with ResultsJournal(crashed, fmt) as journal:
+        assert journal.finished_ids == {results[i].id for i in finish_order[:3]}
+        for i in finish_order[3:]:
+            journal.append(results[i])
+        journal.finalize(input_order)
+
+    assert crashed.read_bytes() == clean.read_bytes()
+    lines = [json.loads(line) for line in clean.read_text().splitlines()]
+    key = "custom_id" if fmt.is_openai else "id"
+    assert [line[key] for line in lines] == input_order
+
+
+def test_a_complete_line_without_its_newline_is_run_again(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text(json.dumps(to_output_line(_result(0), InputFormat.NATIVE)) + "\n"
+                    + json.dumps(to_output_line(_result(1), InputFormat.NATIVE)))
+    with ResultsJournal(path, InputFormat.NATIVE) as journal:
+        assert journal.finished_ids == {"r0"}
+    assert path.read_text().count("\n") == 1 and "r1" not in path.read_text()
+
+
+def test_damage_before_the_last_line_is_refused(tmp_path):
+    path = tmp_path / "out.jsonl"
+    path.write_text("{not json\n" + json.dumps(to_output_line(_result(0), InputFormat.NATIVE)) + "\n")
+    with pytest.raises(ValueError, match="line 1"):
+        ResultsJournal(path, InputFormat.NATIVE)
+
+
+def test_finalize_demands_every_id_and_appending_twice_fails(tmp_path):
+    with ResultsJournal(tmp_path / "out.jsonl", InputFormat.NATIVE) as journal:
+        journal.append(_result(0))
+        with pytest.raises(ValueError, match="already"):
+            journal.append(_result(0))
+        with pytest.raises(ValueError, match="no result"):
+            journal.finalize(["r0", "r1"])
+        journal.append(_result(1))
+        journal.finalize(["r1", "r0"])
+    assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["r1", "r0"]
