@@ -65,6 +65,8 @@ def _kernel(
     kv_heads: int,
     scale: float,
 ):
+    # Integer division is lax.div / lax.rem: every operand is non-negative, and jnp's floor
+    # division would add sign corrections that Mosaic lowers only when it knows the chip.
     rows = block_q * group
     block_kv = pages_per_block * page_size
     page_rows = page_size * kv_heads
@@ -77,7 +79,7 @@ def _kernel(
     def key_block_copies(seq, kv_len, kv_block, slot):
         # Pages past the last valid one re-read the last valid page: its keys are masked, and
         # unlike an unwritten buffer it holds no NaN that a zero weight could not cancel.
-        last_page = (kv_len + page_size - 1) // page_size - 1
+        last_page = lax.div(kv_len + page_size - 1, page_size) - 1
         copies = []
         for p in range(pages_per_block):
             page_idx = jnp.minimum(kv_block * pages_per_block + p, last_page)
@@ -97,18 +99,18 @@ def _kernel(
             key_end = jnp.minimum(kv_len, kv_len - q_len + (last_row - q_start) + 1)
         else:
             key_end = kv_len
-        num_kv_blocks = (key_end + block_kv - 1) // block_kv
+        num_kv_blocks = lax.div(key_end + block_kv - 1, block_kv)
 
         @pl.when(num_kv_blocks > 0)
         def _():
             for copy in key_block_copies(seq, kv_len, 0, 0):
                 copy.start()
 
-        row_token = block_start + lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0) // group
+        row_token = block_start + lax.div(lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0), group)
         owned = (row_token >= q_start) & (row_token < q_start + q_len)
 
         def attend_key_block(kv_block, carry):
-            slot = kv_block % 2
+            slot = lax.rem(kv_block, 2)
 
             @pl.when(kv_block + 1 < num_kv_blocks)
             def _():

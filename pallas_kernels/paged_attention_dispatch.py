@@ -1,0 +1,47 @@
+"""Picks the TPU or GPU variant of the paged attention kernel; both share one contract."""
+
+from typing import Literal
+
+import jax
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels.paged_attention_gpu import paged_attention_gpu
+from pallas_kernels.paged_attention_tpu import paged_attention_tpu
+
+Backend = Literal["tpu", "gpu"]
+Interpret = bool | pltpu.InterpretParams
+
+
+def paged_attention(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    page_tables: jax.Array,
+    kv_lens: jax.Array,
+    q_starts: jax.Array,
+    q_lens: jax.Array,
+    *,
+    causal: bool,
+    interpret: Interpret,
+    block_q: int,
+    pages_per_block: int | None,
+    backend: Backend | None,
+) -> tuple[jax.Array, jax.Array]:
+    """`backend=None` follows the default device; in the interpreter on CPU it means "tpu",
+    whose interpreter also checks DMA races. `pages_per_block` applies to the TPU variant."""
+    if backend is None:
+        platform = jax.default_backend()
+        if platform == "cpu" and not interpret:
+            raise ValueError("Pallas kernels need a GPU or TPU on this machine; pass interpret=True")
+        backend = "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu"
+    metadata = (page_tables, kv_lens, q_starts, q_lens)
+    if backend == "gpu":
+        if isinstance(interpret, pltpu.InterpretParams):
+            raise ValueError("InterpretParams is the TPU interpreter; use interpret=True for 'gpu'")
+        return paged_attention_gpu(
+            q, k_pages, v_pages, *metadata, causal=causal, block_q=block_q, interpret=interpret
+        )
+    return paged_attention_tpu(
+        q, k_pages, v_pages, *metadata, causal=causal, block_q=block_q,
+        pages_per_block=pages_per_block, interpret=interpret,
+    )
