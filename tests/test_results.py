@@ -46,7 +46,8 @@ def test_openai_lines_follow_the_batch_output_shape():
     assert failed["custom_id"] == "line-7" and failed["response"]["status_code"] == 400
     assert failed["response"]["body"]["error"]["param"] == "max_tokens"
     # Ids derive from the request id: a rerun writes the same bytes.
-    assert to_output_line(_result(1), InputFormat.OPENAI_CHAT) == to_output_line(_result(1), InputFormat.OPENAI_CHAT)
+    again = to_output_line(_result(1), InputFormat.OPENAI_CHAT)
+    assert again == to_output_line(_result(1), InputFormat.OPENAI_CHAT)
 
 
 @pytest.mark.parametrize("fmt", [InputFormat.NATIVE, InputFormat.OPENAI_CHAT])
@@ -107,4 +108,5 @@ def test_finalize_demands_every_id_and_appending_twice_fails(tmp_path):
             journal.finalize(["r0", "r1"])
         journal.append(_result(1))
         journal.finalize(["r1", "r0"])
-    assert [json.loads(line)["id"] for line in (tmp_path / "out.jsonl").read_text().splitlines()] == ["r1", "r0"]
+    lines = (tmp_path / "out.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["r1", "r0"]
