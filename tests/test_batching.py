@@ -15,10 +15,13 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from batchjax.schedule.batching import BudgetTooSmall
+from batchjax.schedule.plan import build_plan
 from batchjax.schedule.policies import POLICIES, make_batcher
 from batchjax.schedule.step_plan import (
     NULL_PAGE,
@@ -150,7 +153,9 @@ def workloads(draw) -> tuple[list[SchedRequest], list[int]]:
         tail = draw(st.lists(vocab, min_size=0 if stem else 1, max_size=12))
         max_tokens = draw(st.integers(1, 8))
         output_lens.append(draw(st.integers(1, max_tokens)))
-        requests.append(SchedRequest(tuple(stem + tail), max_tokens))
+        # An estimate below the true length makes batchllm under-reserve and preempt.
+        estimate = draw(st.none() | st.integers(0, max_tokens))
+        requests.append(SchedRequest(tuple(stem + tail), max_tokens, estimate))
     return requests, output_lens
 
 
@@ -193,3 +198,79 @@ def test_same_input_gives_the_same_schedule(policy, work):
     first = replay(policy, requests, output_lens, budgets)
     second = replay(policy, requests, output_lens, budgets)
     assert first.steps == second.steps
+
+
+def _micro(prefix_len: int, distinct_len: int, degree: int, num_groups: int, output_len: int,
+           estimate: int | None = None):
+    rng = np.random.default_rng(0)
+    requests = []
+    for _ in range(num_groups):
+        prefix = rng.integers(0, 1000, prefix_len).tolist()
+        for _ in range(degree):
+            distinct = rng.integers(0, 1000, distinct_len).tolist()
+            requests.append(SchedRequest(tuple(prefix + distinct), output_len, estimate))
+    order = rng.permutation(len(requests))
+    return [requests[i] for i in order], [output_len] * len(requests)
+
+
+def test_batchllm_computes_exactly_the_planned_tokens_without_preemption():
+    requests, output_lens = _micro(40, 5, 4, 6, 3)
+    budgets = Budgets(max_tokens_per_step=32, kv_budget_pages=40, page_size=4)
+    plan = build_plan(requests)
+    result = run_checked(make_batcher("batchllm", requests, budgets, plan=plan),
+                         requests, output_lens, budgets)
+    m = result.metrics
+    assert m["num_preemptions"] == 0
+    assert m["computed_prefill_tokens"] == plan.planned_prefill_tokens
+    assert m["saving_ratio"] == pytest.approx(plan.saving_ratio)
+    assert m["num_groups"] == plan.num_groups
+
+
+def test_shared_prefix_is_computed_once_and_attended_by_its_whole_group():
+    requests, output_lens = _micro(12, 2, 3, 1, 2)
+    budgets = Budgets(max_tokens_per_step=64, kv_budget_pages=64, page_size=4)
+    result = run_checked(make_batcher("batchllm", requests, budgets), requests, output_lens,
+                         budgets)
+    prefix_chunks = [c for s in result.steps for c in s.chunks if c.seq_id < 0]
+    assert sum(c.num_tokens for c in prefix_chunks) == 12
+    attending = {c.seq_id for s in result.steps for c in s.chunks if c.prefix_group is not None}
+    assert attending == {0, 1, 2}
+
+
+def test_tight_budget_preempts_and_still_completes_everything():
+    # Reservations assume 1 output token; the truth is 12, so decoding outgrows them.
+    requests, output_lens = _micro(8, 4, 4, 3, 12, estimate=1)
+    budgets = Budgets(max_tokens_per_step=24, kv_budget_pages=14, page_size=2)
+    result = run_checked(make_batcher("batchllm", requests, budgets), requests, output_lens,
+                         budgets)
+    m = result.metrics
+    assert m["num_preemptions"] > 0
+    assert any(s.preempted for s in result.steps)
+    assert all(count == 1 for count in result.finish_count.values())
+    assert m["computed_prefill_tokens"] > build_plan(requests).planned_prefill_tokens
+    assert max(s.kv_pages_in_use for s in result.steps) <= 14
+
+
+def test_batchllm_admits_past_the_baselines_request_cap():
+    requests, output_lens = _micro(8, 2, 8, 2, 4)
+    budgets = Budgets(max_tokens_per_step=256, kv_budget_pages=200, page_size=4, max_num_seqs=2)
+    result = run_checked(make_batcher("batchllm", requests, budgets), requests, output_lens,
+                         budgets)
+    assert max(sum(c.is_decode for c in s.chunks) for s in result.steps) > 2
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_budget_below_one_request_fails_before_any_step(policy):
+    requests = [SchedRequest(tuple(range(30)), 10)]
+    with pytest.raises(BudgetTooSmall, match="budget"):
+        make_batcher(policy, requests, Budgets(64, kv_budget_pages=9, page_size=4))
+
+
+@pytest.mark.parametrize("policy", ["vllm", "sglang"])
+def test_prefix_caches_reuse_whole_pages_of_an_earlier_request(policy):
+    requests = [SchedRequest(tuple(range(10)) + (50 + i,), 1) for i in range(2)]
+    budgets = Budgets(max_tokens_per_step=11, kv_budget_pages=20, page_size=4, max_num_seqs=1)
+    result = run_checked(make_batcher(policy, requests, budgets), requests, [1, 1], budgets)
+    second = [c for s in result.steps for c in s.chunks if c.seq_id == 1][0]
+    assert second.own_start == 8  # two full pages of 4 reused, the rest computed
+    assert result.metrics["computed_prefill_tokens"] == 11 + 3

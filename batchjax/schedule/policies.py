@@ -17,6 +17,7 @@ from typing import Sequence
 
 from batchjax.schedule.batching import (
     Batcher,
+    BatchLLMBatcher,
     BudgetTooSmall,
     Sequence_,
     StepCounters,
@@ -25,9 +26,11 @@ from batchjax.schedule.batching import (
     pages_for,
 )
 from batchjax.schedule.pages import HashedPageCache, PagePool, RadixPageCache
+from batchjax.schedule.plan import Plan, build_plan
+from batchjax.schedule.prefix_tree import identify_prefixes
 from batchjax.schedule.step_plan import Budgets, ChunkWork, SampledToken, SchedRequest, StepPlan
 
-POLICIES = ("none", "vllm", "sglang")
+POLICIES = ("none", "vllm", "sglang", "batchllm")
 
 # SGLang orders its waiting queue by longest cached prefix only while it is this short.
 SGLANG_LPM_MAX_WAITING = 128
@@ -194,14 +197,38 @@ def make_batcher(
 ) -> Batcher:
     """A batcher for `policy` (one of POLICIES) over `requests`.
 
-    Options: `optimal_saving_ratio` (reported as is; computed from the prompts when absent);
-    for `batchllm`, everything else goes to `plan.build_plan` (e.g. `grouping`).
+    Options of `batchllm`: `plan` (a `Plan` of these requests, built here when absent) or the
+    keyword arguments of `plan.build_plan` (`grouping_method`, `align_to_pages`, `order_key`).
+    Options of the baselines: `optimal_saving_ratio` (reported as is; computed from the
+    prompts when absent).
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; expected one of {POLICIES}")
+    if policy == "batchllm":
+        plan: Plan | None = options.pop("plan", None)
+        if plan is None:
+            plan = build_plan(requests, **options)
+        elif options:
+            raise ValueError(f"options {sorted(options)} conflict with a given plan")
+        if plan.num_requests != len(requests):
+            raise ValueError(f"the plan covers {plan.num_requests} requests, not {len(requests)}")
+        groups = [
+            (g.group_id, g.prefix_token_ids, ids) for g, ids in zip(plan.groups, plan.request_order)
+        ]
+        return BatchLLMBatcher(
+            requests,
+            groups,
+            budgets,
+            optimal_saving_ratio=plan.optimal_saving_ratio,
+            plan_s=plan.plan_s,
+        )
     optimal = options.pop("optimal_saving_ratio", None)
+    if optimal is None:
+        optimal = identify_prefixes([r.prompt_token_ids for r in requests]).optimal_saving_ratio
     if policy == "none":
-        return CachedFcfsBatcher(policy, requests, budgets, cache=None, optimal_saving_ratio=optimal)
+        return CachedFcfsBatcher(
+            policy, requests, budgets, cache=None, optimal_saving_ratio=optimal
+        )
     if policy == "vllm":
         return CachedFcfsBatcher(
             policy, requests, budgets, cache="hashed", optimal_saving_ratio=optimal
