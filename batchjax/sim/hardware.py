@@ -1,0 +1,88 @@
+"""Accelerators and model shapes the simulator knows, by name (public spec-sheet figures)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 1 << 30
+
+
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    peak_flops: float  # dense bf16 FLOP/s
+    hbm_bytes_per_s: float
+    memory_bytes: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelShape:
+    """A Llama-family decoder's sizes; weights and KV are bf16 (2 bytes)."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+    bytes_per_value: int = 2
+
+    @property
+    def layer_params(self) -> int:
+        h, d = self.hidden_size, self.head_dim
+        attention = h * d * (2 * self.num_heads + 2 * self.num_kv_heads)  # q, o, k, v
+        return attention + 3 * h * self.intermediate_size  # gate, up, down
+
+    @property
+    def lm_head_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def num_params(self) -> int:
+        embeddings = self.vocab_size * self.hidden_size
+        head = 0 if self.tie_word_embeddings else self.lm_head_params
+        return self.num_layers * self.layer_params + embeddings + head
+
+    @property
+    def weight_bytes(self) -> int:
+        return self.num_params * self.bytes_per_value
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.bytes_per_value
+
+
+DEVICES = {
+    d.name: d
+    for d in (
+        Device("a100-80gb", 312e12, 2.039e12, 80 * GIB),
+        Device("h100", 989e12, 3.35e12, 80 * GIB),
+        Device("h200", 989e12, 4.8e12, 141 * 10**9),
+        Device("tpu-v5e", 197e12, 819e9, 16 * GIB),
+    )
+}
+
+MODELS = {
+    m.name: m
+    for m in (
+        ModelShape("llama-3.1-8b", 32, 4096, 32, 8, 128, 14336, 128256),
+        ModelShape("qwen-2.5-7b", 28, 3584, 28, 4, 128, 18944, 152064),
+        ModelShape("qwen-2.5-14b", 48, 5120, 40, 8, 128, 13824, 152064),
+    )
+}
+
+
+def get_device(name: str) -> Device:
+    if name not in DEVICES:
+        raise ValueError(f"unknown device {name!r}; known: {sorted(DEVICES)}")
+    return DEVICES[name]
+
+
+def get_model(name: str) -> ModelShape:
+    if name not in MODELS:
+        raise ValueError(f"unknown model shape {name!r}; known: {sorted(MODELS)}")
+    return MODELS[name]
