@@ -1,0 +1,318 @@
+"""Claims about the attention kernels: each equals its jnp oracle, and the oracles equal a naive
+per-query softmax. Kernels run in the CPU interpreter; `gpu`/`tpu` marks compile them.
+
+bf16 tolerance: inputs in bf16, accumulation in f32, probabilities cast to bf16 for the
+value product; outputs agree with the f32-accumulated oracle to 2e-2 absolute, lse to 1e-2.
+"""
+
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import (
+    NO_KEYS_LSE,
+    merge_attention_states,
+    merge_attention_states_reference,
+    ragged_paged_attention,
+    ragged_paged_attention_reference,
+    shared_prefix_attention,
+    shared_prefix_attention_reference,
+)
+from pallas_kernels.paged_attention_gpu import paged_attention_gpu
+from pallas_kernels.paged_attention_tpu import paged_attention_tpu
+
+
+class Shape(NamedTuple):
+    tokens: int  # T
+    q_heads: int  # Hq
+    kv_heads: int  # Hkv
+    head_dim: int  # D
+    page_size: int
+    pages_per_seq: int  # P
+    num_seqs: int  # S
+    dtype: str
+
+
+class Batch(NamedTuple):
+    q: jax.Array  # [T, Hq, D]
+    k_pages: jax.Array  # [N, page_size, Hkv, D]
+    v_pages: jax.Array
+    page_tables: jax.Array  # [S, P]
+    kv_lens: jax.Array  # [S]
+    q_starts: jax.Array  # [S]
+    q_lens: jax.Array  # [S]
+
+
+def make_batch(shape: Shape, causal: bool, seed: int, fill: float) -> Batch:
+    """A random, valid step: ragged sequences at random places in T, padding rows between
+    them, padding sequences (q_len 0), and for prefixes also empty and one-key groups."""
+    rng = np.random.default_rng(seed)
+    s, p, page = shape.num_seqs, shape.pages_per_seq, shape.page_size
+    num_pages = s * p + 3
+    max_keys = p * page
+    q_lens = np.zeros(s, np.int32)
+    kv_lens = np.zeros(s, np.int32)
+    q_starts = np.zeros(s, np.int32)
+    cursor = 0
+    for seq in rng.permutation(s)[: rng.integers(1, s + 1)]:
+        room = shape.tokens - cursor
+        if room <= 0:
+            break
+        q_len = int(rng.integers(0 if not causal else 1, max(1, int(room * fill)) + 1))
+        q_len = min(q_len, room, max_keys)
+        if causal:
+            kv = int(rng.integers(q_len, max_keys + 1))
+        else:
+            kv = int(rng.choice([0, 1, rng.integers(1, max_keys + 1), max_keys]))
+        gap = int(rng.integers(0, 3))
+        if cursor + gap + q_len > shape.tokens:
+            gap = 0
+        q_starts[seq], q_lens[seq], kv_lens[seq] = cursor + gap, q_len, kv
+        cursor += gap + q_len
+    tables = rng.permutation(num_pages)[: s * p].reshape(s, p).astype(np.int32)
+    dtype = jnp.dtype(shape.dtype)
+
+    def normal(*dims):
+        return jnp.asarray(rng.standard_normal(dims), jnp.float32).astype(dtype)
+
+    kv_shape = (num_pages, page, shape.kv_heads, shape.head_dim)
+    return Batch(
+        normal(shape.tokens, shape.q_heads, shape.head_dim),
+        normal(*kv_shape),
+        normal(*kv_shape),
+        jnp.asarray(tables),
+        jnp.asarray(kv_lens),
+        jnp.asarray(q_starts),
+        jnp.asarray(q_lens),
+    )
+
+
+def tolerance(dtype: str) -> dict:
+    return {"atol": 2e-2, "rtol": 2e-2} if dtype == "bfloat16" else {"atol": 2e-5, "rtol": 2e-5}
+
+
+def assert_matches(got, want, dtype: str):
+    out, lse = got
+    want_out, want_lse = want
+    assert bool(jnp.all(jnp.isfinite(out.astype(jnp.float32)))) and bool(jnp.all(jnp.isfinite(lse)))
+    np.testing.assert_allclose(
+        np.asarray(out, np.float32), np.asarray(want_out, np.float32), **tolerance(dtype)
+    )
+    lse_tol = {"atol": 1e-2, "rtol": 1e-3} if dtype == "bfloat16" else {"atol": 1e-4, "rtol": 1e-5}
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), **lse_tol)
+
+
+def naive_attention(batch: Batch, causal: bool) -> tuple[np.ndarray, np.ndarray]:
+    """One softmax per (query row, query head), written out in numpy loops."""
+    q = np.asarray(batch.q, np.float64)
+    k = np.asarray(batch.k_pages, np.float64)
+    v = np.asarray(batch.v_pages, np.float64)
+    tokens, q_heads, head_dim = q.shape
+    page_size, kv_heads = k.shape[1], k.shape[2]
+    out = np.zeros_like(q)
+    lse = np.full((tokens, q_heads), NO_KEYS_LSE)
+    for s in range(batch.page_tables.shape[0]):
+        start, n, kv_len = int(batch.q_starts[s]), int(batch.q_lens[s]), int(batch.kv_lens[s])
+        table = np.asarray(batch.page_tables[s])
+        for i in range(n):
+            visible = kv_len - n + i + 1 if causal else kv_len
+            if visible <= 0:
+                continue
+            pos = np.arange(visible)
+            keys = k[table[pos // page_size], pos % page_size]  # [visible, Hkv, D]
+            values = v[table[pos // page_size], pos % page_size]
+            for h in range(q_heads):
+                kv_h = h // (q_heads // kv_heads)
+                scores = keys[:, kv_h] @ q[start + i, h] / math.sqrt(head_dim)
+                top = scores.max()
+                weights = np.exp(scores - top)
+                out[start + i, h] = weights @ values[:, kv_h] / weights.sum()
+                lse[start + i, h] = top + np.log(weights.sum())
+    return out, lse
+
+
+SMALL = Shape(tokens=12, q_heads=4, kv_heads=2, head_dim=16, page_size=4, pages_per_seq=3,
+              num_seqs=4, dtype="float32")
+
+
+@settings(max_examples=8, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), causal=st.booleans(), fill=st.sampled_from([0.2, 0.6]))
+def test_references_equal_naive_per_query_softmax(seed, causal, fill):
+    batch = make_batch(SMALL, causal, seed, fill)
+    ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
+    out, lse = ref(*batch)
+    want_out, want_lse = naive_attention(batch, causal)
+    np.testing.assert_allclose(np.asarray(out), want_out, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(lse), want_lse, atol=1e-5, rtol=1e-6)
+
+
+def test_shared_prefix_reference_with_row_bound_equals_unbounded():
+    batch = make_batch(SMALL, False, seed=3, fill=0.3)
+    bound = int(batch.q_lens.max())
+    bounded = shared_prefix_attention_reference(*batch, max_group_q_len=bound)
+    full = shared_prefix_attention_reference(*batch)
+    np.testing.assert_allclose(np.asarray(bounded[0]), np.asarray(full[0]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bounded[1]), np.asarray(full[1]), atol=1e-6)
+
+
+def _split_context(batch: Batch, cut: np.ndarray) -> tuple[Batch, Batch]:
+    """The first `cut[s]` keys of each sequence as a "prefix" batch, the rest as a causal one."""
+    page = batch.k_pages.shape[1]
+    cut = jnp.asarray(cut, jnp.int32)
+    prefix = batch._replace(kv_lens=jnp.minimum(cut, batch.kv_lens))
+    # The own part starts on a page boundary here, so its table is the tail of the sequence's.
+    first_own_page = cut // page
+    own_tables = jnp.take_along_axis(
+        batch.page_tables,
+        jnp.minimum(first_own_page[:, None] + jnp.arange(batch.page_tables.shape[1]),
+                    batch.page_tables.shape[1] - 1),
+        axis=1,
+    )
+    own = batch._replace(page_tables=own_tables, kv_lens=batch.kv_lens - cut)
+    return prefix, own
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_merging_prefix_and_own_parts_equals_attention_over_the_whole_context(seed):
+    batch = make_batch(SMALL, True, seed, fill=0.3)
+    rng = np.random.default_rng(seed)
+    page = SMALL.page_size
+    # Cut every context at a page boundary that lies before its first query position.
+    first_query = np.asarray(batch.kv_lens - batch.q_lens)
+    cut = np.array([page * rng.integers(0, f // page + 1) for f in first_query], np.int32)
+    prefix, own = _split_context(batch, cut)
+    merged = merge_attention_states_reference(
+        *shared_prefix_attention_reference(*prefix), *ragged_paged_attention_reference(*own)
+    )
+    whole = ragged_paged_attention_reference(*batch)
+    np.testing.assert_allclose(np.asarray(merged[0]), np.asarray(whole[0]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(merged[1]), np.asarray(whole[1]), atol=1e-4)
+    kernel_merged = merge_attention_states(
+        *shared_prefix_attention_reference(*prefix), *ragged_paged_attention_reference(*own),
+        interpret=True,
+    )
+    np.testing.assert_allclose(np.asarray(kernel_merged[0]), np.asarray(merged[0]), atol=1e-6)
+    np.testing.assert_allclose(np.asarray(kernel_merged[1]), np.asarray(merged[1]), atol=1e-6)
+
+
+def test_merge_of_rows_without_keys_is_zero_and_finite():
+    out = jnp.ones((3, 2, 8), jnp.float32)  # garbage that a zero weight must cancel
+    no_keys = jnp.full((3, 2), NO_KEYS_LSE, jnp.float32)
+    real = jnp.zeros((3, 2), jnp.float32)
+    for merge in (merge_attention_states_reference,
+                  functools.partial(merge_attention_states, interpret=True)):
+        both_empty = merge(out, no_keys, 2 * out, no_keys)
+        assert float(jnp.abs(both_empty[0]).max()) == 0.0
+        assert bool(jnp.all(both_empty[1] == NO_KEYS_LSE))
+        one_side = merge(out, real, 5 * out, no_keys)
+        np.testing.assert_allclose(np.asarray(one_side[0]), np.asarray(out))
+        np.testing.assert_allclose(np.asarray(one_side[1]), np.asarray(real))
+
+
+# Fixed shapes per case (each compiles once); hypothesis varies lengths, places and pages.
+TPU_CASES = [
+    Shape(24, 8, 2, 64, 16, 4, 5, "float32"),  # GQA 4, prefix over several key blocks
+    Shape(16, 4, 4, 128, 32, 2, 3, "bfloat16"),  # MHA, D 128, bf16
+    Shape(16, 2, 1, 64, 128, 1, 3, "float32"),  # one 128-slot page, GQA 2
+]
+
+
+@pytest.mark.parametrize("shape", TPU_CASES, ids=lambda s: f"{s.dtype}-D{s.head_dim}-p{s.page_size}")
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), fill=st.sampled_from([0.1, 0.5, 1.0]))
+def test_tpu_kernel_equals_reference(shape, causal, seed, fill):
+    batch = make_batch(shape, causal, seed, fill)
+    kernel = ragged_paged_attention if causal else shared_prefix_attention
+    ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
+    got = kernel(*batch, interpret=True, block_q=8, backend="tpu")
+    assert_matches(got, ref(*batch), shape.dtype)
+
+
+def _races_found() -> bool:
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call
+
+    return bool(interpret_pallas_call.races and interpret_pallas_call.races.races_found)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+@settings(max_examples=2, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1))
+def test_tpu_kernel_has_no_dma_races(causal, seed):
+    shape = Shape(16, 4, 2, 64, 16, 3, 3, "float32")
+    batch = make_batch(shape, causal, seed, fill=0.5)
+    params = pltpu.InterpretParams(detect_races=True)
+    got = paged_attention_tpu(*batch, causal=causal, block_q=8, pages_per_block=2,
+                              interpret=params)
+    ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
+    assert_matches(got, ref(*batch), shape.dtype)
+    assert not _races_found()
+
+
+GPU_CASES = [
+    Shape(16, 8, 2, 64, 16, 3, 4, "float32"),
+    Shape(16, 4, 4, 128, 32, 2, 3, "bfloat16"),
+]
+
+
+@pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: f"{s.dtype}-D{s.head_dim}-p{s.page_size}")
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+@settings(max_examples=4, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), fill=st.sampled_from([0.1, 0.5, 1.0]))
+def test_gpu_kernel_equals_reference(shape, causal, seed, fill):
+    batch = make_batch(shape, causal, seed, fill)
+    ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
+    got = paged_attention_gpu(*batch, causal=causal, block_q=4, interpret=True)
+    assert_matches(got, ref(*batch), shape.dtype)
+
+
+def _abstract(shape: Shape):
+    sds = jax.ShapeDtypeStruct
+    dtype = jnp.dtype(shape.dtype)
+    kv = sds((shape.num_seqs * shape.pages_per_seq, shape.page_size, shape.kv_heads,
+              shape.head_dim), dtype)
+    meta = sds((shape.num_seqs,), jnp.int32)
+    return (sds((shape.tokens, shape.q_heads, shape.head_dim), dtype), kv, kv,
+            sds((shape.num_seqs, shape.pages_per_seq), jnp.int32), meta, meta, meta)
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+def test_kernels_lower_for_tpu_and_gpu(causal):
+    """Lowering to Mosaic (TPU) and to the GPU pipeline runs on the host; it catches shapes
+    and operations the device compilers reject before any device is needed."""
+    shape = Shape(64, 32, 8, 128, 16, 8, 8, "bfloat16")
+    tpu = functools.partial(paged_attention_tpu, causal=causal)
+    jax.export.export(jax.jit(tpu), platforms=["tpu"])(*_abstract(shape))
+    gpu = functools.partial(paged_attention_gpu, causal=causal)
+    jax.jit(gpu).trace(*_abstract(shape)).lower(lowering_platforms=("cuda",))
+
+
+def _compiled_case(causal: bool, dtype: str):
+    shape = Shape(256, 32, 8, 128, 64, 8, 16, dtype)
+    batch = make_batch(shape, causal, seed=7, fill=0.5)
+    kernel = ragged_paged_attention if causal else shared_prefix_attention
+    ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
+    assert_matches(kernel(*batch), ref(*batch), dtype)
+
+
+@pytest.mark.tpu
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_tpu_kernel_equals_reference(causal, dtype):
+    _compiled_case(causal, dtype)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_compiled_gpu_kernel_equals_reference(causal, dtype):
+    _compiled_case(causal, dtype)
