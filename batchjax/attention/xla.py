@@ -108,6 +108,24 @@ def shared_prefix_paged_attention(
     return merge_attention_states(own_o, own_l, pre_o, pre_l).astype(q.dtype)
 
 
+def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_paged_attention):
+    """An `AttentionFn` over all layers' pools `(k, v)`, each `[L, N, page_size, Hkv, D]`.
+
+    `layer` may be traced (the model scans over layers): this layer's keys are scattered into
+    its slice of the stacked pools in place, and only that slice is read.
+    """
+
+    def attention(layer, q, k, v, kv):
+        k_all, v_all = kv
+        _, n, ps, h, d = k_all.shape
+        page, offset = md.slot_mapping // ps, md.slot_mapping % ps
+        k_all = k_all.at[layer, page, offset].set(k.astype(k_all.dtype))
+        v_all = v_all.at[layer, page, offset].set(v.astype(v_all.dtype))
+        return impl(q, k_all[layer], v_all[layer], md), (k_all, v_all)
+
+    return attention
+
+
 def make_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_paged_attention):
     """An `AttentionFn` over page pools `(k_pages, v_pages)` for one step's metadata."""
 

@@ -1,0 +1,91 @@
+"""The main job: a JSONL of requests in, a JSONL of completions out, plus metrics.
+
+    python -m experiments.run_batch --input=IN.jsonl --output=OUT.jsonl --metrics_out=M.json \
+        [--model=smollm2-135m|HF_DIR|FILE.gguf|ORBAX_DIR] [--policy=batchllm|vllm|sglang|none] \
+        [--attention=xla|pallas] [--kv_budget_mb=N] [--max_tokens_per_step=N] \
+        [--config=configs/run_batch.py --config.key=value]
+
+Results are appended as requests finish; rerunning with the same --output resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from batchjax.engine.engine import Engine
+from batchjax.metrics import summary_table
+from batchjax.engine.results import ResultsJournal
+from batchjax.requests import read_requests_jsonl
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(__file__), "..", "configs", "run_batch.py"),
+    "Python config file with the run's defaults.")
+_INPUT = flags.DEFINE_string("input", None, "JSONL of requests.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "JSONL of results (resumed if it exists).",
+                              required=True)
+_METRICS = flags.DEFINE_string("metrics_out", None, "Where to write the metrics JSON.")
+# Shortcuts for the most used config keys; a flag given here wins over --config.*.
+_OVERRIDES = {
+    "model": flags.DEFINE_string("model", None, "smollm2-135m, an HF dir, a .gguf or orbax dir."),
+    "policy": flags.DEFINE_enum("policy", None, ["batchllm", "vllm", "sglang", "none"],
+                                "Scheduling policy."),
+    "attention": flags.DEFINE_enum("attention", None, ["xla", "pallas"], "Attention path."),
+    "dtype": flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype."),
+    "kv_budget_mb": flags.DEFINE_float("kv_budget_mb", None, "KV cache memory budget (MiB)."),
+    "max_tokens_per_step": flags.DEFINE_integer("max_tokens_per_step", None,
+                                                "Token budget of one step."),
+    "strict": flags.DEFINE_bool("strict", None, "Reject unknown fields in input lines."),
+}
+
+
+def main(argv):
+    del argv
+    cfg = _CONFIG.value
+    for key, flag in _OVERRIDES.items():
+        if flag.value is not None:
+            cfg[key] = flag.value
+
+    requests, errors, fmt = read_requests_jsonl(_INPUT.value, strict=cfg.strict)
+    out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
+    os.makedirs(out_dir, exist_ok=True)
+    journal = ResultsJournal(_OUTPUT.value, fmt, model=cfg.model)
+    resumed = len(journal.finished_ids)
+    for err in errors:
+        if journal.error_key(err) not in journal.finished_ids:
+            journal.append_error(err)
+    if resumed:
+        print(f"resuming {_OUTPUT.value}: {resumed} lines already written")
+
+    engine = Engine(
+        cfg.model, policy=cfg.policy, dtype=cfg.dtype, attention=cfg.attention,
+        page_size=cfg.page_size, kv_budget_mb=cfg.kv_budget_mb,
+        max_tokens_per_step=cfg.max_tokens_per_step, max_num_seqs=cfg.max_num_seqs,
+    )
+    results = engine.generate(requests, skip_ids=frozenset(journal.finished_ids),
+                              on_result=journal.append)
+    input_order = sorted([(r.index, r.id) for r in requests]
+                         + [(e.line - 1, journal.error_key(e)) for e in errors])
+    journal.finalize([request_id for _, request_id in input_order])
+    journal.close()
+
+    metrics = dict(engine.last_metrics)
+    metrics["failed_requests"] = metrics.get("failed_requests", 0) + len(errors)
+    metrics["resumed_requests"] = resumed
+    metrics["model"] = cfg.model
+    print(summary_table(metrics))
+    for r in results[: cfg.print_results]:
+        if r.error is None and r.text is not None:
+            print(f"\n[{r.id}] {r.text.strip()}")
+    if _METRICS.value:
+        os.makedirs(os.path.dirname(os.path.abspath(_METRICS.value)), exist_ok=True)
+        with open(_METRICS.value, "w") as f:
+            json.dump(metrics, f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
