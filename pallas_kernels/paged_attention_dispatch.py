@@ -32,7 +32,7 @@ def paged_attention(
     if backend is None:
         platform = jax.default_backend()
         if platform == "cpu" and not interpret:
-            raise ValueError("Pallas kernels need a GPU or TPU on this machine; pass interpret=True")
+            raise ValueError("Pallas kernels need a GPU or TPU here; pass interpret=True")
         backend = "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu"
     metadata = (page_tables, kv_lens, q_starts, q_lens)
     if backend == "gpu":

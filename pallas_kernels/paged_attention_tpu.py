@@ -85,8 +85,10 @@ def _kernel(
             page_idx = jnp.minimum(kv_block * pages_per_block + p, last_page)
             page = tables_ref[seq * pages_per_seq + page_idx]
             dst = pl.ds(p * page_rows, page_rows)
-            copies.append(pltpu.make_async_copy(k_hbm.at[page], k_buf.at[slot, dst], sems.at[0, slot]))
-            copies.append(pltpu.make_async_copy(v_hbm.at[page], v_buf.at[slot, dst], sems.at[1, slot]))
+            for kind, (hbm, buf) in enumerate(((k_hbm, k_buf), (v_hbm, v_buf))):
+                copies.append(
+                    pltpu.make_async_copy(hbm.at[page], buf.at[slot, dst], sems.at[kind, slot])
+                )
         return copies
 
     def attend_sequence(seq, carry):
@@ -106,7 +108,8 @@ def _kernel(
             for copy in key_block_copies(seq, kv_len, 0, 0):
                 copy.start()
 
-        row_token = block_start + lax.div(lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0), group)
+        row_in_block = lax.broadcasted_iota(jnp.int32, (rows, block_kv), 0)
+        row_token = block_start + lax.div(row_in_block, group)
         owned = (row_token >= q_start) & (row_token < q_start + q_len)
 
         def attend_key_block(kv_block, carry):

@@ -95,6 +95,10 @@ def make_batch(shape: Shape, causal: bool, seed: int, fill: float) -> Batch:
     )
 
 
+def case_id(shape: Shape) -> str:
+    return f"{shape.dtype}-D{shape.head_dim}-p{shape.page_size}"
+
+
 def tolerance(dtype: str) -> dict:
     return {"atol": 2e-2, "rtol": 2e-2} if dtype == "bfloat16" else {"atol": 2e-5, "rtol": 2e-5}
 
@@ -226,7 +230,7 @@ TPU_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape", TPU_CASES, ids=lambda s: f"{s.dtype}-D{s.head_dim}-p{s.page_size}")
+@pytest.mark.parametrize("shape", TPU_CASES, ids=case_id)
 @pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
 @settings(max_examples=5, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), fill=st.sampled_from([0.1, 0.5, 1.0]))
@@ -264,7 +268,7 @@ GPU_CASES = [
 ]
 
 
-@pytest.mark.parametrize("shape", GPU_CASES, ids=lambda s: f"{s.dtype}-D{s.head_dim}-p{s.page_size}")
+@pytest.mark.parametrize("shape", GPU_CASES, ids=case_id)
 @pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
 @settings(max_examples=4, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), fill=st.sampled_from([0.1, 0.5, 1.0]))
