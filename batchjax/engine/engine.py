@@ -8,9 +8,11 @@ request (generated tokens, detokenizer, stop logic) lives here; page ids live in
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Callable, Iterable, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
@@ -20,6 +22,7 @@ from batchjax.engine.results import Result
 from batchjax.engine.step import ModelStep
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.engine.stopping import StopChecker
+from batchjax.models.tokenizer import IncrementalDetokenizer
 from batchjax.requests import Request, RequestError, SamplingParams, requests_from_python
 from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.policies import make_batcher
@@ -39,6 +42,15 @@ class EngineOptions:
     max_tokens_per_step: int = 512
     max_num_seqs: int = 256  # request cap of the `none`/`vllm`/`sglang` baselines
     progress: bool = True
+    # XLA programs persist here across processes (a rerun skips compilation); "" turns it off.
+    compilation_cache_dir: str = os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "batchjax", "xla")
+
+
+def _enable_compilation_cache(path: str) -> None:
+    if path and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", path)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 class _Live:
@@ -49,7 +61,7 @@ class _Live:
         self.request = request
         self.prompt_ids = prompt_ids
         self.generated: list[int] = []
-        self.detok = tokenizer.incremental_detokenizer() if tokenizer is not None else None
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
         self.stop = StopChecker(request.sampling, eos_token_ids, max_model_len, len(prompt_ids))
         self.cached_prompt_tokens: int | None = None
         self.finish = None
@@ -94,9 +106,11 @@ class Engine:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.options.dtype!r}")
         dtype = _DTYPES[self.options.dtype]
         self.policy = policy
-        self.loaded = load_model(model, dtype=dtype)
-        self.config = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
+        _enable_compilation_cache(self.options.compilation_cache_dir)
+        loaded = load_model(model, dtype=dtype)
+        self.model_source = model
+        self.config = loaded.config
+        self.tokenizer = loaded.tokenizer
         self.max_model_len = self.config.max_position_embeddings
         o = self.options
         self.kv_budget_pages = pages_for_budget(self.config, o.page_size, dtype, o.kv_budget_mb)
@@ -104,7 +118,8 @@ class Engine:
             raise ValueError(f"kv_budget_mb={o.kv_budget_mb} holds no page of KV for this model")
         self.kv = allocate_kv(self.config, self.kv_budget_pages, o.page_size, dtype)
         self.buckets = BucketTable.for_budget(o.max_tokens_per_step)
-        self.step = ModelStep(self.loaded.model, o.attention)
+        # The step keeps its own stacked copy of the parameters; the module itself is dropped.
+        self.step = ModelStep(loaded.model, o.attention)
         self.last_metrics: dict[str, Any] = {}
 
     # -- preparing requests -------------------------------------------------------------------
