@@ -1,0 +1,60 @@
+"""HF checkpoint directories: `config.json` plus `model.safetensors` or a sharded index."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Iterator
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from batchjax.models.config import ModelConfig, config_from_hf
+from batchjax.models.llama import LlamaForCausalLM
+from batchjax.models.weights import load_weights
+
+_SINGLE_FILE = "model.safetensors"
+_INDEX_FILE = "model.safetensors.index.json"
+
+
+def read_hf_config(directory: str) -> ModelConfig:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} not found: a HF model directory needs its config.json")
+    with open(path) as f:
+        return config_from_hf(json.load(f))
+
+
+def safetensors_files(directory: str) -> list[str]:
+    """The weight files of a HF directory, single or sharded, in a stable order."""
+    single = os.path.join(directory, _SINGLE_FILE)
+    index = os.path.join(directory, _INDEX_FILE)
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        with open(index) as f:
+            shards = sorted(set(json.load(f)["weight_map"].values()))
+        files = [os.path.join(directory, shard) for shard in shards]
+        absent = [p for p in files if not os.path.isfile(p)]
+        if absent:
+            raise FileNotFoundError(f"{_INDEX_FILE} names shards that are missing: {absent}")
+        return files
+    raise FileNotFoundError(f"{directory} has neither {_SINGLE_FILE} nor {_INDEX_FILE}")
+
+
+def iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """Reads one tensor at a time (bf16 arrives as ml_dtypes.bfloat16), so peak host memory
+    is one tensor, not the checkpoint."""
+    for path in files:
+        with safe_open(path, framework="np") as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)
+
+
+def load_hf_directory(
+    directory: str, dtype: jnp.dtype = jnp.float32
+) -> tuple[ModelConfig, LlamaForCausalLM]:
+    config = read_hf_config(directory)
+    model = load_weights(config, iter_safetensors(safetensors_files(directory)), dtype)
+    return config, model
