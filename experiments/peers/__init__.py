@@ -1,0 +1,1 @@
+"""Peer runners: standalone scripts run inside vLLM's and transformers' own interpreters."""
