@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from batchjax.schedule.grouping import PrefixGroup
+from batchjax.schedule.grouping import Grouping
 from batchjax.schedule.step_plan import SchedRequest
 
 # key(decode_tokens [U], prefill_tokens [U]) -> [U] scores; larger runs first.
@@ -35,41 +35,43 @@ def decode_estimates(requests: Sequence[SchedRequest]) -> np.ndarray:
 
 
 def order_groups(
-    groups: Sequence[PrefixGroup],
+    grouping: Grouping,
     decode: np.ndarray,
     prompt_lens: np.ndarray,
     key: OrderKey = decode_first_key,
-) -> tuple[PrefixGroup, ...]:
-    """Groups in execution order; ties keep input order (lowest request id first).
+) -> np.ndarray:
+    """[G] group indices in execution order; ties keep input order (lowest request id first).
 
     decode: [N] decode estimate per request; prompt_lens: [N].
     A group's L_decode is its members' mean estimate and its L_prefill the tokens it computes
     (prefix once plus every suffix), so with one constant estimate the key is
     1 / (L_prefix + sum of L_distinct): groups with fewer physical prefill tokens first.
     """
-    sizes = np.array([len(g.request_ids) for g in groups], dtype=np.int64)
-    members = np.fromiter(
-        (r for g in groups for r in g.request_ids), dtype=np.int64, count=int(sizes.sum())
-    )
-    starts = np.cumsum(sizes) - sizes
-    prefix_lens = np.array([g.prefix_len for g in groups], dtype=np.int64)
+    if not grouping.num_groups:
+        return np.zeros(0, dtype=np.int64)
+    sizes = grouping.sizes
+    starts = grouping.offsets[:-1]
+    members = grouping.members
+    prefix_lens = grouping.prefix_len
     group_decode = np.add.reduceat(decode[members], starts) / sizes
     group_prefill = prefix_lens + np.add.reduceat(prompt_lens[members], starts) - sizes * prefix_lens
     scores = key(group_decode, group_prefill.astype(np.float64))
-    first_request = members[starts]
-    return tuple(groups[i] for i in np.lexsort((first_request, -scores)))
+    return np.lexsort((members[starts], -scores))
 
 
 def order_requests(
-    group: PrefixGroup,
+    grouping: Grouping,
     decode: np.ndarray,
     prompt_lens: np.ndarray,
     key: OrderKey = decode_first_key,
-) -> tuple[int, ...]:
-    """The group's requests in execution order; ties keep input order.
+) -> np.ndarray:
+    """[N] `grouping.members` reordered within each group into execution order; ties keep
+    input order.
 
     A request's L_prefill is its own suffix: the prefix is shared and computed once.
     """
-    ids = np.asarray(group.request_ids, dtype=np.int64)
-    scores = key(decode[ids], (prompt_lens[ids] - group.prefix_len).astype(np.float64))
-    return tuple(ids[np.lexsort((ids, -scores))].tolist())
+    members = grouping.members
+    group_of_member = np.repeat(np.arange(grouping.num_groups), grouping.sizes)  # [N]
+    own = prompt_lens[members] - grouping.prefix_len[group_of_member]
+    scores = key(decode[members], own.astype(np.float64))
+    return members[np.lexsort((members, -scores, group_of_member))]

@@ -89,27 +89,30 @@ def build_plan_from_tokens(
     """
     start = time.perf_counter() if _started is None else _started
     tree = identify_prefixes(prompts)
-    groups = grouping.group(tree, grouping_method, align_to_pages)
+    found = grouping.group_prompts(tree, grouping_method, align_to_pages)
     lengths = prompts.lengths
     decode = np.asarray(decode, dtype=np.float64)
-    ordered = ordering.order_groups(groups, decode, lengths, order_key)
-    groups = tuple(dataclasses.replace(g, group_id=i) for i, g in enumerate(ordered))
-    request_order = tuple(ordering.order_requests(g, decode, lengths, order_key) for g in groups)
+    run_groups = ordering.order_groups(found, decode, lengths, order_key)  # [G] old ids
+    run_members = ordering.order_requests(found, decode, lengths, order_key).tolist()
+    offsets = found.offsets.tolist()
+    request_order = tuple(
+        tuple(run_members[offsets[g] : offsets[g + 1]]) for g in run_groups.tolist()
+    )
+    new_id = np.empty(found.num_groups, dtype=np.int64)
+    new_id[run_groups] = np.arange(found.num_groups)
     group_of_request = np.empty(len(prompts), dtype=np.int64)
+    group_of_request[found.members] = np.repeat(new_id, found.sizes)
     prefix_len_of_request = np.empty(len(prompts), dtype=np.int64)
-    for g in groups:
-        group_of_request[list(g.request_ids)] = g.group_id
-        prefix_len_of_request[list(g.request_ids)] = g.prefix_len
+    prefix_len_of_request[found.members] = np.repeat(found.prefix_len, found.sizes)
     logical = prompts.total_tokens
-    planned = logical - grouping.saved_tokens(groups)
     return Plan(
         prompts=prompts,
-        groups=groups,
+        groups=grouping.prefix_groups(prompts, found, run_groups),
         request_order=request_order,
         group_of_request=group_of_request,
         prefix_len_of_request=prefix_len_of_request,
         logical_prefill_tokens=logical,
-        planned_prefill_tokens=planned,
+        planned_prefill_tokens=logical - found.saved_tokens,
         optimal_saving_ratio=tree.optimal_saving_ratio,
         plan_s=time.perf_counter() - start,
     )

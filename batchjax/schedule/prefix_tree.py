@@ -254,77 +254,73 @@ class PrefixTree:
 def identify_prefixes(prompts: TokenBatch | Sequence[Sequence[int] | np.ndarray]) -> PrefixTree:
     """Builds the radix tree of the prompts from their sorted order and neighbour LCPs.
 
-    Every prompt must have at least one token. The walk over the sorted prompts keeps the path
-    of the previous prompt on a stack: a smaller LCP closes nodes, and closes them under a new
-    branching node when the LCP falls inside an edge.
+    Every prompt must have at least one token. Interleave the sorted prompts' lengths with the
+    LCPs between neighbours, padded with a 0 at each end: [0, len_0, lcp_1, len_1, ...,
+    len_{N-1}, 0]. A node of depth d is a maximal run of values >= d that holds a d; its
+    prompts are the lengths inside the run, and its parent is the node of the larger of the
+    two smaller values that bound the run. So the whole tree comes from nearest-smaller-value
+    searches, in numpy.
     """
     prompts = as_token_batch(prompts)
     lengths = prompts.lengths
     if np.any(lengths < 1):
         raise ValueError("every prompt needs at least one token")
     order, lcp = sort_prompts(prompts)
-    sorted_lengths = lengths[order].tolist()
-
-    depth = [0]
-    parent = [-1]
-    lo = [0]
-    hi = [len(order)]
-    terminals = [0]
-    node_at = [0] * len(order)  # node where the i-th sorted prompt ends
-    stack = [0]  # the previous prompt's path, root first
-    for i, (common, length) in enumerate(zip(lcp.tolist(), sorted_lengths)):
-        closed = -1
-        while depth[stack[-1]] > common:
-            closed = stack.pop()
-            hi[closed] = i
-        if depth[stack[-1]] < common:
-            # The LCP falls inside the edge into `closed`: split it with a branching node.
-            branch = len(depth)
-            depth.append(common)
-            parent.append(stack[-1])
-            lo.append(lo[closed])
-            hi.append(len(order))
-            terminals.append(0)
-            parent[closed] = branch
-            stack.append(branch)
-        if depth[stack[-1]] == length:
-            terminals[stack[-1]] += 1  # identical to the previous prompt
-        else:
-            end = len(depth)
-            depth.append(length)
-            parent.append(stack[-1])
-            lo.append(i)
-            hi.append(len(order))
-            terminals.append(1)
-            stack.append(end)
-        node_at[i] = stack[-1]
-    while len(stack) > 1:
-        hi[stack.pop()] = len(order)
-
-    depth_a = np.asarray(depth, dtype=np.int64)
-    lo_a = np.asarray(lo, dtype=np.int64)
-    # Pre-order: by first prompt below, ancestors (shallower) first.
-    preorder = np.lexsort((depth_a, lo_a))
-    new_id = np.empty_like(preorder)
-    new_id[preorder] = np.arange(len(preorder))
-    parent_a = np.asarray(parent, dtype=np.int64)[preorder]
-    parent_a[1:] = new_id[parent_a[1:]]
-    children = np.arange(1, len(preorder), dtype=np.int64)
-    children = children[np.argsort(parent_a[1:], kind="stable")]
-    child_offsets = np.zeros(len(preorder) + 1, dtype=np.int64)
-    np.cumsum(np.bincount(parent_a[1:], minlength=len(preorder)), out=child_offsets[1:])
-    node_of_prompt = np.empty(len(order), dtype=np.int64)
-    node_of_prompt[order] = new_id[np.asarray(node_at, dtype=np.int64)]
+    num_prompts = len(order)
+    values = np.zeros(2 * num_prompts + 1, dtype=np.int64)  # [2N + 1]
+    values[1::2] = lengths[order]
+    values[2:-1:2] = lcp[1:]
+    left = _nearest_smaller(values)  # -1: none
+    right = len(values) - 1 - _nearest_smaller(values[::-1])[::-1]  # len(values): none
+    # A node is identified by its run's left bound and its depth; sorting by both is pre-order
+    # (by first prompt below, then ancestors first), since a run's first prompt is left // 2.
+    node_key = (left + 1) * (int(values.max()) + 1) + values
+    keys, first, node_of_value = np.unique(node_key, return_index=True, return_inverse=True)
+    num_nodes = len(keys)
+    node_of_value = node_of_value.reshape(-1)
+    left, right = left[first], right[first]  # [M] the bounds of each node's run
+    bounded = np.concatenate([values, [-1]])  # index -1 and len(values) read -1: no bound
+    right_value = bounded[np.minimum(right, len(values))]
+    up = np.where(bounded[left] >= right_value, left, right)  # [M] the nearer-depth bound
+    parent = np.full(num_nodes, -1, dtype=np.int64)
+    parent[1:] = node_of_value[up[1:]]
+    lo = np.maximum(left, 0) // 2
+    hi = np.minimum(right // 2, num_prompts)
+    node_at = node_of_value[1::2]  # [N] node where each sorted prompt ends
+    terminals = np.bincount(node_at, minlength=num_nodes)
+    children = np.arange(1, num_nodes, dtype=np.int64)
+    children = children[np.argsort(parent[1:], kind="stable")]
+    child_offsets = np.zeros(num_nodes + 1, dtype=np.int64)
+    np.cumsum(np.bincount(parent[1:], minlength=num_nodes), out=child_offsets[1:])
+    node_of_prompt = np.empty(num_prompts, dtype=np.int64)
+    node_of_prompt[order] = node_at
     return PrefixTree(
         prompts=prompts,
         order=order,
         lcp=lcp,
-        depth=depth_a[preorder],
-        parent=parent_a,
-        lo=lo_a[preorder],
-        hi=np.asarray(hi, dtype=np.int64)[preorder],
-        terminals=np.asarray(terminals, dtype=np.int64)[preorder],
+        depth=values[first],
+        parent=parent,
+        lo=lo,
+        hi=hi,
+        terminals=terminals,
         child_offsets=child_offsets,
         children=children,
         node_of_prompt=node_of_prompt,
     )
+
+
+def _nearest_smaller(values: np.ndarray) -> np.ndarray:
+    """[K] for each index, the nearest index to its left holding a smaller value (-1: none).
+
+    values: [K] >= 0. Pointer jumping: each index points at a left neighbour such that all
+    values in between are >= its own; while the pointed value is not smaller, jump to where
+    that index points (everything skipped is >= it, so >= ours). All indices jump at once,
+    so a long descent takes logarithmically many rounds.
+    """
+    with_bound = np.concatenate([values, [-1]])  # pointer -1 reads -1: smaller than any value
+    pointer = np.arange(len(values), dtype=np.int64) - 1
+    active = np.arange(1, len(values), dtype=np.int64)
+    while len(active):
+        active = active[with_bound[pointer[active]] >= values[active]]
+        pointer[active] = pointer[pointer[active]]
+    return pointer
