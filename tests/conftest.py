@@ -6,6 +6,9 @@ import pytest
 
 # Tests run on the CPU unless a hardware-marked run asks for more.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Tests compile many small programs and run each a few times: cheaper LLVM passes roughly halve
+# compile time and change no result.
+os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0")
 
 
 def _has_platform(name: str) -> bool:
@@ -27,3 +30,38 @@ def pytest_collection_modifyitems(config, items):
                     have[platform] = _has_platform(platform)
                 if not have[platform]:
                     item.add_marker(pytest.mark.skip(reason=f"needs a {platform.upper()}"))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A tiny random Llama (GQA, untied) saved in HF format, without a tokenizer."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny_llama")
+    model.save_pretrained(path)
+    return path
+
+
+def hf_greedy(model_dir, prompts, max_new_tokens):
+    """transformers' greedy continuation of each prompt (token ids), one at a time."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.eval()
+    outs = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([list(p)])
+            gen = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=None, pad_token_id=0)
+            outs.append(tuple(gen[0, len(p):].tolist()))
+    return outs

@@ -1,0 +1,126 @@
+"""The engine computes what the model means, under every policy, within its budgets."""
+
+import numpy as np
+import pytest
+
+from batchjax.engine.engine import Engine
+from batchjax.engine.page_pool import kv_bytes_per_page
+from tests.conftest import hf_greedy
+
+POLICIES = ("batchllm", "vllm", "sglang", "none")
+
+
+def _shared_prefix_prompts(seed=0):
+    """Two documents with three questions each, plus two unrelated prompts."""
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(2):
+        doc = rng.integers(3, 128, size=37).tolist()
+        for _ in range(3):
+            prompts.append(tuple(doc + rng.integers(3, 128, size=rng.integers(1, 9)).tolist()))
+    prompts.append(tuple(rng.integers(3, 128, size=21).tolist()))
+    prompts.append((5,))
+    return prompts
+
+
+def _requests(prompts, max_tokens, **extra):
+    return [{"id": f"r{i}", "prompt_token_ids": list(p), "max_tokens": max_tokens,
+             "ignore_eos": True, **extra} for i, p in enumerate(prompts)]
+
+
+def _engine_with_pages(model_dir, pages):
+    probe = Engine(str(model_dir), page_size=4, kv_budget_mb=1.0, progress=False)
+    page_mb = kv_bytes_per_page(probe.config, 4, np.float32) / 2**20
+    return Engine(str(model_dir), page_size=4, kv_budget_mb=pages * page_mb,
+                  max_tokens_per_step=32, progress=False)
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama_dir):
+    return Engine(str(tiny_llama_dir), page_size=4, kv_budget_mb=1.0, max_tokens_per_step=32,
+                  progress=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama_dir):
+    prompts = _shared_prefix_prompts()
+    return prompts, hf_greedy(tiny_llama_dir, prompts, 12)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_greedy_outputs_equal_transformers_under_every_policy(engine, reference, policy):
+    prompts, want = reference
+    results = engine.generate(_requests(prompts, 12), policy=policy)
+    assert [r.id for r in results] == [f"r{i}" for i in range(len(prompts))]
+    assert [r.token_ids for r in results] == want
+    assert all(r.finish_reason == "length" for r in results)
+    m = engine.last_metrics
+    assert m["peak_kv_pages"] <= m["kv_budget_pages"]
+
+
+def test_shared_prefix_is_computed_once(engine, reference):
+    prompts, _ = reference
+    engine.generate(_requests(prompts, 4), policy="batchllm")
+    m = engine.last_metrics
+    # Two 37-token documents each shared by three requests: two of every three copies are saved.
+    assert m["logical_prefill_tokens"] == sum(len(p) for p in prompts)
+    assert m["computed_prefill_tokens"] == m["logical_prefill_tokens"] - 2 * 2 * 37
+    engine.generate(_requests(prompts, 4), policy="none")
+    assert engine.last_metrics["computed_prefill_tokens"] == sum(len(p) for p in prompts)
+
+
+def test_nothing_compiles_after_warmup(engine, reference):
+    prompts, _ = reference
+    engine.generate(_requests(prompts, 6), policy="batchllm")  # warm-up
+    before = engine.step.jit_cache_size()
+    engine.generate(_requests(prompts, 6), policy="batchllm")
+    assert engine.last_metrics["new_compiled_shapes"] == 0
+    assert engine.step.jit_cache_size() == before
+    assert engine.step.jit_cache_size() == engine.step.num_compiled_shapes
+
+
+def test_tight_budget_preempts_and_changes_no_output(tiny_llama_dir, reference):
+    prompts, want = reference
+    # 30 pages of 4 tokens: far less than the batch needs at once.
+    small = _engine_with_pages(tiny_llama_dir, 30)
+    for policy in ("batchllm", "none"):
+        results = small.generate(_requests(prompts, 12), policy=policy)
+        assert [r.token_ids for r in results] == want
+        m = small.last_metrics
+        assert m["peak_kv_pages"] <= m["kv_budget_pages"] == 30
+
+
+def test_impossible_budget_is_an_error_before_any_step(tiny_llama_dir):
+    tiny = _engine_with_pages(tiny_llama_dir, 4)
+    with pytest.raises(ValueError, match="budget"):
+        tiny.generate(_requests([tuple(range(3, 40))], 12))
+    assert tiny.step.num_compiled_shapes == 0
+
+
+def test_bad_requests_get_errors_and_the_rest_complete(engine, reference):
+    prompts, want = reference
+    reqs = _requests(prompts[:2], 12)
+    reqs.insert(1, {"id": "too-long", "prompt_token_ids": [3] * 300, "max_tokens": 4})
+    reqs.append({"id": "bad-token", "prompt_token_ids": [3, 999], "max_tokens": 4})
+    results = engine.generate(reqs)
+    by_id = {r.id: r for r in results}
+    assert by_id["too-long"].error.field == "prompt_token_ids"
+    assert "context" in by_id["too-long"].error.message
+    assert by_id["bad-token"].error.field == "prompt_token_ids"
+    assert [by_id["r0"].token_ids, by_id["r1"].token_ids] == want[:2]
+
+
+def test_max_tokens_past_the_context_ends_with_length(engine):
+    results = engine.generate(_requests([tuple(3 + i % 100 for i in range(247))], 50))
+    (r,) = results
+    assert r.finish_reason == "length"
+    assert r.completion_tokens == 256 - 247
+
+
+def test_sampled_output_does_not_depend_on_the_batch(engine, reference):
+    prompts, _ = reference
+    sampling = {"temperature": 0.9, "top_p": 0.95, "top_k": 50, "seed": 7}
+    alone = engine.generate(_requests(prompts[1:2], 10, **sampling))
+    together = engine.generate(_requests(prompts, 10, **sampling))
+    assert together[1].token_ids == alone[0].token_ids
+    assert len({r.token_ids for r in together[:3]}) > 1  # different prompts, different samples
