@@ -112,9 +112,9 @@ def sort_prompts(
     """Lexicographic order of the prompts and the LCP of each with its sorted predecessor.
 
     A most-significant-first radix sort that jumps over common spans: every unsorted run of
-    rows (all sharing a known prefix) compares `window` tokens of each row with the run's first
-    row at once; a run with no difference skips ahead, a run with one is split on the token at
-    its first differing column. All runs advance together, so a round is a few numpy calls and
+    rows (all sharing a known prefix) reads the next `window` tokens of each row at once and
+    compares neighbours; a run with no difference skips ahead, a run with one is split on the
+    token at its first differing column. All runs advance together, so a round is a few numpy calls and
     the work is about one read of every token. A prompt that ends sorts before its extensions.
 
     Returns order [N] (prompt ids) and lcp [N] (lcp[0] == 0; lcp[i] is the common prefix
@@ -136,10 +136,14 @@ def sort_prompts(
         # Few active rows read wider windows, so long shared spans take fewer rounds.
         width = max(window, min(round_tokens // len(rows), _MAX_WINDOW))
         tokens = _window(prompts, rows, depths[run_of_pos], width)  # [A, width]
-        differs = tokens != tokens[first_of_run][run_of_pos]  # [A, width]
-        any_diff = differs.any(axis=1)
-        first_diff = np.where(any_diff, differs.argmax(axis=1), width)  # [A]
-        run_diff = np.minimum.reduceat(first_diff, first_of_run)  # [R]
+        # A run's rows all agree up to the first column where some pair of neighbours differs,
+        # so comparing neighbours (shifted views, no gather) finds each run's split column.
+        differs = tokens[1:] != tokens[:-1]  # [A - 1, width], row i - 1 against row i
+        first_diff = differs.argmax(axis=1)
+        pair_diff = np.where(differs[np.arange(len(first_diff)), first_diff], first_diff, width)
+        row_diff = np.concatenate([[width], pair_diff])  # [A] against the previous row
+        row_diff[first_of_run] = width  # the previous row is in another run
+        run_diff = np.minimum.reduceat(row_diff, first_of_run)  # [R]
         leader_ended = tokens[first_of_run, -1] == _END  # the window reached past its end
 
         # Runs that read identical windows: identical prompts if they ended, else skip ahead.
@@ -155,7 +159,7 @@ def sort_prompts(
         split = ~same
         in_split = split[run_of_pos]
         split_column = run_diff[run_of_pos][in_split]  # [S]
-        split_tokens = tokens[in_split][np.arange(in_split.sum()), split_column]  # [S]
+        split_tokens = tokens[np.flatnonzero(in_split), split_column]  # [S]
         split_runs = run_of_pos[in_split]
         by_token = np.lexsort((split_tokens, split_runs))
         split_pos = pos[in_split]
