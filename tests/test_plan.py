@@ -5,6 +5,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchjax import workloads
+from batchjax.schedule.grouping import GROUPING_METHODS
 from batchjax.schedule.plan import build_plan, build_plan_from_tokens
 from batchjax.schedule.step_plan import SchedRequest
 
@@ -21,7 +22,7 @@ requests_strategy = st.lists(
 
 
 @settings(max_examples=80, deadline=None)
-@given(requests_strategy, st.sampled_from(["batchllm", "first_level", "exact"]))
+@given(requests_strategy, st.sampled_from(GROUPING_METHODS))
 def test_plan_schedules_every_request_once_and_reconstructs_prompts(requests, method):
     plan = build_plan(requests, grouping_method=method)
     assert sorted(plan.execution_order().tolist()) == list(range(len(requests)))

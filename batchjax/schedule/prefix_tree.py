@@ -135,12 +135,17 @@ def sort_prompts(
         rows = order[pos]
         # Few active rows read wider windows, so long shared spans take fewer rounds.
         width = max(window, min(round_tokens // len(rows), _MAX_WINDOW))
+        width += width % 2  # even, so that token pairs can be compared as one int64
         tokens = _window(prompts, rows, depths[run_of_pos], width)  # [A, width]
         # A run's rows all agree up to the first column where some pair of neighbours differs,
         # so comparing neighbours (shifted views, no gather) finds each run's split column.
-        differs = tokens[1:] != tokens[:-1]  # [A - 1, width], row i - 1 against row i
-        first_diff = differs.argmax(axis=1)
-        pair_diff = np.where(differs[np.arange(len(first_diff)), first_diff], first_diff, width)
+        pairs = tokens.view(np.int64)  # [A, width / 2]: half the elements to compare
+        differs = pairs[1:] != pairs[:-1]  # [A - 1, width / 2], row i - 1 against row i
+        first_pair = differs.argmax(axis=1)
+        neighbours = np.arange(len(first_pair))
+        column = 2 * first_pair
+        column += tokens[neighbours + 1, column] == tokens[neighbours, column]  # the second half
+        pair_diff = np.where(differs[neighbours, first_pair], column, width)
         row_diff = np.concatenate([[width], pair_diff])  # [A] against the previous row
         row_diff[first_of_run] = width  # the previous row is in another run
         run_diff = np.minimum.reduceat(row_diff, first_of_run)  # [R]
