@@ -81,3 +81,38 @@ def test_merge_is_safe_when_neither_side_saw_keys():
     l = jnp.full((2, 3), xla.MASK_VALUE)
     merged = xla.merge_attention_states(o * 0, l, o * 0, l)
     assert np.all(np.isfinite(np.asarray(merged)))
+
+
+def test_ragged_layout_keeps_groups_contiguous_and_matches_the_xla_path():
+    """The ragged metadata the Pallas kernels read describes the same attention (checked with
+    the kernels' plain-jnp references; the kernels are checked against those elsewhere)."""
+    import pallas_kernels as pk
+
+    rng = np.random.default_rng(3)
+    k_pages = rng.normal(size=(40, PAGE, HKV, D)).astype(np.float32)
+    v_pages = rng.normal(size=(40, PAGE, HKV, D)).astype(np.float32)
+    prefixes = (PrefixRef(0, (1, 2), 7), PrefixRef(1, (3,), 1))
+    chunks = (
+        ChunkWork(0, (11,), 5, (4, 5), 0, 7, True, True),
+        ChunkWork(2, (5,), 0, (12,), 1, 1, True),
+        ChunkWork(3, (1, 2, 3), 6, (13, 14, 15), None, 0, True),
+        ChunkWork(1, tuple(range(20)), 2, (6, 7, 8, 9, 10, 11), 0, 7, True),
+    )
+    batch = build_step_batch(StepPlan(0, chunks, prefixes), PAGE, BucketTable(), ragged=True)
+    md = batch.metadata
+    # Group 0's two chunks were moved next to each other: one span of 1 + 20 queries.
+    assert md.group_q_start[0] == 0 and md.group_q_len[0] == 21
+    assert md.group_q_start[1] == 21 and md.group_q_len[1] == 1
+    t = batch.token_ids.shape[0]
+    q = rng.normal(size=(t, HQ, D)).astype(np.float32)
+    mdj = jax.tree.map(jnp.asarray, md)
+    want = xla.shared_prefix_paged_attention(q, k_pages, v_pages, mdj)
+    own = pk.ragged_paged_attention_reference(
+        q, k_pages, v_pages, mdj.seq_page_tables, mdj.seq_kv_lens, mdj.seq_q_start,
+        mdj.seq_q_len)
+    pre = pk.shared_prefix_attention_reference(
+        q, k_pages, v_pages, mdj.group_page_tables, mdj.group_prefix_lens, mdj.group_q_start,
+        mdj.group_q_len)
+    got, _ = pk.merge_attention_states_reference(*own, *pre)
+    n = batch.num_tokens
+    np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(want)[:n], rtol=1e-5, atol=1e-5)

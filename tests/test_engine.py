@@ -124,3 +124,14 @@ def test_sampled_output_does_not_depend_on_the_batch(engine, reference):
     together = engine.generate(_requests(prompts, 10, **sampling))
     assert together[1].token_ids == alone[0].token_ids
     assert len({r.token_ids for r in together[:3]}) > 1  # different prompts, different samples
+
+
+def test_pallas_attention_gives_the_xla_outputs(tiny_llama_dir, reference):
+    prompts, want = reference
+    pallas = Engine(str(tiny_llama_dir), page_size=4, kv_budget_mb=1.0, max_tokens_per_step=32,
+                    attention="pallas", progress=False)
+    # Interpret-mode kernels compile slowly on CPU: one group of three and two tokens each.
+    results = pallas.generate(_requests(prompts[:3], 2), policy="batchllm")
+    assert [r.token_ids for r in results] == [w[:2] for w in want[:3]]
+    assert pallas.last_metrics["computed_prefill_tokens"] < pallas.last_metrics[
+        "logical_prefill_tokens"]

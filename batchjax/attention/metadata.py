@@ -8,6 +8,10 @@ The step's tokens are laid out flat (`T` rows). Attention has two parts (DESIGN.
   attending without a mask to the group's whole shared prefix: one dense
   `[BLOCK_Q x prefix_len]` product per block instead of a matrix-vector product per query.
 Index padding points at row `T` (one past the end), which gathers clamp and scatters drop.
+
+The Pallas kernels read the same step in ragged form instead (`seq_*`, `group_*`: the tokens of
+a sequence, and the sequences of a group, are contiguous); the engine fills those fields only
+for `--attention=pallas`, so the XLA path's programs do not depend on them.
 """
 
 from __future__ import annotations
@@ -35,3 +39,12 @@ class PagedAttentionMetadata:
     gblk_token: jax.Array  # [Bg, BLOCK_Q] token rows, T = padding
     gblk_page_table: jax.Array  # [Bg, Pg] the group's shared prefix pages
     gblk_prefix_len: jax.Array  # [Bg] prefix length in tokens (0 for padding blocks)
+    # ragged form for the Pallas kernels (None on the XLA path)
+    seq_page_tables: jax.Array | None = None  # [S, P] own pages of each sequence
+    seq_kv_lens: jax.Array | None = None  # [S] own keys after this step's writes
+    seq_q_start: jax.Array | None = None  # [S] first token row of the sequence
+    seq_q_len: jax.Array | None = None  # [S] its tokens this step (0: padding)
+    group_page_tables: jax.Array | None = None  # [G, Pg] shared prefix pages
+    group_prefix_lens: jax.Array | None = None  # [G]
+    group_q_start: jax.Array | None = None  # [G] first token row of the group's queries
+    group_q_len: jax.Array | None = None  # [G] (0: padding)

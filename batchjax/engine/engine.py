@@ -225,7 +225,8 @@ class Engine:
             for c in plan.chunks:
                 if c.seq_id >= 0 and live[c.seq_id].cached_prompt_tokens is None:
                     live[c.seq_id].cached_prompt_tokens = c.prefix_len + c.own_start
-            batch = build_step_batch(plan, page_size, self.buckets)
+            batch = build_step_batch(plan, page_size, self.buckets,
+                                     ragged=self.options.attention == "pallas")
             rows = self._sampling_rows(batch, live)
             tokens, self.kv = self.step(self.kv, batch, rows, greedy)
             stats.model_tokens += batch.num_tokens

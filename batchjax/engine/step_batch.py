@@ -24,17 +24,10 @@ class StepBatch:
     num_tokens: int  # real (unpadded) tokens
 
     @property
-    def shape_key(self) -> tuple[int, ...]:
-        md = self.metadata
-        return (
-            self.token_ids.shape[0],
-            md.row_token.shape[0],
-            md.blk_token.shape[0],
-            md.gblk_token.shape[0],
-            md.row_page_table.shape[1],
-            md.gblk_page_table.shape[1],
-            self.logits_index.shape[0],
-        )
+    def shape_key(self) -> tuple:
+        arrays = [self.token_ids, self.logits_index] + [
+            getattr(self.metadata, f.name) for f in dataclasses.fields(self.metadata)]
+        return tuple(a.shape for a in arrays if a is not None)
 
 
 def _pad_table(tables: list[tuple[int, ...]], width: int, rows: int) -> np.ndarray:
@@ -44,8 +37,22 @@ def _pad_table(tables: list[tuple[int, ...]], width: int, rows: int) -> np.ndarr
     return out
 
 
-def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> StepBatch:
-    """Lay out the plan's chunks in order and derive the attention metadata."""
+def _group_contiguous(chunks):
+    """Chunks reordered so each group's chunks are adjacent (stable, by first appearance)."""
+    first: dict[int | None, int] = {}
+    for i, c in enumerate(chunks):
+        first.setdefault(c.prefix_group, i)
+    return sorted(chunks, key=lambda c: first[c.prefix_group])
+
+
+def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
+                     ragged: bool = False) -> StepBatch:
+    """Lay out the plan's chunks and derive the attention metadata.
+
+    With `ragged`, chunks are laid out group by group and the metadata also carries the ragged
+    form the Pallas kernels read.
+    """
+    chunks = _group_contiguous(plan.chunks) if ragged else plan.chunks
     n_tokens = plan.num_tokens
     t_pad = buckets.tokens_bucket(n_tokens)
     token_ids = np.zeros(t_pad, np.int32)
@@ -59,7 +66,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
     own_pages_max = 1
 
     r0 = 0
-    for c in plan.chunks:
+    for c in chunks:
         n = c.num_tokens
         own_idx = c.own_start + np.arange(n)
         token_ids[r0 : r0 + n] = c.token_ids
@@ -115,6 +122,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
             out[: len(vals)] = np.asarray(vals, dtype)
         return out
 
+    ragged_fields = {}
+    if ragged:
+        ragged_fields = _ragged_metadata(chunks, prefixes, buckets, p_pad, pg_pad)
     md = PagedAttentionMetadata(
         slot_mapping=slot_mapping,
         row_token=rows_of(rows_tok, t_pad, r_pad),
@@ -126,6 +136,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
         gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=BLOCK_Q),
         gblk_page_table=_pad_table(gblk_tab, pg_pad, g_pad),
         gblk_prefix_len=rows_of(gblk_len, 0, g_pad),
+        **ragged_fields,
     )
     return StepBatch(
         token_ids=token_ids,
@@ -135,4 +146,38 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
         sample_positions=rows_of(sample_pos, 0, s_pad),
         metadata=md,
         num_tokens=n_tokens,
+    )
+
+
+def _ragged_metadata(chunks, prefixes, buckets: BucketTable, p_pad: int, pg_pad: int) -> dict:
+    """`seq_*` / `group_*` arrays: one sequence per chunk, groups in layout order."""
+    s_pad = buckets.rows_bucket(len(chunks))
+    seq_tables, seq_kv, seq_start, seq_len = [], [], [], []
+    groups: dict[int, list[int]] = {}  # group -> [q_start, q_len]
+    r0 = 0
+    for c in chunks:
+        seq_tables.append(c.page_table)
+        seq_kv.append(c.own_start + c.num_tokens)
+        seq_start.append(r0)
+        seq_len.append(c.num_tokens)
+        if c.prefix_group is not None and c.prefix_len > 0:
+            span = groups.setdefault(c.prefix_group, [r0, 0])
+            span[1] += c.num_tokens
+        r0 += c.num_tokens
+    g_pad = buckets.rows_bucket(max(len(groups), 1))
+
+    def col(vals, rows):
+        out = np.zeros(rows, np.int32)
+        out[: len(vals)] = vals
+        return out
+
+    return dict(
+        seq_page_tables=_pad_table(seq_tables, p_pad, s_pad),
+        seq_kv_lens=col(seq_kv, s_pad),
+        seq_q_start=col(seq_start, s_pad),
+        seq_q_len=col(seq_len, s_pad),
+        group_page_tables=_pad_table([prefixes[g].page_table for g in groups], pg_pad, g_pad),
+        group_prefix_lens=col([prefixes[g].prefix_len for g in groups], g_pad),
+        group_q_start=col([span[0] for span in groups.values()], g_pad),
+        group_q_len=col([span[1] for span in groups.values()], g_pad),
     )

@@ -1,0 +1,30 @@
+"""The `--attention=pallas` path: the same shared-prefix attention through Pallas kernels.
+
+Own part: `ragged_paged_attention` (causal over each sequence's own pages); prefix part:
+`shared_prefix_attention` (each group's queries against its prefix pages, one dense problem);
+merged by `merge_attention_states`. On CPU the kernels run in interpret mode.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from batchjax.attention.metadata import PagedAttentionMetadata
+from pallas_kernels import merge_attention_states, ragged_paged_attention, shared_prefix_attention
+
+
+def shared_prefix_paged_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata
+) -> jax.Array:
+    """q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] -> [T, Hq, D]."""
+    if md.seq_q_len is None:
+        raise ValueError("the Pallas path needs the ragged metadata (build_step_batch ragged=True)")
+    interpret = jax.default_backend() == "cpu"
+    own_o, own_l = ragged_paged_attention(
+        q, k_pages, v_pages, md.seq_page_tables, md.seq_kv_lens, md.seq_q_start, md.seq_q_len,
+        interpret=interpret)
+    pre_o, pre_l = shared_prefix_attention(
+        q, k_pages, v_pages, md.group_page_tables, md.group_prefix_lens, md.group_q_start,
+        md.group_q_len, interpret=interpret)
+    out, _ = merge_attention_states(own_o, own_l, pre_o, pre_l, interpret=interpret)
+    return out
