@@ -1,0 +1,87 @@
+"""batchjax's own arm of a benchmark: every policy on the same engine, reported like a peer."""
+
+from __future__ import annotations
+
+import importlib.metadata
+from typing import Any, Sequence
+
+from batchjax.bench.peers import PeerOutcome
+from batchjax.workloads import Workload
+
+POLICIES = ("batchllm", "vllm", "sglang", "none")
+
+
+def request_dicts(workload: Workload) -> list[dict[str, Any]]:
+    """Greedy requests that decode exactly `output_len` tokens, ids as in the JSONL form."""
+    return [
+        {"id": f"{workload.name}-{i}", "prompt_token_ids": prompt.tolist(),
+         "max_tokens": int(n), "ignore_eos": True, "temperature": 0.0}
+        for i, (prompt, n) in enumerate(zip(workload.prompts, workload.output_lens))
+    ]
+
+
+def system_name(policy: str) -> str:
+    return f"batchjax {policy}"
+
+
+def run_batchjax(
+    model: str,
+    workloads: Sequence[Workload],
+    *,
+    dtype: str,
+    reps: int,
+    kv_budget_mb: float,
+    max_tokens_per_step: int,
+    policies: Sequence[str] = POLICIES,
+    warmup: bool = True,
+) -> list[PeerOutcome]:
+    """One engine per dtype; each policy runs each workload `reps` times after a warm-up run.
+
+    The warm-up compiles the step shapes that policy needs for that workload, as vLLM compiles
+    before its first request; the timed runs then report `new_compiled_shapes` (0 expected).
+    """
+    import jax.numpy as jnp
+
+    from batchjax.engine.engine import Engine
+    from batchjax.engine.page_pool import kv_bytes_per_page
+
+    engine = Engine(model, dtype=dtype, kv_budget_mb=kv_budget_mb,
+                    max_tokens_per_step=max_tokens_per_step, progress=False)
+    page_bytes = kv_bytes_per_page(engine.config, engine.options.page_size, jnp.dtype(dtype))
+    config = {"model": model, "dtype": dtype, "attention": engine.options.attention,
+              "page_size": engine.options.page_size, "kv_budget_mb": kv_budget_mb,
+              "kv_budget_pages": engine.kv_budget_pages,
+              "max_tokens_per_step": max_tokens_per_step,
+              "max_num_seqs": engine.options.max_num_seqs, "warmup": warmup}
+    versions = {"batchjax": importlib.metadata.version("batchjax")}
+    outcomes = []
+    for policy in policies:
+        runs: list[dict[str, Any]] = []
+        for workload in workloads:
+            requests = request_dicts(workload)
+            if warmup:
+                engine.generate(requests, policy=policy)
+            first: dict[str, list[int]] | None = None
+            for rep in range(reps):
+                results = engine.generate(requests, policy=policy)
+                metrics = engine.last_metrics
+                token_ids = {r.id: list(r.token_ids) for r in results}
+                failed = [r.id for r in results if r.error is not None]
+                if failed:
+                    raise RuntimeError(f"batchjax {policy} failed requests {failed[:5]}")
+                run = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
+                run.update(workload=workload.name, rep=rep, num_requests=len(results),
+                           prompt_tokens=metrics["logical_prefill_tokens"],
+                           peak_kv_bytes=int(metrics["peak_kv_pages"]) * page_bytes)
+                if first is None:
+                    run["token_ids"] = token_ids
+                    first = token_ids
+                else:
+                    run["same_tokens_as_first_rep"] = token_ids == first
+                runs.append(run)
+                print(f"{system_name(policy)} {dtype} {workload.name} rep {rep}: "
+                      f"{metrics['wall_s']:.2f} s", flush=True)
+        report = {"system": system_name(policy), "config": {**config, "policy": policy},
+                  "versions": versions, "runs": runs}
+        outcomes.append(PeerOutcome(system_name(policy), dtype, "ok", None, report, None))
+    return outcomes
