@@ -17,6 +17,9 @@ transformers = pytest.importorskip("transformers")
 
 from flax import nnx  # noqa: E402
 
+# One thread: torch's thread pool thrashes when the suite runs tests in parallel on few cores.
+torch.set_num_threads(1)
+
 from batchjax.attention.dense import dense_causal_attention  # noqa: E402
 from batchjax.models.reference_decode import greedy_decode  # noqa: E402
 from batchjax.models.registry import load_model  # noqa: E402
