@@ -99,7 +99,9 @@ def run_peer(
         return PeerOutcome(peer.system, dtype, "failed", f"timed out after {timeout_s} s",
                            None, log_path)
     if proc.returncode != 0 or not os.path.isfile(report_path):
-        reason = f"exit status {proc.returncode}; log tail:\n{_log_tail(log_path)}"
+        tail = _log_tail(log_path)
+        last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
+        reason = f"exit status {proc.returncode}: {last}\n{tail}"
         return PeerOutcome(peer.system, dtype, "failed", reason, None, log_path)
     with open(report_path, encoding="utf-8") as f:
         report = json.load(f)

@@ -88,6 +88,7 @@ def main() -> None:
     pad_token_id = model.config.pad_token_id
     if pad_token_id is None:
         pad_token_id = 0
+    workloads = [(name, read_requests(path)) for name, path in args.workload]
     bytes_per_token = kv_bytes_per_token(model.config, torch.finfo(dtype).bits // 8)
     kv_budget_bytes = int(args.kv_budget_mb * _MIB)
     config = {
@@ -98,12 +99,11 @@ def main() -> None:
         "attn_implementation": model.config._attn_implementation,
         "batching": "length-sorted, padded KV within the budget, left padding",
     }
-    warm = [PeerRequest("warm-up", tuple(range(100, 132)), 4)]
+    warm = [PeerRequest("warm-up", workloads[0][1][0].prompt_token_ids, 2)]
     _generate(model, [warm], pad_token_id)
 
     runs = []
-    for name, path in args.workload:
-        requests = read_requests(path)
+    for name, requests in workloads:
         batches = pack_batches(requests, kv_budget_bytes, bytes_per_token)
         first = None
         for rep in range(args.reps):

@@ -78,7 +78,7 @@ def main() -> None:
         kv_cache_memory_bytes=kv_bytes,
     )
     # One short untimed call, so lazy initialisation lands outside the timed runs.
-    warm = [PeerRequest("warm-up", tuple(range(100, 132)), 4)]
+    warm = [PeerRequest("warm-up", workloads[0][1][0].prompt_token_ids, 2)]
     _generate(llm, warm)
 
     runs = []
