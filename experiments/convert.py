@@ -12,23 +12,17 @@ import time
 import jax.numpy as jnp
 from absl import app, flags, logging
 
-from batchjax.models.checkpoint import save_checkpoint
-from batchjax.models.registry import DEFAULT_MODEL, load_model
+from batchjax.models.registry import DEFAULT_MODEL, convert_to_checkpoint
 
 _MODEL = flags.DEFINE_string("model", DEFAULT_MODEL, "smollm2-135m, a .gguf file or a HF dir.")
 _OUT = flags.DEFINE_string("out", None, "Directory to write the checkpoint to.", required=True)
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Stored parameter dtype.")
 
 
-def convert(spec: str, out: str, dtype: jnp.dtype = jnp.float32) -> None:
-    loaded = load_model(spec, dtype=dtype)
-    save_checkpoint(out, loaded.config, loaded.model, loaded.tokenizer)
-
-
 def main(argv):
     del argv
     start = time.perf_counter()
-    convert(_MODEL.value, _OUT.value, jnp.dtype(_DTYPE.value))
+    convert_to_checkpoint(_MODEL.value, _OUT.value, jnp.dtype(_DTYPE.value))
     logging.info("wrote %s in %.1f s", _OUT.value, time.perf_counter() - start)
 
 

@@ -16,9 +16,8 @@ from tokenizers import models, pre_tokenizers
 
 from batchjax.attention.dense import dense_causal_attention
 from batchjax.models.config import UnsupportedModelError
-from batchjax.models.registry import load_model, resolve_spec
+from batchjax.models.registry import convert_to_checkpoint, load_model, resolve_spec
 from batchjax.models.weights import CheckpointMismatchError
-from experiments.convert import convert
 
 HF_CONFIG = {
     "architectures": ["LlamaForCausalLM"],
@@ -105,7 +104,7 @@ def test_hf_tensors_land_in_the_right_parameters(tmp_path):
 
 def test_orbax_checkpoint_restores_the_same_model_and_tokenizer(tmp_path):
     source = _write_hf_dir(tmp_path / "hf", with_tokenizer=True)
-    convert(source, str(tmp_path / "ckpt"))
+    convert_to_checkpoint(source, str(tmp_path / "ckpt"))
     original, restored = load_model(source), load_model(str(tmp_path / "ckpt"))
     assert restored.format == "orbax" and restored.config == original.config
     tokens = [5, 9, 1, 30, 2, 7]
@@ -119,7 +118,7 @@ def test_orbax_checkpoint_restores_the_same_model_and_tokenizer(tmp_path):
 
 def test_orbax_restore_casts_to_the_requested_dtype(tmp_path):
     source = _write_hf_dir(tmp_path / "hf")
-    convert(source, str(tmp_path / "ckpt"))
+    convert_to_checkpoint(source, str(tmp_path / "ckpt"))
     as_bf16 = load_model(str(tmp_path / "ckpt"), dtype=jnp.bfloat16)
     assert as_bf16.model.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
     reference = _logits(load_model(source).model, [3, 4, 5])

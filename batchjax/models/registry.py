@@ -82,3 +82,10 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: jnp.dtype = jnp.float32) -> Loa
     else:
         config, model, tokenizer = checkpoint.load_checkpoint(path, dtype)
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path, format=fmt)
+
+
+def convert_to_checkpoint(spec: str, out: str, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
+    """Loads `spec` and saves it as a batchjax orbax checkpoint in `out` (fast to restore)."""
+    loaded = load_model(spec, dtype=dtype)
+    checkpoint.save_checkpoint(out, loaded.config, loaded.model, loaded.tokenizer)
+    return loaded
