@@ -41,7 +41,8 @@ _HF_MODEL_DIR = flags.DEFINE_string(
     "Where the GGUF model is exported (f32) for the peers when --model is not a HF directory.")
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "float32 and/or bfloat16.")
 _POLICIES = flags.DEFINE_list("policies", list(engine_arm.POLICIES), "batchjax policies.")
-_SYSTEMS = flags.DEFINE_list("systems", ["batchjax", "vllm", "transformers"], "Systems to run.")
+_SYSTEMS = flags.DEFINE_list("systems", ["batchjax", "vllm", "transformers"],
+                              "Systems to run, in this order.")
 _WORKLOADS = flags.DEFINE_list("workloads", [], "Run only workloads whose name starts so.")
 _KV_BUDGET_MB = flags.DEFINE_float("kv_budget_mb", 512.0, "KV memory budget of every system.")
 _MAX_TOKENS_PER_STEP = flags.DEFINE_integer(
@@ -55,22 +56,22 @@ def _core_list(spec: str) -> list[int]:
     return list(range(int(first), int(last or first) + 1))
 
 
-def _peer_specs(num_threads_bind: str) -> list[peers.PeerSpec]:
-    vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": num_threads_bind}
-    vllm_runner = os.path.join(_PEERS_DIR, "vllm_runner.py")
-    specs = []
-    if "vllm" in _SYSTEMS.value:
-        specs += [
-            peers.PeerSpec("vllm (prefix caching + chunked prefill)", "vllm", _VLLM_PYTHON.value,
-                           vllm_runner, ("--prefix_caching", "--chunked_prefill"), vllm_env),
+def _system_specs(system: str, threads_bind: str) -> list[peers.PeerSpec]:
+    """The peer configurations one `--systems` entry stands for."""
+    if system == "vllm":
+        vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": threads_bind}
+        runner = os.path.join(_PEERS_DIR, "vllm_runner.py")
+        return [
+            peers.PeerSpec(report.REFERENCE_SYSTEM, "vllm", _VLLM_PYTHON.value, runner,
+                           ("--prefix_caching", "--chunked_prefill"), vllm_env),
             peers.PeerSpec("vllm (no prefix caching, no chunked prefill)", "vllm",
-                           _VLLM_PYTHON.value, vllm_runner,
+                           _VLLM_PYTHON.value, runner,
                            ("--no-prefix_caching", "--no-chunked_prefill"), vllm_env),
         ]
-    if "transformers" in _SYSTEMS.value:
-        specs.append(peers.PeerSpec("transformers", "transformers", _HF_PYTHON.value,
-                                    os.path.join(_PEERS_DIR, "hf_runner.py")))
-    return specs
+    if system == "transformers":
+        return [peers.PeerSpec("transformers", "transformers", _HF_PYTHON.value,
+                               os.path.join(_PEERS_DIR, "hf_runner.py"))]
+    raise ValueError(f"unknown system {system!r}: expected batchjax, vllm or transformers")
 
 
 def _peer_model_dir() -> tuple[str | None, str | None]:
@@ -89,6 +90,22 @@ def _peer_model_dir() -> tuple[str | None, str | None]:
         return peers.ensure_hf_checkpoint(exporter, script, path, _HF_MODEL_DIR.value), None
     except RuntimeError as e:
         return None, str(e)
+
+
+def _run_peer(spec: peers.PeerSpec, dtype: str, paths: dict[str, str], model_dir: str | None,
+              model_reason: str | None, num_threads: int, out_dir: str) -> peers.PeerOutcome:
+    if model_dir is None:
+        outcome = peers.PeerOutcome(spec.system, dtype, "missing", model_reason, None, None)
+    else:
+        print(f"running {spec.system} ({dtype})", flush=True)
+        outcome = peers.run_peer(
+            spec, paths, model_dir=model_dir, dtype=dtype, reps=_REPS.value,
+            kv_budget_mb=_KV_BUDGET_MB.value, max_tokens_per_step=_MAX_TOKENS_PER_STEP.value,
+            num_threads=num_threads, out_dir=out_dir, timeout_s=_PEER_TIMEOUT_S.value)
+    if outcome.status != "ok":
+        print(f"SKIPPED {outcome.system} ({dtype}): {outcome.status}: {outcome.reason}",
+              flush=True)
+    return outcome
 
 
 def main(argv: list[str]) -> None:
@@ -135,28 +152,18 @@ def main(argv: list[str]) -> None:
         print(written["table"], flush=True)
 
     for dtype in _DTYPES.value:
-        if "batchjax" in _SYSTEMS.value:
-            outcomes += engine_arm.run_batchjax(
-                _MODEL.value, workloads, dtype=dtype, reps=_REPS.value,
-                kv_budget_mb=_KV_BUDGET_MB.value,
-                max_tokens_per_step=_MAX_TOKENS_PER_STEP.value, policies=_POLICIES.value)
-            publish()
-        for spec in _peer_specs(_CORES.value):
-            if model_dir is None:
-                outcome = peers.PeerOutcome(spec.system, dtype, "missing", model_reason, None,
-                                            None)
-            else:
-                print(f"running {spec.system} ({dtype})", flush=True)
-                outcome = peers.run_peer(
-                    spec, paths, model_dir=model_dir, dtype=dtype, reps=_REPS.value,
+        for system in _SYSTEMS.value:
+            if system == "batchjax":
+                outcomes.extend(engine_arm.run_batchjax(
+                    _MODEL.value, workloads, dtype=dtype, reps=_REPS.value,
                     kv_budget_mb=_KV_BUDGET_MB.value,
-                    max_tokens_per_step=_MAX_TOKENS_PER_STEP.value, num_threads=len(cores),
-                    out_dir=out_dir, timeout_s=_PEER_TIMEOUT_S.value)
-            if outcome.status != "ok":
-                print(f"SKIPPED {outcome.system} ({dtype}): {outcome.status}: {outcome.reason}",
-                      flush=True)
-            outcomes.append(outcome)
-            publish()
+                    max_tokens_per_step=_MAX_TOKENS_PER_STEP.value, policies=_POLICIES.value))
+                publish()
+                continue
+            for spec in _system_specs(system, _CORES.value):
+                outcomes.append(_run_peer(spec, dtype, paths, model_dir, model_reason,
+                                          len(cores), out_dir))
+                publish()
     print(f"results in {out_dir}")
 
 
