@@ -69,6 +69,7 @@ def load_weights(
                 f"tensor {name!r} has shape {shown} in the checkpoint, the config implies {want}"
             )
         # Cast and transpose on the device: faster than numpy for bf16 and leaves no host copy.
+        # set_value, not `variable[...] =`: the abstract variable holds a ShapeDtypeStruct.
         value = jnp.asarray(array)
         variable.set_value((value.T if transpose else value).astype(dtype))
     missing = [
