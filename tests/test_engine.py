@@ -135,3 +135,22 @@ def test_pallas_attention_gives_the_xla_outputs(tiny_llama_dir, reference):
     assert [r.token_ids for r in results] == [w[:2] for w in want[:3]]
     assert pallas.last_metrics["computed_prefill_tokens"] < pallas.last_metrics[
         "logical_prefill_tokens"]
+
+
+@pytest.mark.parametrize("policy", ["batchllm", "vllm"])
+def test_simulator_replays_the_engines_token_counts(engine, policy):
+    from batchjax import workloads
+    from batchjax.sim.simulate import simulate
+
+    work = workloads.microbenchmark(prefix_len=20, distinct_len=5, output_len=6,
+                                    sharing_degree=3, num_requests=9, vocab_size=128, seed=4)
+    reqs = [{"id": str(i), "prompt_token_ids": [int(t) for t in p], "max_tokens": 6,
+             "ignore_eos": True} for i, p in enumerate(work.prompts)]
+    engine.generate(reqs, policy=policy)
+    real = engine.last_metrics
+    sim = simulate(work, policy, page_size=4, max_tokens_per_step=32,
+                   max_num_seqs=engine.options.max_num_seqs,
+                   kv_budget_pages=engine.kv_budget_pages).metrics
+    for key in ("computed_prefill_tokens", "logical_prefill_tokens", "output_tokens",
+                "num_steps", "peak_kv_pages"):
+        assert sim[key] == real[key], key
