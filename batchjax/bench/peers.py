@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 import subprocess
 import sys
 from typing import Any, Mapping
@@ -91,13 +92,17 @@ def run_peer(
     for name, path in workload_paths.items():
         cmd += ["--workload", f"{name}={path}"]
     env = {**os.environ, **peer.env}
-    try:
-        with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                  timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return PeerOutcome(peer.system, dtype, "failed", f"timed out after {timeout_s} s",
-                           None, log_path)
+    with open(log_path, "w", encoding="utf-8") as log:
+        # Its own process group: vLLM forks an engine and a worker that must end with it.
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return PeerOutcome(peer.system, dtype, "failed", f"timed out after {timeout_s} s",
+                               None, log_path)
     if proc.returncode != 0 or not os.path.isfile(report_path):
         tail = _log_tail(log_path)
         last = next((line for line in reversed(tail.splitlines()) if line.strip()), "")
