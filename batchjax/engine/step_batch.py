@@ -113,7 +113,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     r_pad = buckets.rows_bucket(max(len(rows_tok), 1))
     b_pad = buckets.blocks_bucket(max(len(blk_tok), 1))
     g_pad = buckets.blocks_bucket(max(len(gblk_tok), 1))
-    s_pad = buckets.rows_bucket(max(len(sample_rows), 1))
+    # A sampling chunk ends in a row or a block, so rows + blocks bounds the sampled rows: no
+    # shape dimension of its own (padding rows cost one lm_head row each).
+    s_pad = r_pad + b_pad
 
     def rows_of(vals, fill, rows, dtype=np.int32, width=None):
         shape = (rows,) if width is None else (rows, width)
