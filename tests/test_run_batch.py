@@ -3,13 +3,17 @@
 Each run is a real subprocess, as a user starts it: results stream to the output file, a
 SIGKILL mid-run loses nothing that was written, a rerun resumes to the file an uninterrupted
 run writes, bad lines only cost themselves, and both input shapes come back in their own shape.
-Runs share one engine configuration so the persistent XLA cache spares recompiling.
+Runs share one engine configuration so the persistent XLA cache spares recompiling, and the
+reference runs happen once per session even when `pytest -n 2` splits this module.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -103,10 +107,26 @@ def _essence(line: dict) -> tuple:
     return line["id"], tuple(line["token_ids"]), line["finish_reason"]
 
 
-@pytest.fixture(scope="module")
-def runs(tiny_llama_dir, tmp_path_factory):
+def _once_per_session(tmp_path_factory, name, compute) -> dict:
+    """compute(directory) -> JSON value, run by one pytest-xdist worker and read by the others."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    done = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            directory = root / name
+            shutil.rmtree(directory, ignore_errors=True)  # what a failed attempt left
+            directory.mkdir()
+            value = compute(directory)
+            tmp = root / f"{name}.json.tmp"
+            tmp.write_text(json.dumps(value))
+            os.replace(tmp, done)
+        return json.loads(done.read_text())
+
+
+def _reference_runs(model_dir: str, tmp) -> dict:
     """An uninterrupted native run and an OpenAI-shaped run, started side by side."""
-    tmp = tmp_path_factory.mktemp("run_batch")
     lines, ids = _input_lines()
     native_in = tmp / "native.jsonl"
     native_in.write_text("\n".join(lines) + "\n")
@@ -123,12 +143,22 @@ def runs(tiny_llama_dir, tmp_path_factory):
     openai_in = tmp / "openai.jsonl"
     openai_in.write_text("".join(json.dumps(line) + "\n" for line in openai_lines))
 
-    native = _start(tiny_llama_dir, native_in, tmp / "full.jsonl", tmp / "full.json")
-    openai = _start(tiny_llama_dir, openai_in, tmp / "openai_out.jsonl", tmp / "openai.json")
+    native = _start(model_dir, native_in, tmp / "full.jsonl", tmp / "full.json")
+    openai = _start(model_dir, openai_in, tmp / "openai_out.jsonl", tmp / "openai.json")
     _finish(native, tmp / "full.jsonl")
     _finish(openai, tmp / "openai_out.jsonl")
-    return dict(tmp=tmp, native_in=native_in, ids=ids, openai_lines=openai_lines,
-                openai_prompts=openai_prompts)
+    return dict(tmp=str(tmp), model_dir=model_dir, native_in=str(native_in), ids=ids,
+                openai_lines=openai_lines, openai_prompts=openai_prompts)
+
+
+@pytest.fixture(scope="module")
+def runs(request, tmp_path_factory):
+    # The model is built only by the worker that runs the reference.
+    value = _once_per_session(
+        tmp_path_factory, "run_batch_reference",
+        lambda tmp: _reference_runs(str(request.getfixturevalue("tiny_llama_dir")), tmp))
+    value["tmp"] = pathlib.Path(value["tmp"])
+    return value
 
 
 def test_uninterrupted_run_writes_every_id_once_in_input_order(runs):
@@ -172,10 +202,10 @@ def test_metrics_hold_the_documented_fields_within_the_kv_budget(runs):
         assert m[key] > 0, key
 
 
-def test_killed_run_resumes_to_the_uninterrupted_file(runs, tiny_llama_dir):
-    tmp = runs["tmp"]
-    out, metrics = tmp / "killed.jsonl", tmp / "killed.json"
-    proc = _start(tiny_llama_dir, runs["native_in"], out, metrics)
+def test_killed_run_resumes_to_the_uninterrupted_file(runs, tmp_path):
+    model_dir = runs["model_dir"]  # the reference runs' model (another worker may have made it)
+    out, metrics = tmp_path / "killed.jsonl", tmp_path / "killed.json"
+    proc = _start(model_dir, runs["native_in"], out, metrics)
     try:
         deadline = time.monotonic() + 240
         # Error lines are written before the first step: wait for a generated result.
@@ -196,10 +226,10 @@ def test_killed_run_resumes_to_the_uninterrupted_file(runs, tiny_llama_dir):
     assert 1 <= len(done) < NUM_GOOD, "the kill must land mid-run"
     assert not os.path.exists(metrics)
 
-    _finish(_start(tiny_llama_dir, runs["native_in"], out, metrics), out)
+    _finish(_start(model_dir, runs["native_in"], out, metrics), out)
     final = _complete_lines(out)
     assert [line["id"] for line in final] == runs["ids"]  # every id once, in input order
-    full = _complete_lines(tmp / "full.jsonl")
+    full = _complete_lines(runs["tmp"] / "full.jsonl")
     assert [_essence(line) for line in final] == [_essence(line) for line in full]
     m = _load_json(metrics)
     assert m["resumed_requests"] == len(at_kill) > 0
