@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.metadata
+import os
 from typing import Any, Sequence
 
 from batchjax.bench.peers import PeerOutcome
@@ -72,7 +73,8 @@ def run_batchjax(
                 run = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str))}
                 run.update(workload=workload.name, rep=rep, num_requests=len(results),
                            prompt_tokens=metrics["logical_prefill_tokens"],
-                           peak_kv_bytes=int(metrics["peak_kv_pages"]) * page_bytes)
+                           peak_kv_bytes=int(metrics["peak_kv_pages"]) * page_bytes,
+                           load_average_1m=os.getloadavg()[0])
                 if first is None:
                     run["token_ids"] = token_ids
                     first = token_ids

@@ -95,6 +95,8 @@ def run_record(
         "computed_prefill_tokens": computed_prefill_tokens,
         "output_tokens_per_s": output_tokens / wall_s,
         "total_tokens_per_s": (prompt_tokens + output_tokens) / wall_s,
+        # Other work on the same cores slows every system; the 1-minute load shows how much.
+        "load_average_1m": os.getloadavg()[0],
     }
     if first_rep_token_ids is None:
         record["token_ids"] = token_ids
