@@ -8,6 +8,7 @@ exactly `output_len` tokens per request greedily with EOS ignored, and writes on
     {"system", "config", "versions", "runs": [
         {"workload", "rep", "wall_s", "num_requests", "prompt_tokens", "output_tokens",
          "computed_prefill_tokens" (or null), "output_tokens_per_s", "total_tokens_per_s",
+         "load_average_1m",
          "token_ids": {request id: [...]} (first repetition only; later ones repeat it),
          "same_tokens_as_first_rep" (later repetitions only)}]}
 """
