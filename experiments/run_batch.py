@@ -73,7 +73,7 @@ def main(argv):
     journal.close()
 
     metrics = dict(engine.last_metrics)
-    metrics["failed_requests"] = metrics.get("failed_requests", 0) + len(errors)
+    metrics["failed_requests"] = journal.num_errors  # this run's and any resumed run's
     metrics["resumed_requests"] = resumed
     metrics["model"] = cfg.model
     print(summary_table(metrics))

@@ -234,6 +234,7 @@ def test_killed_run_resumes_to_the_uninterrupted_file(runs, tmp_path):
     m = _load_json(metrics)
     assert m["resumed_requests"] == len(at_kill) > 0
     assert m["num_requests"] == NUM_GOOD - len(done)  # finished requests did not run again
+    assert m["failed_requests"] == len(BAD_LINES)  # counted from the file, resumed or not
     assert m["peak_kv_pages"] <= m["kv_budget_pages"]
 
 
@@ -256,6 +257,7 @@ def test_openai_batch_input_gets_openai_shaped_output(runs):
         (choice,) = body["choices"]
         assert choice["index"] == 0 and choice["finish_reason"] == "length"
         assert "text" in choice
+        assert len(choice["token_ids"]) == 8  # a model without a tokenizer still answers
         usage = body["usage"]
         assert usage["prompt_tokens"] == len(next(prompts))
         assert usage["completion_tokens"] == 8

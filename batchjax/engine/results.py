@@ -70,6 +70,8 @@ def _openai_line(result: Result, fmt: InputFormat, model: str) -> dict[str, Any]
         choice["message"] = {"role": "assistant", "content": result.text}
     else:
         choice["text"] = result.text
+    # A token-level model has no text: the ids are the answer (an extension of the schema).
+    choice["token_ids"] = list(result.token_ids)
     line["response"] = {
         "status_code": 200,
         "request_id": _stable_hex(result.id),
@@ -115,6 +117,13 @@ def to_output_line(result: Result, fmt: InputFormat, *, model: str = "batchjax")
     }
 
 
+def _is_error_line(line: dict[str, Any]) -> bool:
+    if "custom_id" in line:
+        return line.get("error") is not None or (line.get("response") or {}).get(
+            "status_code") != 200
+    return line.get("error") is not None
+
+
 def _line_id(line: Any) -> str:
     if not isinstance(line, dict):
         raise ValueError("a result line must be a JSON object")
@@ -137,6 +146,7 @@ class ResultsJournal:
         self._fmt = fmt
         self._model = model
         self._lines: dict[str, bytes] = {}  # id -> its line, newline included
+        self._error_ids: set[str] = set()
         good_end = self._read_existing()
         self._file = open(self._path, "ab")
         if self._file.tell() != good_end:
@@ -156,11 +166,14 @@ class ResultsJournal:
             if not raw.strip():
                 continue
             try:
-                request_id = _line_id(json.loads(raw))
+                parsed = json.loads(raw)
+                request_id = _line_id(parsed)
             except ValueError as e:
                 raise ValueError(f"{self._path}: line {line_no} is damaged ({e}) and is not the "
                                  "last line; refusing to resume over it") from None
             self._lines.setdefault(request_id, raw + b"\n")
+            if _is_error_line(parsed):
+                self._error_ids.add(request_id)
         return len(intact)
 
     @property
@@ -170,6 +183,11 @@ class ResultsJournal:
     @property
     def finished_ids(self) -> frozenset[str]:
         return frozenset(self._lines)
+
+    @property
+    def num_errors(self) -> int:
+        """Lines in the file that are errors, whichever run wrote them."""
+        return len(self._error_ids)
 
     def error_key(self, error: RequestError) -> str:
         return error_key(error)
@@ -183,6 +201,8 @@ class ResultsJournal:
         self._file.write(line)
         self._sync()
         self._lines[result.id] = line
+        if result.error is not None:
+            self._error_ids.add(result.id)
 
     def append_error(self, error: RequestError) -> None:
         self.append(error_result(error))
@@ -216,6 +236,7 @@ class ResultsJournal:
         finally:
             os.close(dir_fd)
         self._lines = {i: self._lines[i] for i in ids_in_input_order}
+        self._error_ids &= set(self._lines)
         self._file = open(self._path, "ab")
 
     def close(self) -> None:
