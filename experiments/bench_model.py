@@ -15,10 +15,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import tempfile
 import time
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -28,6 +26,8 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from batchjax.attention.dense import dense_causal_attention
+from batchjax.bench.roofline import matmul_gflops, median_seconds
+from batchjax.models.flops import forward_flops
 from batchjax.models.config import ModelConfig
 from batchjax.models.llama import LlamaForCausalLM
 from batchjax.models.registry import DEFAULT_MODEL, convert_to_checkpoint, load_model
@@ -39,36 +39,6 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Paramet
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
 _MATMUL = flags.DEFINE_integer("matmul_size", 0, "Roofline matmul side; 0 = by platform.")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON.")
-
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def matmul_gflops(size: int, repeats: int) -> float:
-    """Sustained f32 GFLOP/s of a [size, size] @ [size, size] product on the default device."""
-    a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (size, size), jnp.float32)
-    product = jax.jit(jnp.dot)
-    return 2 * size**3 / _median_seconds(lambda: product(a, b), repeats) / 1e9
-
-
-def forward_flops(config: ModelConfig, context_lengths: np.ndarray, logits_rows: int) -> float:
-    """Matmul FLOPs of one pass: projections and MLP per token, attention per (query, key)
-    pair that the causal mask keeps, the vocabulary projection for the scored rows only."""
-    h, d = config.hidden_size, config.head_dim
-    q_out, kv_out = config.num_heads * d, config.num_kv_heads * d
-    per_token = h * (q_out + 2 * kv_out) + q_out * h + 3 * h * config.intermediate_size
-    tokens = len(context_lengths)
-    dense = 2 * per_token * tokens * config.num_layers
-    attention = 4 * config.num_heads * d * int(context_lengths.sum()) * config.num_layers
-    return dense + attention + 2 * h * config.vocab_size * logits_rows
 
 
 def _write_hf_directory(config: ModelConfig, model: LlamaForCausalLM, directory: str) -> None:
@@ -176,7 +146,7 @@ def main(argv):
         ("prefill", prefill, np.arange(1, t + 1), 1),
         ("decode", decode, np.ones(b, np.int64), b),
     ):
-        seconds = _median_seconds(fn, _REPEATS.value)
+        seconds = median_seconds(fn, _REPEATS.value)
         gflops = forward_flops(config, contexts, rows) / seconds / 1e9
         figures[f"{name}_tokens"] = len(contexts)
         figures[f"{name}_ms"] = round(seconds * 1e3, 2)

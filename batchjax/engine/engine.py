@@ -22,6 +22,7 @@ from batchjax.engine.results import Result
 from batchjax.engine.step import ModelStep
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.engine.stopping import StopChecker
+from batchjax.models.flops import forward_flops
 from batchjax.models.tokenizer import IncrementalDetokenizer
 from batchjax.requests import Request, RequestError, SamplingParams, requests_from_python
 from batchjax.schedule.buckets import BucketTable
@@ -207,6 +208,7 @@ class Engine:
             new_compiled_shapes=self.step.num_compiled_shapes - compiled_before,
             failed_requests=sum(1 for r in done.values() if r.error is not None),
             model_tokens=stats.model_tokens,
+            model_flops=stats.model_flops,  # divide by wall_s and a roofline for utilisation
             padded_tokens=stats.padded_tokens,
             attention=o.attention,
             dtype=o.dtype,
@@ -230,6 +232,7 @@ class Engine:
             rows = self._sampling_rows(batch, live)
             tokens, self.kv = self.step(self.kv, batch, rows, greedy)
             stats.model_tokens += batch.num_tokens
+            stats.model_flops += self._step_flops(plan, len(batch.sample_seq_ids))
             stats.padded_tokens += batch.token_ids.shape[0]
             sampled = []
             for seq, tok in zip(batch.sample_seq_ids, tokens[: len(batch.sample_seq_ids)]):
@@ -249,6 +252,12 @@ class Engine:
             bar.set_postfix(out_tok_s=f"{stats.output_tokens / max(elapsed, 1e-9):.1f}",
                             step=plan.step_index, refresh=False)
         bar.close()
+
+    def _step_flops(self, plan, sampled_rows: int) -> float:
+        """Useful matmul FLOPs of a step: its real tokens, each over the keys it attends."""
+        context = np.concatenate([
+            c.prefix_len + c.own_start + 1 + np.arange(c.num_tokens) for c in plan.chunks])
+        return forward_flops(self.config, context, sampled_rows)
 
     def _sampling_rows(self, batch, live: Sequence[_Live]) -> tuple[np.ndarray, ...]:
         """Per sampled row: temperature, top_k, top_p, min_p, seed, position ([Ss] each)."""
@@ -271,6 +280,7 @@ class _RunStats:
     prompt_tokens: int = 0
     model_tokens: int = 0
     padded_tokens: int = 0
+    model_flops: float = 0.0
 
 
 class _Invalid(Exception):
