@@ -13,14 +13,12 @@ each request has `suffix_len` keys of its own. Timed in one run, so ratios compa
     python -m experiments.bench_attention --device=cpu
 """
 
-import time
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from batchjax.bench.roofline import median_seconds
 from pallas_kernels import (
     merge_attention_states,
     merge_attention_states_reference,
@@ -74,16 +72,6 @@ def decode_step(rng: np.random.Generator):
     full = (jnp.asarray(full_tables), jnp.full(requests, PREFIX_LEN.value + SUFFIX_LEN.value,
                                                 jnp.int32), jnp.asarray(arange), jnp.asarray(ones))
     return q, k_pages, v_pages, prefix, own, full
-
-
-def median_seconds(fn: Callable[[], tuple], iters: int) -> float:
-    jax.block_until_ready(fn())  # compile and warm up
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
 
 
 def kv_bytes(num_keys: int) -> int:

@@ -1,6 +1,9 @@
 """Shared pytest setup: hardware marks skip cleanly when the device is absent."""
 
+import fcntl
+import json
 import os
+import shutil
 
 import pytest
 
@@ -65,3 +68,21 @@ def hf_greedy(model_dir, prompts, max_new_tokens):
                                  eos_token_id=None, pad_token_id=0)
             outs.append(tuple(gen[0, len(p):].tolist()))
     return outs
+
+
+def once_per_session(tmp_path_factory, name, compute) -> dict:
+    """compute(directory) -> JSON value, run by one pytest-xdist worker and read by the others."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    done = root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not done.exists():
+            directory = root / name
+            shutil.rmtree(directory, ignore_errors=True)  # what a failed attempt left
+            directory.mkdir()
+            value = compute(directory)
+            tmp = root / f"{name}.json.tmp"
+            tmp.write_text(json.dumps(value))
+            os.replace(tmp, done)
+        return json.loads(done.read_text())

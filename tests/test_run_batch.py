@@ -9,11 +9,9 @@ reference runs happen once per session even when `pytest -n 2` splits this modul
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +19,8 @@ import time
 
 import numpy as np
 import pytest
+
+from tests.conftest import once_per_session
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, CONTEXT = 128, 256  # the tiny_llama_dir model
@@ -107,24 +107,6 @@ def _essence(line: dict) -> tuple:
     return line["id"], tuple(line["token_ids"]), line["finish_reason"]
 
 
-def _once_per_session(tmp_path_factory, name, compute) -> dict:
-    """compute(directory) -> JSON value, run by one pytest-xdist worker and read by the others."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    done = root / f"{name}.json"
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            directory = root / name
-            shutil.rmtree(directory, ignore_errors=True)  # what a failed attempt left
-            directory.mkdir()
-            value = compute(directory)
-            tmp = root / f"{name}.json.tmp"
-            tmp.write_text(json.dumps(value))
-            os.replace(tmp, done)
-        return json.loads(done.read_text())
-
-
 def _reference_runs(model_dir: str, tmp) -> dict:
     """An uninterrupted native run and an OpenAI-shaped run, started side by side."""
     lines, ids = _input_lines()
@@ -154,7 +136,7 @@ def _reference_runs(model_dir: str, tmp) -> dict:
 @pytest.fixture(scope="module")
 def runs(request, tmp_path_factory):
     # The model is built only by the worker that runs the reference.
-    value = _once_per_session(
+    value = once_per_session(
         tmp_path_factory, "run_batch_reference",
         lambda tmp: _reference_runs(str(request.getfixturevalue("tiny_llama_dir")), tmp))
     value["tmp"] = pathlib.Path(value["tmp"])

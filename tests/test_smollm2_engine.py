@@ -11,16 +11,16 @@ And the child's XLA work overlaps with transformers' reference decode in this pr
 whole comparison runs once per session even when `pytest -n 2` splits this module.
 """
 
-import fcntl
 import importlib.util
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 
 import pytest
+
+from tests.conftest import once_per_session
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -82,24 +82,6 @@ def _hf_greedy(model, prompt_ids):
     return out[0, len(prompt_ids):].tolist()
 
 
-def _once_per_session(tmp_path_factory, name, compute) -> dict:
-    """compute(directory) -> JSON value, run by one pytest-xdist worker and read by the others."""
-    base = tmp_path_factory.getbasetemp()
-    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    done = root / f"{name}.json"
-    with open(root / f"{name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not done.exists():
-            directory = root / name
-            shutil.rmtree(directory, ignore_errors=True)  # what a failed attempt left
-            directory.mkdir()
-            value = compute(directory)
-            tmp = root / f"{name}.json.tmp"
-            tmp.write_text(json.dumps(value))
-            os.replace(tmp, done)
-        return json.loads(done.read_text())
-
-
 def _compare(tmp) -> dict:
     """Prompt ids, engine runs by policy and transformers' greedy tokens, by request id."""
     job = dict(sample=SAMPLE, ids=IDS, max_tokens=MAX_TOKENS, policies=POLICIES,
@@ -148,7 +130,7 @@ def _compare(tmp) -> dict:
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
     """(prompt ids, engine runs by policy, transformers' greedy tokens), all by request id."""
-    value = _once_per_session(tmp_path_factory, "smollm2_engine", _compare)
+    value = once_per_session(tmp_path_factory, "smollm2_engine", _compare)
     return value["prompt_ids"], value["runs"], value["hf"]
 
 
