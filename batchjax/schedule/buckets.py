@@ -26,8 +26,9 @@ class BucketTable:
     """Ladders per step dimension; a size above a ladder's top is an error, not a new shape."""
 
     tokens: tuple[int, ...] = powers_of_two(16, 1024)
-    rows: tuple[int, ...] = powers_of_two(8, 1024)  # decode rows and sampled rows
-    blocks: tuple[int, ...] = powers_of_two(2, 1024)  # query blocks of a step
+    # A step without rows or blocks of a kind pads them to 0, so their attention costs nothing.
+    rows: tuple[int, ...] = (0,) + powers_of_two(8, 1024)  # single-query rows
+    blocks: tuple[int, ...] = (0,) + powers_of_two(2, 1024)  # query blocks of a step
     pages: tuple[int, ...] = powers_of_two(4, 4096)  # pages per page table
 
     @staticmethod
@@ -55,6 +56,6 @@ class BucketTable:
         top = 1 << max(4, (max_tokens_per_step - 1).bit_length())
         return cls(
             tokens=powers_of_two(16, top),
-            rows=powers_of_two(8, max(8, top)),
-            blocks=powers_of_two(2, max(2, top)),
+            rows=(0,) + powers_of_two(8, max(8, top)),
+            blocks=(0,) + powers_of_two(2, max(2, top)),
         )
