@@ -61,28 +61,55 @@ def attend(
     return o, lse
 
 
-def attend_single_query(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """`attend` for one query per row (decode): q [N, Hq, D], mask [N, K] -> [N, Hq, D], [N, Hq].
+_PAGES_PER_STEP = 8
 
-    Matrix-vector products as fused multiply-reduce: on CPU this reads the gathered keys at
-    about 1.7x the speed of a batched dot with a single query row (long contexts).
+
+def paged_single_query_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+    kv_len: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One query per row against its first `kv_len` keys, read page by page in place.
+
+    q: [R, Hq, D]; page_table: [R, P]; kv_len: [R] -> out [R, Hq, D], lse [R, Hq]. An online
+    softmax over the page index: per-request decode reads a whole context for one query, so
+    gathering it into a copy first (as blocks do) tripled its memory traffic (4x slower on CPU
+    at 1,088-token contexts). Rows with kv_len 0 give out 0 and lse MASK_VALUE.
     """
-    n, hq, d = q.shape
-    hkv = k.shape[2]
+    rows, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     r = hq // hkv
-    qg = q.reshape(n, 1, hkv, r, d).astype(jnp.float32)
-    s = jnp.sum(qg * k[:, :, :, None, :], axis=-1) * (1.0 / jnp.sqrt(jnp.float32(d)))
-    s = jnp.where(mask[:, :, None, None], s, MASK_VALUE)  # [N, K, Hkv, r]
-    m = jnp.max(s, axis=1, keepdims=True)
-    p = jnp.exp(s - m)
-    l = jnp.sum(p, axis=1, keepdims=True)
-    o = jnp.sum(p[..., None] * v[:, :, :, None, :], axis=1) / l[:, 0, :, :, None]
-    lse = (m + jnp.log(l))[:, 0]  # [N, Hkv, r]
-    seen = jnp.any(mask, axis=-1)  # [N]
-    o = jnp.where(seen[:, None, None, None], o, 0.0).reshape(n, hq, d)
-    lse = jnp.where(seen[:, None, None], lse, MASK_VALUE).reshape(n, hq)
+    qg = q.reshape(rows, hkv, r, d).astype(jnp.float32) * (1.0 / jnp.sqrt(jnp.float32(d)))
+    # Pages per loop iteration: enough work per iteration to hide the loop's overhead.
+    per_step = min(_PAGES_PER_STEP, page_table.shape[1])
+    steps = -(-page_table.shape[1] // per_step)
+    table = jnp.pad(page_table, ((0, 0), (0, steps * per_step - page_table.shape[1])))
+    table = table.reshape(rows, steps, per_step)
+    keys_per_step = per_step * page_size
+
+    def page_step(carry, j):
+        m, l, acc = carry
+        k = _gather_pages(k_pages, table[:, j])  # [R, keys_per_step, Hkv, D]
+        v = _gather_pages(v_pages, table[:, j])
+        s = jnp.einsum("nhrd,nkhd->nhrk", qg, k, preferred_element_type=jnp.float32)
+        visible = (j * keys_per_step + jnp.arange(keys_per_step))[None, :] < kv_len[:, None]
+        s = jnp.where(visible[:, None, None, :], s, MASK_VALUE)
+        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+        scale = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l = l * scale + jnp.sum(p, axis=-1)
+        acc = acc * scale[..., None] + jnp.einsum(
+            "nhrk,nkhd->nhrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return (m_new, l, acc), None
+
+    init = (jnp.full((rows, hkv, r), MASK_VALUE, jnp.float32),
+            jnp.zeros((rows, hkv, r), jnp.float32), jnp.zeros((rows, hkv, r, d), jnp.float32))
+    if steps == 1:  # short contexts: no loop at all
+        (m, l, acc), _ = page_step(init, 0)
+    else:
+        (m, l, acc), _ = jax.lax.scan(page_step, init, jnp.arange(steps))
+    seen = (kv_len > 0)[:, None, None]
+    o = jnp.where(seen[..., None], acc / l[..., None], 0.0).reshape(rows, hq, d)
+    lse = jnp.where(seen, m + jnp.log(l), MASK_VALUE).reshape(rows, hq)
     return o, lse
 
 
@@ -109,13 +136,12 @@ def shared_prefix_paged_attention(
     q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] already holding this step's keys.
     """
     t, hq, d = q.shape
+    k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
     q_pad = jnp.concatenate([q, jnp.zeros((1, hq, d), q.dtype)])  # row T = padding query
 
     # Own part, single-query rows.
-    rk = _gather_pages(k_pages, md.row_page_table)
-    rv = _gather_pages(v_pages, md.row_page_table)
-    rmask = jnp.arange(rk.shape[1])[None, :] < md.row_kv_len[:, None]
-    ro, rl = attend_single_query(q_pad[md.row_token], rk, rv, rmask)
+    ro, rl = paged_single_query_attention(
+        q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len)
 
     # Own part, blocks of one sequence.
     bk = _gather_pages(k_pages, md.blk_page_table)

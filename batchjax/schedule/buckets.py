@@ -12,6 +12,14 @@ import bisect
 import dataclasses
 
 
+def powers_of_two_and_a_half(lo: int, hi: int) -> tuple[int, ...]:
+    """lo, 1.5 lo, 2 lo, 3 lo, 4 lo, ...: at most a third of a padded size is padding."""
+    out = set()
+    for n in powers_of_two(lo, hi):
+        out.update((n, min(hi, n * 3 // 2)))
+    return tuple(sorted(out))
+
+
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     out, n = [], lo
     while n < hi:
@@ -29,7 +37,8 @@ class BucketTable:
     # A step without rows or blocks of a kind pads them to 0, so their attention costs nothing.
     rows: tuple[int, ...] = (0,) + powers_of_two(8, 1024)  # single-query rows
     blocks: tuple[int, ...] = (0,) + powers_of_two(2, 1024)  # query blocks of a step
-    pages: tuple[int, ...] = powers_of_two(4, 4096)  # pages per page table
+    # Pages per page table: per-request attention reads every padded page, so a finer ladder.
+    pages: tuple[int, ...] = powers_of_two_and_a_half(4, 4096)
 
     @staticmethod
     def round_up(ladder: tuple[int, ...], n: int, what: str) -> int:

@@ -1,0 +1,85 @@
+"""Steady engine steps against the machine's matmul roofline, measured in the same run.
+
+    python -m experiments.bench_engine [--model=smollm2-135m] [--dtype=float32] [--repeats=5]
+
+Times the jitted engine step (after its compile) on the three shapes a batch spends its time
+in: a 512-token prefill chunk, 64 decode tokens of 4 groups x 16 requests over a shared
+1024-token prefix (the batchllm layout), and 64 decode tokens of independent requests over
+1088-token contexts (the layout of the `none`/`vllm` policies). Model FLOP utilisation is the
+step's useful matmul FLOPs per second over the GFLOP/s of a large `jnp.dot` timed here.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from absl import app, flags
+
+from batchjax.bench.roofline import matmul_gflops, median_seconds
+from batchjax.engine.engine import Engine
+from batchjax.engine.step_batch import build_step_batch
+from batchjax.models.flops import forward_flops
+from batchjax.schedule.step_plan import ChunkWork, PrefixRef, StepPlan
+
+_MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model spec.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
+_JSON = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON.")
+
+PAGE = 16
+
+
+def _pages(start: int, n: int) -> tuple[int, ...]:
+    return tuple(range(start, start + n))
+
+
+def step_plans() -> dict[str, StepPlan]:
+    prefill = StepPlan(0, (ChunkWork(0, (5,) * 512, 64, _pages(1, 36), None, 0, True),), ())
+    prefix_len, groups, degree = 1024, 4, 16
+    prefixes = tuple(PrefixRef(g, _pages(1 + g * 64, 64), prefix_len) for g in range(groups))
+    shared = tuple(
+        ChunkWork(g * degree + i, (5,), 80, _pages(300 + (g * degree + i) * 6, 6), g,
+                  prefix_len, True, True)
+        for g in range(groups) for i in range(degree))
+    decode_shared = StepPlan(0, shared, prefixes)
+    own = tuple(ChunkWork(i, (5,), 1087, _pages(1 + i * 69, 69), None, 0, True, True)
+                for i in range(64))
+    decode_own = StepPlan(0, own, ())
+    return {"prefill 512 (context 576)": prefill,
+            "decode 64 over shared prefix 1024 (4 x 16)": decode_shared,
+            "decode 64 over own context 1088": decode_own}
+
+
+def main(argv):
+    del argv
+    roofline = matmul_gflops(2048, _REPEATS.value)
+    engine = Engine(_MODEL.value, dtype=_DTYPE.value, kv_budget_mb=2048, progress=False)
+    results = {"matmul_gflops": roofline, "dtype": _DTYPE.value, "steps": {}}
+    print(f"matmul roofline: {roofline:.1f} GFLOP/s ({_DTYPE.value} weights, f32 matmul)")
+    for name, plan in step_plans().items():
+        batch = build_step_batch(plan, PAGE, engine.buckets)
+        n = batch.logits_index.shape[0]
+        rows = (np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
+                np.zeros(n, np.float32), np.zeros(n, np.uint32), batch.sample_positions)
+
+        def run():
+            tokens, engine.kv = engine.step(engine.kv, batch, rows, True)
+            return tokens
+
+        seconds = median_seconds(run, _REPEATS.value)
+        context = np.concatenate([c.prefix_len + c.own_start + 1 + np.arange(c.num_tokens)
+                                  for c in plan.chunks])
+        flops = forward_flops(engine.config, context, len(batch.sample_seq_ids))
+        gflops = flops / seconds / 1e9
+        results["steps"][name] = {"seconds": seconds, "gflop_per_s": gflops,
+                                  "mfu": gflops / roofline}
+        print(f"{name:<45} {seconds * 1000:8.1f} ms  {gflops:7.1f} GFLOP/s  "
+              f"MFU {gflops / roofline:5.1%}")
+    if _JSON.value:
+        with open(_JSON.value, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    app.run(main)
