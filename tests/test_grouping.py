@@ -118,13 +118,6 @@ def _best_saving_over_the_token_trie(prompts):
     return best((), 0)
 
 
-@settings(max_examples=150, deadline=None)
-@given(tiny_prompts)
-def test_exact_grouping_matches_brute_force_over_all_partitions(prompts):
-    tree = identify_prefixes(prompts)
-    assert saved_tokens(group(tree, "exact")) == _best_saving_by_brute_force(prompts)
-
-
 larger_prompts = st.lists(
     st.lists(st.integers(0, 2), min_size=1, max_size=14), min_size=1, max_size=40
 )

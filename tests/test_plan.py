@@ -1,6 +1,5 @@
 """build_plan end to end: what the batcher reads from a Plan."""
 
-import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

@@ -12,7 +12,6 @@ them by KV memory (`batching.BatchLLMBatcher`).
 from __future__ import annotations
 
 import collections
-import time
 from typing import Sequence
 
 from batchjax.schedule.batching import (
