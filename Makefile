@@ -12,8 +12,8 @@ install:
 
 install-test: install
 	$(PIP) install -q -e ".[test]"
-	# Parity oracle (test-only): the CPU torch wheel and transformers.
-	$(PIP) install -q torch==2.13.0 transformers
+	# Parity oracle (test-only): the CPU torch wheel and transformers (accelerate: its GGUF loader).
+	$(PIP) install -q torch==2.13.0 transformers accelerate
 
 demo: install
 	$(PYTHON) -m experiments.run_batch --input=experiments/data/sample.jsonl \
