@@ -17,9 +17,8 @@ import numpy as np
 from absl import app, flags
 
 from batchjax.bench.roofline import matmul_gflops, median_seconds
-from batchjax.engine.engine import Engine
+from batchjax.engine.engine import Engine, step_flops
 from batchjax.engine.step_batch import build_step_batch
-from batchjax.models.flops import forward_flops
 from batchjax.schedule.step_plan import ChunkWork, PrefixRef, StepPlan
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model spec.")
@@ -68,9 +67,7 @@ def main(argv):
             return tokens
 
         seconds = median_seconds(run, _REPEATS.value)
-        context = np.concatenate([c.prefix_len + c.own_start + 1 + np.arange(c.num_tokens)
-                                  for c in plan.chunks])
-        flops = forward_flops(engine.config, context, len(batch.sample_seq_ids))
+        flops = step_flops(engine.config, plan, len(batch.sample_seq_ids))
         gflops = flops / seconds / 1e9
         results["steps"][name] = {"seconds": seconds, "gflop_per_s": gflops,
                                   "mfu": gflops / roofline}

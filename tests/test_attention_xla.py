@@ -51,9 +51,9 @@ def test_shared_prefix_attention_matches_full_context_attention(seed):
     v_new = rng.normal(size=(t, HKV, D)).astype(np.float32)
 
     md = jax.tree.map(jnp.asarray, batch.metadata)
-    attn = xla.make_paged_attention(md)
-    out, (kp, vp) = jax.jit(attn, static_argnums=0)(0, q, k_new, v_new, (k_pages, v_pages))
-    out, kp, vp = np.asarray(out), np.asarray(kp), np.asarray(vp)
+    attn = xla.make_stacked_paged_attention(md)  # one layer's pools, stacked as [1, ...]
+    out, (kp, vp) = jax.jit(attn)(0, q, k_new, v_new, (k_pages[None], v_pages[None]))
+    out, kp, vp = np.asarray(out), np.asarray(kp)[0], np.asarray(vp)[0]
 
     def flat(pages, table, n):
         return pages[list(table)].reshape(-1, HKV, D)[:n]

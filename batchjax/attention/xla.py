@@ -11,13 +11,6 @@ from batchjax.attention.metadata import PagedAttentionMetadata
 MASK_VALUE = -1e30
 
 
-def write_kv(pages: jax.Array, new: jax.Array, slot_mapping: jax.Array) -> jax.Array:
-    """Scatter `new: [T, Hkv, D]` into `pages: [N, page_size, Hkv, D]` at flat slots `[T]`."""
-    n, ps, h, d = pages.shape
-    flat = pages.reshape(n * ps, h, d).at[slot_mapping].set(new.astype(pages.dtype))
-    return flat.reshape(n, ps, h, d)
-
-
 def _gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
     """`page_table: [N, P]` -> keys `[N, P * page_size, Hkv, D]` in index order."""
     g = pages[page_table]  # [N, P, ps, Hkv, D]
@@ -182,18 +175,5 @@ def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_
         k_all = k_all.at[layer, page, offset].set(k.astype(k_all.dtype))
         v_all = v_all.at[layer, page, offset].set(v.astype(v_all.dtype))
         return impl(q, k_all[layer], v_all[layer], md), (k_all, v_all)
-
-    return attention
-
-
-def make_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_paged_attention):
-    """An `AttentionFn` over page pools `(k_pages, v_pages)` for one step's metadata."""
-
-    def attention(layer, q, k, v, layer_kv):
-        del layer
-        k_pages, v_pages = layer_kv
-        k_pages = write_kv(k_pages, k, md.slot_mapping)
-        v_pages = write_kv(v_pages, v, md.slot_mapping)
-        return impl(q, k_pages, v_pages, md), (k_pages, v_pages)
 
     return attention

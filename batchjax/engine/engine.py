@@ -18,13 +18,14 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from batchjax.engine.page_pool import allocate_kv, pages_for_budget
-from batchjax.engine.results import Result
+from batchjax.engine.results import Result, error_result
 from batchjax.engine.step import ModelStep
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.engine.stopping import StopChecker
 from batchjax.models.flops import forward_flops
 from batchjax.models.tokenizer import IncrementalDetokenizer
-from batchjax.requests import Request, RequestError, SamplingParams, requests_from_python
+from batchjax.requests import (InvalidRequestError, Request, RequestError, SamplingParams,
+                               requests_from_python)
 from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.policies import make_batcher
 from batchjax.schedule.step_plan import Budgets, SampledToken, SchedRequest
@@ -89,11 +90,15 @@ class _Live:
 
 
 def _error_result(request: Request, field: str | None, message: str) -> Result:
-    return Result(
-        id=request.id, index=request.index, text=None, token_ids=(), finish_reason="error",
-        prompt_tokens=0, completion_tokens=0, cached_prompt_tokens=0,
-        error=RequestError(line=request.index + 1, id=request.id, field=field, message=message),
-    )
+    return error_result(RequestError(line=request.index + 1, id=request.id, field=field,
+                                     message=message))
+
+
+def step_flops(config, plan, sampled_rows: int) -> float:
+    """Useful matmul FLOPs of a step: its real tokens, each over the keys it attends."""
+    context = np.concatenate([
+        c.prefix_len + c.own_start + 1 + np.arange(c.num_tokens) for c in plan.chunks])
+    return forward_flops(config, context, sampled_rows)
 
 
 class Engine:
@@ -129,12 +134,12 @@ class Engine:
         if request.prompt_token_ids is not None:
             bad = [t for t in request.prompt_token_ids if t >= self.config.vocab_size]
             if bad:
-                raise _Invalid("prompt_token_ids",
+                raise InvalidRequestError("prompt_token_ids",
                                f"token id {bad[0]} is outside the vocabulary of "
                                f"{self.config.vocab_size}")
             return request.prompt_token_ids
         if self.tokenizer is None:
-            raise _Invalid("prompt", "this model has no tokenizer: give prompt_token_ids")
+            raise InvalidRequestError("prompt", "this model has no tokenizer: give prompt_token_ids")
         if request.messages is not None:
             text = self.tokenizer.apply_chat_template(list(request.messages))
             return tuple(self.tokenizer.encode(text, add_special_tokens=False))
@@ -143,8 +148,8 @@ class Engine:
     def _prepare(self, request: Request) -> _Live | Result:
         try:
             ids = self._prompt_ids(request)
-        except _Invalid as e:
-            return _error_result(request, e.field, e.message)
+        except InvalidRequestError as e:
+            return _error_result(request, e.field, e.reason)
         if len(ids) >= self.max_model_len:
             field = "messages" if request.messages is not None else (
                 "prompt" if request.prompt is not None else "prompt_token_ids")
@@ -232,7 +237,7 @@ class Engine:
             rows = self._sampling_rows(batch, live)
             tokens, self.kv = self.step(self.kv, batch, rows, greedy)
             stats.model_tokens += batch.num_tokens
-            stats.model_flops += self._step_flops(plan, len(batch.sample_seq_ids))
+            stats.model_flops += step_flops(self.config, plan, len(batch.sample_seq_ids))
             stats.padded_tokens += batch.token_ids.shape[0]
             sampled = []
             for seq, tok in zip(batch.sample_seq_ids, tokens[: len(batch.sample_seq_ids)]):
@@ -252,12 +257,6 @@ class Engine:
             bar.set_postfix(out_tok_s=f"{stats.output_tokens / max(elapsed, 1e-9):.1f}",
                             step=plan.step_index, refresh=False)
         bar.close()
-
-    def _step_flops(self, plan, sampled_rows: int) -> float:
-        """Useful matmul FLOPs of a step: its real tokens, each over the keys it attends."""
-        context = np.concatenate([
-            c.prefix_len + c.own_start + 1 + np.arange(c.num_tokens) for c in plan.chunks])
-        return forward_flops(self.config, context, sampled_rows)
 
     def _sampling_rows(self, batch, live: Sequence[_Live]) -> tuple[np.ndarray, ...]:
         """Per sampled row: temperature, top_k, top_p, min_p, seed, position ([Ss] each)."""
@@ -281,13 +280,6 @@ class _RunStats:
     model_tokens: int = 0
     padded_tokens: int = 0
     model_flops: float = 0.0
-
-
-class _Invalid(Exception):
-    def __init__(self, field: str | None, message: str):
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 def generate(requests: Iterable[str | dict | Request], model: str = "smollm2-135m", *,
