@@ -21,6 +21,7 @@ from flax import nnx  # noqa: E402
 torch.set_num_threads(1)
 
 from batchjax.attention.dense import dense_causal_attention  # noqa: E402
+from batchjax.engine.step import ModelStep  # noqa: E402
 from batchjax.models.reference_decode import greedy_decode  # noqa: E402
 from batchjax.models.registry import load_model  # noqa: E402
 
@@ -253,3 +254,19 @@ def test_sharded_checkpoint_loads_like_single_file(tiny_models, tmp_path):
     sharded = _batch_last_logits(load_model(str(tmp_path)).model, PROMPTS)
     single = _batch_last_logits(load_model(directory).model, PROMPTS)
     np.testing.assert_array_equal(sharded, single)
+
+
+@pytest.mark.parametrize("name", ["qwen2_gqa_tied", "qwen3_qk_norm_wide_heads"])
+def test_fused_projections_compute_the_same_logits(tiny_models, name):
+    # The engine runs q/k/v and gate/up as one matmul each; a wrong split (order, bias, GQA
+    # widths) would change every logit.
+    directory, hf_model = tiny_models[name]
+    model = load_model(directory).model
+    before = _batch_last_logits(model, PROMPTS)
+    ModelStep(model)  # fuses its own copy of the layers, not the caller's
+    assert model.layers[0].self_attn.q_proj is not None and model.layers[0].mlp.gate_up_proj is None
+    model.fuse_projections()
+    assert model.layers[0].self_attn.q_proj is None and model.layers[0].mlp.up_proj is None
+    after = _batch_last_logits(model, PROMPTS)
+    np.testing.assert_allclose(after, before, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(after[0], _hf_last_logits(hf_model, PROMPTS[0]), atol=1e-4, rtol=0)

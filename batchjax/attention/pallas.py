@@ -14,9 +14,13 @@ from pallas_kernels import merge_attention_states, ragged_paged_attention, share
 
 
 def shared_prefix_paged_attention(
-    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata,
+    layer=None,
 ) -> jax.Array:
-    """q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] -> [T, Hq, D]."""
+    """q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] (or stacked `[L, ...]` with
+    `layer`) -> [T, Hq, D]."""
+    if layer is not None:
+        k_pages, v_pages = k_pages[layer], v_pages[layer]
     if md.seq_q_len is None:
         raise ValueError("the Pallas path needs the ragged metadata (build_step_batch ragged=True)")
     interpret = jax.default_backend() == "cpu"

@@ -11,9 +11,13 @@ from batchjax.attention.metadata import PagedAttentionMetadata
 MASK_VALUE = -1e30
 
 
-def _gather_pages(pages: jax.Array, page_table: jax.Array) -> jax.Array:
-    """`page_table: [N, P]` -> keys `[N, P * page_size, Hkv, D]` in index order."""
-    g = pages[page_table]  # [N, P, ps, Hkv, D]
+def _gather_pages(pages: jax.Array, page_table: jax.Array, layer=None) -> jax.Array:
+    """`page_table: [N, P]` -> keys `[N, P * page_size, Hkv, D]` in index order.
+
+    With `layer`, `pages` is the stacked pool `[L, num_pages, ...]` and the gather reads that
+    layer's pages directly: slicing the layer out first copies the whole layer's pool on CPU.
+    """
+    g = pages[page_table] if layer is None else pages[layer, page_table]  # [N, P, ps, Hkv, D]
     n, p, ps, h, d = g.shape
     return g.reshape(n, p * ps, h, d)
 
@@ -59,7 +63,7 @@ _PAGES_PER_STEP = 8
 
 def paged_single_query_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-    kv_len: jax.Array,
+    kv_len: jax.Array, layer=None,
 ) -> tuple[jax.Array, jax.Array]:
     """One query per row against its first `kv_len` keys, read page by page in place.
 
@@ -69,7 +73,7 @@ def paged_single_query_attention(
     at 1,088-token contexts). Rows with kv_len 0 give out 0 and lse MASK_VALUE.
     """
     rows, hq, d = q.shape
-    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    page_size, hkv = k_pages.shape[-3], k_pages.shape[-2]
     r = hq // hkv
     qg = q.reshape(rows, hkv, r, d).astype(jnp.float32) * (1.0 / jnp.sqrt(jnp.float32(d)))
     # Pages per loop iteration: enough work per iteration to hide the loop's overhead.
@@ -81,8 +85,8 @@ def paged_single_query_attention(
 
     def page_step(carry, j):
         m, l, acc = carry
-        k = _gather_pages(k_pages, table[:, j])  # [R, keys_per_step, Hkv, D]
-        v = _gather_pages(v_pages, table[:, j])
+        k = _gather_pages(k_pages, table[:, j], layer)  # [R, keys_per_step, Hkv, D]
+        v = _gather_pages(v_pages, table[:, j], layer)
         s = jnp.einsum("nhrd,nkhd->nhrk", qg, k, preferred_element_type=jnp.float32)
         visible = (j * keys_per_step + jnp.arange(keys_per_step))[None, :] < kv_len[:, None]
         s = jnp.where(visible[:, None, None, :], s, MASK_VALUE)
@@ -122,11 +126,13 @@ def _scatter_rows(shape, rows: jax.Array, vals: jax.Array, fill) -> jax.Array:
 
 
 def shared_prefix_paged_attention(
-    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata,
+    layer=None,
 ) -> jax.Array:
     """Own part (causal over own pages) + prefix part (dense over the group's prefix), merged.
 
-    q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] already holding this step's keys.
+    q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] already holding this step's keys,
+    or, with `layer` (may be traced), the stacked pools `[L, N, page_size, Hkv, D]`.
     """
     t, hq, d = q.shape
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
@@ -134,11 +140,11 @@ def shared_prefix_paged_attention(
 
     # Own part, single-query rows.
     ro, rl = paged_single_query_attention(
-        q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len)
+        q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len, layer)
 
     # Own part, blocks of one sequence.
-    bk = _gather_pages(k_pages, md.blk_page_table)
-    bv = _gather_pages(v_pages, md.blk_page_table)
+    bk = _gather_pages(k_pages, md.blk_page_table, layer)
+    bv = _gather_pages(v_pages, md.blk_page_table, layer)
     bmask = jnp.arange(bk.shape[1])[None, None, :] <= md.blk_qpos[:, :, None]
     bo, bl = attend(q_pad[md.blk_token], bk, bv, bmask)
 
@@ -149,8 +155,8 @@ def shared_prefix_paged_attention(
                           jnp.concatenate([rl, bl.reshape(-1, hq)]), MASK_VALUE)
 
     # Prefix part: each block of a group's queries against the whole shared prefix.
-    gk = _gather_pages(k_pages, md.gblk_page_table)
-    gv = _gather_pages(v_pages, md.gblk_page_table)
+    gk = _gather_pages(k_pages, md.gblk_page_table, layer)
+    gv = _gather_pages(v_pages, md.gblk_page_table, layer)
     gtok = md.gblk_token
     gmask = (jnp.arange(gk.shape[1])[None, None, :] < md.gblk_prefix_len[:, None, None]) & (
         gtok[:, :, None] < t)
@@ -165,7 +171,8 @@ def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_
     """An `AttentionFn` over all layers' pools `(k, v)`, each `[L, N, page_size, Hkv, D]`.
 
     `layer` may be traced (the model scans over layers): this layer's keys are scattered into
-    its slice of the stacked pools in place, and only that slice is read.
+    its slice of the stacked pools in place, and `impl` reads that layer's pages from the
+    stacked pools (its `layer` argument), never a copy of the layer's whole pool.
     """
 
     def attention(layer, q, k, v, kv):
@@ -174,6 +181,6 @@ def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_
         page, offset = md.slot_mapping // ps, md.slot_mapping % ps
         k_all = k_all.at[layer, page, offset].set(k.astype(k_all.dtype))
         v_all = v_all.at[layer, page, offset].set(v.astype(v_all.dtype))
-        return impl(q, k_all[layer], v_all[layer], md), (k_all, v_all)
+        return impl(q, k_all, v_all, md, layer=layer), (k_all, v_all)
 
     return attention

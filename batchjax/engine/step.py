@@ -38,7 +38,13 @@ class ModelStep:
     def __init__(self, model: nnx.Module, attention: str = "xla"):
         config = model.config
         self.config = config
-        layers = list(model.layers)
+        layers = []
+        for layer in model.layers:
+            # The step's own copy with q/k/v and gate/up fused (one matmul each); the caller's
+            # model keeps the HF layout.
+            layer = nnx.clone(layer)
+            layer.fuse_projections()
+            layers.append(layer)
         self._layer_graphdef, _ = nnx.split(layers[0])
         self._embed_graphdef, embed_state = nnx.split(model.embed_tokens)
         self._norm_graphdef, norm_state = nnx.split(model.norm)

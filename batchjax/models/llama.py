@@ -35,6 +35,19 @@ def _linear(n_in: int, n_out: int, bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs)
     return nnx.Linear(n_in, n_out, use_bias=bias, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
 
+def _concat_linears(linears: list[nnx.Linear]) -> nnx.Linear:
+    """One linear whose outputs are the given linears' outputs side by side."""
+    kernel = jnp.concatenate([lin.kernel[...] for lin in linears], axis=1)
+    has_bias = linears[0].bias is not None
+    fused = nnx.eval_shape(lambda: nnx.Linear(
+        kernel.shape[0], kernel.shape[1], use_bias=has_bias, dtype=linears[0].dtype,
+        param_dtype=kernel.dtype, rngs=nnx.Rngs(0)))
+    fused.kernel.set_value(kernel)
+    if has_bias:
+        fused.bias.set_value(jnp.concatenate([lin.bias[...] for lin in linears]))
+    return fused
+
+
 def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -63,6 +76,12 @@ class Attention(nnx.Module):
         else:
             self.q_norm = None
             self.k_norm = None
+        self.qkv_proj = nnx.data(None)  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """q, k and v as one linear (see `LlamaForCausalLM.fuse_projections`)."""
+        self.qkv_proj = _concat_linears([self.q_proj, self.k_proj, self.v_proj])
+        self.q_proj = self.k_proj = self.v_proj = None
 
     def __call__(
         self,
@@ -75,9 +94,15 @@ class Attention(nnx.Module):
     ):
         # x: [T, hidden]
         t = x.shape[0]
-        q = self.q_proj(x).reshape(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            qkv = self.qkv_proj(x)
+            q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
+        q = q.reshape(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -93,9 +118,20 @@ class MLP(nnx.Module):
         self.gate_proj = _linear(hidden, inter, False, dtype, rngs)
         self.up_proj = _linear(hidden, inter, False, dtype, rngs)
         self.down_proj = _linear(inter, hidden, False, dtype, rngs)
+        self.gate_up_proj = nnx.data(None)  # set by fuse_projections
+
+    def fuse_projections(self) -> None:
+        """gate and up as one linear (see `LlamaForCausalLM.fuse_projections`)."""
+        self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
+        self.gate_proj = self.up_proj = None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_proj is None:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        else:
+            gate_up = self.gate_up_proj(x)
+            gate, up = jnp.split(gate_up, 2, axis=-1)
+        return self.down_proj(jax.nn.silu(gate) * up)
 
 
 class DecoderLayer(nnx.Module):
@@ -105,6 +141,10 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(config, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype=dtype)
         self.mlp = MLP(config, dtype=dtype, rngs=rngs)
+
+    def fuse_projections(self) -> None:
+        self.self_attn.fuse_projections()
+        self.mlp.fuse_projections()
 
     def __call__(self, x, cos, sin, layer_idx: int, attention: AttentionFn, layer_kv):
         h, layer_kv = self.self_attn(
@@ -131,6 +171,16 @@ class LlamaForCausalLM(nnx.Module):
             self.lm_head = None
         else:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
+
+    def fuse_projections(self) -> None:
+        """Concatenates each layer's q/k/v and gate/up kernels so each group is one matmul.
+
+        At decode-sized batches XLA's CPU dot runs one [T, 2I] product about twice as fast as
+        two [T, I] ones. The engine fuses its own copy of the layers; the HF layout (what the
+        loaders fill and checkpoints store) is the default and computes the same function.
+        """
+        for layer in self.layers:
+            layer.fuse_projections()
 
     def _rope_tables(self, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
         # positions: [T] -> cos, sin: [T, D], angles in float32 before the cast, as HF computes them
