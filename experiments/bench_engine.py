@@ -3,8 +3,9 @@
     python -m experiments.bench_engine [--model=smollm2-135m] [--dtype=float32] [--repeats=5]
 
 Times the jitted engine step (after its compile) on the three shapes a batch spends its time
-in: a 512-token prefill chunk, 64 decode tokens of 4 groups x 16 requests over a shared
-1024-token prefix (the batchllm layout), and 64 decode tokens of independent requests over
+in: a 512-token prefill chunk, 64 and 256 decode tokens of 4 and 16 groups x 16 requests over
+a shared 1024-token prefix (the batchllm layout; the larger step is what a batch with many
+groups decodes in), and 64 decode tokens of independent requests over
 1088-token contexts (the layout of the `none`/`vllm` policies). Model FLOP utilisation is the
 step's useful matmul FLOPs per second over the GFLOP/s of a large `jnp.dot` timed here.
 """
@@ -35,18 +36,23 @@ def _pages(start: int, n: int) -> tuple[int, ...]:
 
 def step_plans() -> dict[str, StepPlan]:
     prefill = StepPlan(0, (ChunkWork(0, (5,) * 512, 64, _pages(1, 36), None, 0, True),), ())
-    prefix_len, groups, degree = 1024, 4, 16
-    prefixes = tuple(PrefixRef(g, _pages(1 + g * 64, 64), prefix_len) for g in range(groups))
-    shared = tuple(
-        ChunkWork(g * degree + i, (5,), 80, _pages(300 + (g * degree + i) * 6, 6), g,
-                  prefix_len, True, True)
-        for g in range(groups) for i in range(degree))
-    decode_shared = StepPlan(0, shared, prefixes)
+    prefix_len, degree = 1024, 16
+
+    def decode_shared(groups: int) -> StepPlan:
+        prefixes = tuple(PrefixRef(g, _pages(1 + g * 64, 64), prefix_len) for g in range(groups))
+        own_start = 1 + groups * 64
+        shared = tuple(
+            ChunkWork(g * degree + i, (5,), 80, _pages(own_start + (g * degree + i) * 6, 6), g,
+                      prefix_len, True, True)
+            for g in range(groups) for i in range(degree))
+        return StepPlan(0, shared, prefixes)
+
     own = tuple(ChunkWork(i, (5,), 1087, _pages(1 + i * 69, 69), None, 0, True, True)
                 for i in range(64))
     decode_own = StepPlan(0, own, ())
     return {"prefill 512 (context 576)": prefill,
-            "decode 64 over shared prefix 1024 (4 x 16)": decode_shared,
+            "decode 64 over shared prefix 1024 (4 x 16)": decode_shared(4),
+            "decode 256 over shared prefix 1024 (16 x 16)": decode_shared(16),
             "decode 64 over own context 1088": decode_own}
 
 
