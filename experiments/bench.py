@@ -34,6 +34,8 @@ _HF_PYTHON = flags.DEFINE_string("hf_python", sys.executable,
                                  "Interpreter with transformers and torch; empty: missing.")
 _REPS = flags.DEFINE_integer("reps", 3, "Timed repetitions per system and workload.")
 _QUICK = flags.DEFINE_bool("quick", False, "Fewer requests per workload.")
+_NUM_REQUESTS = flags.DEFINE_integer(
+    "num_requests", None, "Requests per workload (overrides the suite's count and --quick).")
 _MODEL = flags.DEFINE_string(
     "model", DEFAULT_MODEL, "batchjax model spec; a HF directory is also what the peers run.")
 _HF_MODEL_DIR = flags.DEFINE_string(
@@ -124,8 +126,8 @@ def main(argv: list[str]) -> None:
         with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
             vocab_size = json.load(f)["vocab_size"]
     make = suite.SUITES[_SUITE.value]
-    workloads = make(quick=_QUICK.value, **({"vocab_size": min(vocab_size, 32000)}
-                                            if vocab_size else {}))
+    workloads = make(quick=_QUICK.value, num_requests=_NUM_REQUESTS.value,
+                     **({"vocab_size": min(vocab_size, 32000)} if vocab_size else {}))
     if _WORKLOADS.value:
         workloads = [w for w in workloads if w.name.startswith(tuple(_WORKLOADS.value))]
     paths = {}
@@ -136,7 +138,8 @@ def main(argv: list[str]) -> None:
     command = "python -m experiments.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     settings = {
         "model": _MODEL.value, "peer_model_dir": model_dir, "dtypes": _DTYPES.value,
-        "reps": _REPS.value, "quick": _QUICK.value, "kv_budget_mb": _KV_BUDGET_MB.value,
+        "reps": _REPS.value, "quick": _QUICK.value, "num_requests": _NUM_REQUESTS.value,
+        "kv_budget_mb": _KV_BUDGET_MB.value,
         "max_tokens_per_step": _MAX_TOKENS_PER_STEP.value, "cores": cores,
         "VLLM_CPU_OMP_THREADS_BIND": _CORES.value,
         "workloads": {w.name: {"num_requests": len(w),

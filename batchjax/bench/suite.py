@@ -21,8 +21,11 @@ def fixed_output(workload: Workload) -> Workload:
     return dataclasses.replace(workload, max_tokens=workload.output_lens.copy())
 
 
-def cpu_peers(quick: bool = False, vocab_size: int = 32000) -> list[Workload]:
-    num = 16 if quick else 32
+def cpu_peers(quick: bool = False, vocab_size: int = 32000,
+              num_requests: int | None = None) -> list[Workload]:
+    """`num_requests` per workload (default 16 with `quick`, else 32); more requests than the
+    KV budget holds at once is the regime where a cache-only policy loses its prefixes."""
+    num = num_requests or (16 if quick else 32)
     suite = [
         workloads.microbenchmark(1024, 64, 32, 16, num, vocab_size=vocab_size, seed=1),
         workloads.microbenchmark(1024, 64, 32, 4, num, vocab_size=vocab_size, seed=2),
@@ -36,8 +39,9 @@ def cpu_peers(quick: bool = False, vocab_size: int = 32000) -> list[Workload]:
     return [fixed_output(w) for w in suite]
 
 
-def smoke(quick: bool = False, vocab_size: int = 128) -> list[Workload]:
-    del quick  # already as small as it gets
+def smoke(quick: bool = False, vocab_size: int = 128,
+          num_requests: int | None = None) -> list[Workload]:
+    del quick, num_requests  # already as small as it gets
     suite = [
         workloads.microbenchmark(24, 4, 4, 4, 8, vocab_size=vocab_size, seed=1),
         workloads.no_sharing(16, 4, 4, vocab_size=vocab_size, seed=2),
