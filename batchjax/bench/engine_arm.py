@@ -36,7 +36,8 @@ def run_batchjax(
     policies: Sequence[str] = POLICIES,
     warmup: bool = True,
 ) -> list[PeerOutcome]:
-    """One engine per dtype; each policy runs each workload `reps` times after a warm-up run.
+    """One engine per dtype; each policy runs each workload `reps` times after a warm-up run,
+    the repetitions of the policies interleaved.
 
     The warm-up compiles the step shapes that policy needs for that workload, as vLLM compiles
     before its first request; the timed runs then report `new_compiled_shapes` (0 expected).
@@ -55,15 +56,17 @@ def run_batchjax(
               "max_tokens_per_step": max_tokens_per_step,
               "max_num_seqs": engine.options.max_num_seqs, "warmup": warmup}
     versions = {"batchjax": importlib.metadata.version("batchjax")}
-    outcomes = []
-    for policy in policies:
-        runs: list[dict[str, Any]] = []
-        for workload in workloads:
-            requests = request_dicts(workload)
-            if warmup:
+    runs: dict[str, list[dict[str, Any]]] = {policy: [] for policy in policies}
+    for workload in workloads:
+        requests = request_dicts(workload)
+        if warmup:
+            for policy in policies:
                 engine.generate(requests, policy=policy)
-            first: dict[str, list[int]] | None = None
-            for rep in range(reps):
+        first: dict[str, dict[str, list[int]]] = {}
+        # Repetition-major: each repetition runs every policy in turn, so a slow drift of the
+        # machine (or the first timed run after the warm-ups) weighs on every policy alike.
+        for rep in range(reps):
+            for policy in policies:
                 results = engine.generate(requests, policy=policy)
                 metrics = engine.last_metrics
                 token_ids = {r.id: list(r.token_ids) for r in results}
@@ -75,15 +78,17 @@ def run_batchjax(
                            prompt_tokens=metrics["logical_prefill_tokens"],
                            peak_kv_bytes=int(metrics["peak_kv_pages"]) * page_bytes,
                            load_average_1m=os.getloadavg()[0])
-                if first is None:
+                if policy not in first:
                     run["token_ids"] = token_ids
-                    first = token_ids
+                    first[policy] = token_ids
                 else:
-                    run["same_tokens_as_first_rep"] = token_ids == first
-                runs.append(run)
+                    run["same_tokens_as_first_rep"] = token_ids == first[policy]
+                runs[policy].append(run)
                 print(f"{system_name(policy)} {dtype} {workload.name} rep {rep}: "
                       f"{metrics['wall_s']:.2f} s", flush=True)
+    outcomes = []
+    for policy in policies:
         report = {"system": system_name(policy), "config": {**config, "policy": policy},
-                  "versions": versions, "runs": runs}
+                  "versions": versions, "runs": runs[policy]}
         outcomes.append(PeerOutcome(system_name(policy), dtype, "ok", None, report, None))
     return outcomes
