@@ -2,7 +2,8 @@
 
 Two documents with two questions each, chat-formatted as in `experiments/data/sample.jsonl`:
 every policy must produce transformers' greedy tokens for the same prompt token ids, batchllm
-must compute each document once, and the answers must come from the documents.
+must compute each document once, the answers must come from the documents, and the Pallas
+attention path (interpret mode) must give the XLA path's tokens on one document's questions.
 
 The engine runs in a child process, for two reasons. The suite's XLA flag
 (`--xla_backend_optimization_level=0`, set in conftest.py) halves compile time of tiny models
@@ -35,6 +36,8 @@ IDS = ("doc2-q1", "doc2-q3", "doc3-q1", "doc3-q2")  # the two shortest documents
 MAX_TOKENS = 12
 POLICIES = ("batchllm", "vllm", "sglang", "none")
 EOS = 2  # <|im_end|>
+PALLAS_IDS = ("doc3-q1", "doc3-q2")  # one group: its prefix goes through shared_prefix_attention
+PALLAS_TOKENS = 4
 # Each of these answers holds a fact of its document (greedy, so always the same text).
 FACTS = {"doc2-q1": ("4", "four"), "doc3-q1": ("Josiah Crane",), "doc3-q2": ("1868",)}
 
@@ -71,6 +74,13 @@ for policy in job["policies"]:
     results = engine.generate(reqs, policy=policy)
     runs[policy] = {"results": [dataclasses.asdict(r) for r in results],
                     "metrics": engine.last_metrics}
+# The Pallas path (interpret mode on CPU) on one document's two questions, a few tokens each.
+pallas = Engine("smollm2-135m", attention="pallas", progress=False)
+reqs = [{"id": i, "prompt_token_ids": prompt_ids[i], "max_tokens": job["pallas_tokens"]}
+        for i in job["pallas_ids"]]
+results = pallas.generate(reqs, policy="batchllm")
+runs["pallas"] = {"results": [dataclasses.asdict(r) for r in results],
+                  "metrics": pallas.last_metrics}
 dump(runs, job["runs_out"])
 """
 
@@ -85,6 +95,7 @@ def _hf_greedy(model, prompt_ids):
 def _compare(tmp) -> dict:
     """Prompt ids, engine runs by policy and transformers' greedy tokens, by request id."""
     job = dict(sample=SAMPLE, ids=IDS, max_tokens=MAX_TOKENS, policies=POLICIES,
+               pallas_ids=PALLAS_IDS, pallas_tokens=PALLAS_TOKENS,
                prompt_ids_out=str(tmp / "prompt_ids.json"), runs_out=str(tmp / "runs.json"))
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
@@ -174,6 +185,18 @@ def test_batchllm_computes_each_document_once(smollm2):
     # Two questions per document: the second copy of each document is never computed.
     assert batchllm["computed_prefill_tokens"] == logical - sum(shared)
     assert batchllm["num_groups"] == len(by_doc)
+
+
+def test_pallas_attention_gives_the_xla_tokens(smollm2):
+    _, runs, _ = smollm2
+    xla = {r["id"]: r["token_ids"] for r in runs["batchllm"]["results"]}
+    results, metrics = runs["pallas"]["results"], runs["pallas"]["metrics"]
+    assert [r["id"] for r in results] == list(PALLAS_IDS)
+    for r in results:
+        assert r["error"] is None
+        assert r["token_ids"] == xla[r["id"]][:PALLAS_TOKENS], r["id"]
+    assert metrics["attention"] == "pallas"
+    assert metrics["computed_prefill_tokens"] < metrics["logical_prefill_tokens"]
 
 
 def test_chat_answers_come_from_the_documents(smollm2):
