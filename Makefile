@@ -16,6 +16,8 @@ install-test: install
 	$(PIP) install -q torch==2.13.0 transformers accelerate
 
 demo: install
+	# A fresh output each time: run_batch resumes into an existing one and would skip every line.
+	rm -f out/sample_results.jsonl out/sample_metrics.json
 	$(PYTHON) -m experiments.run_batch --input=experiments/data/sample.jsonl \
 	  --output=out/sample_results.jsonl --metrics_out=out/sample_metrics.json
 

@@ -77,6 +77,9 @@ def main(argv):
     metrics["resumed_requests"] = resumed
     metrics["model"] = cfg.model
     print(summary_table(metrics))
+    if resumed and not results:
+        print(f"every request already has a line in {_OUTPUT.value}: nothing was run "
+              "(remove that file or choose another --output to run the batch again)")
     for r in results[: cfg.print_results]:
         if r.error is None and r.text is not None:
             print(f"\n[{r.id}] {r.text.strip()}")
