@@ -40,9 +40,9 @@ class ModelStep:
         self.config = config
         layers = []
         for layer in model.layers:
-            # The step's own copy with q/k/v and gate/up fused (one matmul each); the caller's
-            # model keeps the HF layout.
-            layer = nnx.clone(layer)
+            # The step's own module tree (sharing the caller's arrays, not copying them) with
+            # q/k/v and gate/up fused, one matmul each; the caller's model keeps the HF layout.
+            layer = nnx.merge(*nnx.split(layer))
             layer.fuse_projections()
             layers.append(layer)
         self._layer_graphdef, _ = nnx.split(layers[0])
