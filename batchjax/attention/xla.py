@@ -43,33 +43,26 @@ def attend(
     kt = k.transpose(0, 2, 1, 3)  # [N, Hkv, K, D]
     vt = v.transpose(0, 2, 1, 3)
     batch = ((0, 1), (0, 1))
-    scale = 1.0 / jnp.sqrt(jnp.float32(d))
     nk = mask.shape[-1]
+    rows_mask = jnp.broadcast_to(mask[:, None, :, None, :],
+                                 (n, 1, nq, r, nk)).reshape(n, 1, nq * r, nk)
     if nq * r <= _KEY_MAJOR_MAX_ROWS:
         # Few query rows against many keys (prefix blocks, decode): scores key-major,
         # [N, Hkv, K, Q*r]; XLA's CPU batched dot runs K.q^T and p^T.v about 1.5x faster than
         # q.K^T and p.v at these shapes.
-        s = jax.lax.dot_general(kt, qg, (((3,), (3,)), batch),
-                                preferred_element_type=jnp.float32) * scale
-        keys_mask = jnp.broadcast_to(mask.transpose(0, 2, 1)[:, None, :, :, None],
-                                     (n, 1, nk, nq, r)).reshape(n, 1, nk, nq * r)
-        s = jnp.where(keys_mask, s, MASK_VALUE)
-        m = jnp.max(s, axis=2)  # [N, Hkv, Q*r]
-        p = jnp.exp(s - m[:, :, None, :])
-        l = jnp.sum(p, axis=2)
-        o = jax.lax.dot_general(p.astype(v.dtype), vt, (((2,), (2,)), batch),
-                                preferred_element_type=jnp.float32)  # [N, Hkv, Q*r, D]
+        key_axis = 2
+        s = jax.lax.dot_general(kt, qg, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
+        visible = jnp.swapaxes(rows_mask, 2, 3)
     else:
-        s = jax.lax.dot_general(qg, kt, (((3,), (3,)), batch),
-                                preferred_element_type=jnp.float32) * scale  # [N, Hkv, Q*r, K]
-        rows_mask = jnp.broadcast_to(mask[:, None, :, None, :],
-                                     (n, 1, nq, r, nk)).reshape(n, 1, nq * r, nk)
-        s = jnp.where(rows_mask, s, MASK_VALUE)
-        m = jnp.max(s, axis=-1)
-        p = jnp.exp(s - m[..., None])
-        l = jnp.sum(p, axis=-1)
-        o = jax.lax.dot_general(p.astype(v.dtype), vt, (((3,), (2,)), batch),
-                                preferred_element_type=jnp.float32)  # [N, Hkv, Q*r, D]
+        key_axis = 3
+        s = jax.lax.dot_general(qg, kt, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
+        visible = rows_mask
+    s = jnp.where(visible, s * (1.0 / jnp.sqrt(jnp.float32(d))), MASK_VALUE)
+    m = jnp.max(s, axis=key_axis)  # [N, Hkv, Q*r]
+    p = jnp.exp(s - jnp.expand_dims(m, key_axis))
+    l = jnp.sum(p, axis=key_axis)
+    o = jax.lax.dot_general(p.astype(v.dtype), vt, (((key_axis,), (2,)), batch),
+                            preferred_element_type=jnp.float32)  # [N, Hkv, Q*r, D]
     o = o / l[..., None]
     lse = m + jnp.log(l)  # [N, Hkv, Q*r]
     o = o.reshape(n, hkv, nq, r, d).transpose(0, 2, 1, 3, 4).reshape(n, nq, hq, d)
