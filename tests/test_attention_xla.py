@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 
 from batchjax.attention import xla
+from batchjax.attention.metadata import PREFIX_BLOCK_SIZES, prefix_block_size
+from batchjax.engine import step_batch
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.step_plan import ChunkWork, PrefixRef, StepPlan
@@ -25,8 +27,12 @@ def _naive(q, keys, vals):
     return np.einsum("hk,khd->hd", p, v)
 
 
+@pytest.mark.parametrize("block_q", PREFIX_BLOCK_SIZES)
 @pytest.mark.parametrize("seed", [0, 1])
-def test_shared_prefix_attention_matches_full_context_attention(seed):
+def test_shared_prefix_attention_matches_full_context_attention(seed, block_q, monkeypatch):
+    """Every prefix block size gives the same attention (group 0 has 21 queries: several
+    blocks of 4 or 16, part of one of 64)."""
+    monkeypatch.setattr(step_batch, "prefix_block_size", lambda queries: block_q)
     rng = np.random.default_rng(seed)
     num_pages = 40
     k_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
@@ -45,6 +51,7 @@ def test_shared_prefix_attention_matches_full_context_attention(seed):
     )
     plan = StepPlan(0, chunks, prefixes)
     batch = build_step_batch(plan, PAGE, BucketTable())
+    assert batch.metadata.gblk_token.shape[1] == block_q
     t = batch.token_ids.shape[0]
     q = rng.normal(size=(t, HQ, D)).astype(np.float32)
     k_new = rng.normal(size=(t, HKV, D)).astype(np.float32)
@@ -74,6 +81,13 @@ def test_shared_prefix_attention_matches_full_context_attention(seed):
             np.testing.assert_array_equal(flat(kp, c.page_table, own_n)[-1], k_new[r])
             r += 1
     assert np.all(np.isfinite(out))
+
+
+def test_prefix_block_size_fits_the_groups_query_counts():
+    assert prefix_block_size([4] * 16) == 4  # degree-4 decode: no padded queries
+    assert prefix_block_size([16] * 4) == 16  # degree-16 decode: one block per group
+    assert prefix_block_size([512]) == 64  # suffix prefill: the prefix gathered 8x, not 32x
+    assert prefix_block_size([]) == max(PREFIX_BLOCK_SIZES)
 
 
 def test_merge_is_safe_when_neither_side_saw_keys():

@@ -5,10 +5,12 @@ The step's tokens are laid out flat (`T` rows). Attention has two parts (DESIGN.
   (decode, one-token suffixes) are *rows*, one query each; longer chunks are cut into *blocks*
   of `OWN_BLOCK_Q` consecutive queries of one sequence, so a block's keys are gathered once and
   its products are large enough to run near the matmul roofline.
-- prefix part: the tokens of a group are cut into blocks of `PREFIX_BLOCK_Q` queries, each
-  block attending without a mask to the group's whole shared prefix: one dense
-  `[PREFIX_BLOCK_Q x prefix_len]` product per block instead of a matrix-vector product per
-  query (small blocks: a degree-16 group's decode tokens fill one).
+- prefix part: the tokens of a group are cut into blocks of `Q` queries, each block attending
+  without a mask to the group's whole shared prefix: one dense `[Q x prefix_len]` product per
+  block instead of a matrix-vector product per query. Each block gathers the prefix's keys
+  afresh, so `Q` is chosen per step from `PREFIX_BLOCK_SIZES` (`prefix_block_size`): small
+  blocks waste no products on a small group's few decode tokens, large ones gather a prefix
+  once for a long chunk of suffix tokens.
 Index padding points at row `T` (one past the end), which gathers clamp and scatters drop.
 
 The Pallas kernels read the same step in ragged form instead (`seq_*`, `group_*`: the tokens of
@@ -23,7 +25,24 @@ import dataclasses
 import jax
 
 OWN_BLOCK_Q = 64  # queries per own-part block of a prefill chunk
-PREFIX_BLOCK_Q = 16  # queries per prefix-part block; a degree-16 group's decode tokens fill one
+PREFIX_BLOCK_SIZES = (4, 16, 64)  # queries per prefix-part block, one size per step
+# Gathering one prefix key (K and V, into a block's copy) costs about as much as attending
+# this many queries to it (XLA on CPU, measured with bench_engine's decode shapes).
+PREFIX_GATHER_COST_IN_QUERIES = 6
+
+
+def prefix_block_size(queries_per_group: list[int]) -> int:
+    """The block size in `PREFIX_BLOCK_SIZES` with the least estimated prefix-part work.
+
+    A group with `n` queries over a prefix needs `ceil(n / Q)` blocks, each gathering the
+    prefix and attending `Q` (padded) queries to it; per prefix key that is
+    `ceil(n / Q) * (gather + Q)`. Prefix lengths are left out: they scale every size's cost
+    of a group alike, and groups in one step differ little. Ties go to the larger block.
+    """
+    def cost(q: int) -> int:
+        return sum(-(-n // q) * (PREFIX_GATHER_COST_IN_QUERIES + q) for n in queries_per_group)
+
+    return min(reversed(PREFIX_BLOCK_SIZES), key=cost)
 
 
 @jax.tree_util.register_dataclass
@@ -38,8 +57,8 @@ class PagedAttentionMetadata:
     blk_token: jax.Array  # [B, OWN_BLOCK_Q] token rows, T = padding
     blk_page_table: jax.Array  # [B, P]
     blk_qpos: jax.Array  # [B, OWN_BLOCK_Q] own index of each query; keys <= it are visible
-    # prefix part, blocks of PREFIX_BLOCK_Q queries of one group
-    gblk_token: jax.Array  # [Bg, PREFIX_BLOCK_Q] token rows, T = padding
+    # prefix part, blocks of Q queries of one group (Q from `prefix_block_size`)
+    gblk_token: jax.Array  # [Bg, Q] token rows, T = padding
     gblk_page_table: jax.Array  # [Bg, Pg] the group's shared prefix pages
     gblk_prefix_len: jax.Array  # [Bg] prefix length in tokens (0 for padding blocks)
     # ragged form for the Pallas kernels (None on the XLA path)

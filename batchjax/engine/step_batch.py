@@ -6,7 +6,7 @@ import dataclasses
 
 import numpy as np
 
-from batchjax.attention.metadata import OWN_BLOCK_Q, PREFIX_BLOCK_Q, PagedAttentionMetadata
+from batchjax.attention.metadata import OWN_BLOCK_Q, PagedAttentionMetadata, prefix_block_size
 from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.step_plan import NULL_PAGE, StepPlan
 
@@ -98,11 +98,12 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
 
     prefixes = {p.group_id: p for p in plan.prefixes}
     gblk_tok, gblk_tab, gblk_len = [], [], []
+    block_q = prefix_block_size([len(rows) for rows in group_rows.values()])
     for g, rows in group_rows.items():
         pref = prefixes[g]
-        for b in range(0, len(rows), PREFIX_BLOCK_Q):
-            part = rows[b : b + PREFIX_BLOCK_Q]
-            tok = np.full(PREFIX_BLOCK_Q, t_pad, np.int32)
+        for b in range(0, len(rows), block_q):
+            part = rows[b : b + block_q]
+            tok = np.full(block_q, t_pad, np.int32)
             tok[: len(part)] = part
             gblk_tok.append(tok)
             gblk_tab.append(pref.page_table)
@@ -135,7 +136,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         blk_token=rows_of(blk_tok, t_pad, b_pad, width=OWN_BLOCK_Q),
         blk_page_table=_pad_table(blk_tab, p_pad, b_pad),
         blk_qpos=rows_of(blk_qpos, -1, b_pad, width=OWN_BLOCK_Q),
-        gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=PREFIX_BLOCK_Q),
+        gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=block_q),
         gblk_page_table=_pad_table(gblk_tab, pg_pad, g_pad),
         gblk_prefix_len=rows_of(gblk_len, 0, g_pad),
         **ragged_fields,
