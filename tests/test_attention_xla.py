@@ -32,7 +32,7 @@ def _naive(q, keys, vals):
 def test_shared_prefix_attention_matches_full_context_attention(seed, block_q, monkeypatch):
     """Every prefix block size gives the same attention (group 0 has 21 queries: several
     blocks of 4 or 16, part of one of 64)."""
-    monkeypatch.setattr(step_batch, "prefix_block_size", lambda queries: block_q)
+    monkeypatch.setattr(step_batch, "prefix_block_size", lambda queries, pad: block_q)
     rng = np.random.default_rng(seed)
     num_pages = 40
     k_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
@@ -88,6 +88,10 @@ def test_prefix_block_size_fits_the_groups_query_counts():
     assert prefix_block_size([16] * 4) == 16  # degree-16 decode: one block per group
     assert prefix_block_size([512]) == 64  # suffix prefill: the prefix gathered 8x, not 32x
     assert prefix_block_size([]) == max(PREFIX_BLOCK_SIZES)
+    # Padding blocks cost as much as real ones: one group of 64 queries is one 64-query block,
+    # unless the step's block count is padded to at least 2; then four 16-query blocks win.
+    assert prefix_block_size([64]) == 64
+    assert prefix_block_size([64], lambda n: max(n, 2)) == 16
 
 
 def test_merge_is_safe_when_neither_side_saw_keys():

@@ -26,21 +26,25 @@ import jax
 
 OWN_BLOCK_Q = 64  # queries per own-part block of a prefill chunk
 PREFIX_BLOCK_SIZES = (4, 16, 64)  # queries per prefix-part block, one size per step
-# Gathering one prefix key (K and V, into a block's copy) costs about as much as attending
-# this many queries to it (XLA on CPU, measured with bench_engine's decode shapes).
-PREFIX_GATHER_COST_IN_QUERIES = 6
+# Estimated work of one prefix block per prefix key, in units of one query's products in a
+# 16-query block: the gather of the key (K and V into the block's copy) plus each query's
+# products, which run less efficiently in small blocks. Fitted to XLA on CPU with decode and
+# suffix-prefill steps of a 1,024-token prefix (4 x 16, 16 x 4 and 64 x 4 decode; 8 x 64
+# suffix tokens), each timed with every block size.
+PREFIX_GATHER_COST = 6.5
+PREFIX_QUERY_COST = {4: 2.2, 16: 1.0, 64: 0.8}
 
 
-def prefix_block_size(queries_per_group: list[int]) -> int:
+def prefix_block_size(queries_per_group: list[int], pad_blocks=lambda n: n) -> int:
     """The block size in `PREFIX_BLOCK_SIZES` with the least estimated prefix-part work.
 
-    A group with `n` queries over a prefix needs `ceil(n / Q)` blocks, each gathering the
-    prefix and attending `Q` (padded) queries to it; per prefix key that is
-    `ceil(n / Q) * (gather + Q)`. Prefix lengths are left out: they scale every size's cost
-    of a group alike, and groups in one step differ little. Ties go to the larger block.
+    A group with `n` queries needs `ceil(n / Q)` blocks; `pad_blocks` rounds the step's block
+    count up to its bucket, and padding blocks cost as much as real ones. Prefix lengths are
+    left out: they scale every size's cost of a group alike. Ties go to the larger block.
     """
-    def cost(q: int) -> int:
-        return sum(-(-n // q) * (PREFIX_GATHER_COST_IN_QUERIES + q) for n in queries_per_group)
+    def cost(q: int) -> float:
+        blocks = pad_blocks(sum(-(-n // q) for n in queries_per_group))
+        return blocks * (PREFIX_GATHER_COST + q * PREFIX_QUERY_COST[q])
 
     return min(reversed(PREFIX_BLOCK_SIZES), key=cost)
 

@@ -98,7 +98,8 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
 
     prefixes = {p.group_id: p for p in plan.prefixes}
     gblk_tok, gblk_tab, gblk_len = [], [], []
-    block_q = prefix_block_size([len(rows) for rows in group_rows.values()])
+    block_q = prefix_block_size([len(rows) for rows in group_rows.values()],
+                                buckets.blocks_bucket)
     for g, rows in group_rows.items():
         pref = prefixes[g]
         for b in range(0, len(rows), block_q):

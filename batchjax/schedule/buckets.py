@@ -33,10 +33,13 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
 class BucketTable:
     """Ladders per step dimension; a size above a ladder's top is an error, not a new shape."""
 
-    tokens: tuple[int, ...] = powers_of_two(16, 1024)
+    # Ladders of 1, 1.5, 2, 3, 4, ... times a power of two: a padded token, row or block costs
+    # as much as a real one, and powers of two alone left up to half of a step as padding
+    # (68 decode rows ran as 128).
+    tokens: tuple[int, ...] = powers_of_two_and_a_half(16, 1024)
     # A step without rows or blocks of a kind pads them to 0, so their attention costs nothing.
-    rows: tuple[int, ...] = (0,) + powers_of_two(8, 1024)  # single-query rows
-    blocks: tuple[int, ...] = (0,) + powers_of_two(2, 1024)  # query blocks of a step
+    rows: tuple[int, ...] = (0,) + powers_of_two_and_a_half(8, 1024)  # single-query rows
+    blocks: tuple[int, ...] = (0,) + powers_of_two_and_a_half(1, 1024)  # query blocks
     # Pages per page table: per-request attention reads every padded page, so a finer ladder.
     pages: tuple[int, ...] = powers_of_two_and_a_half(4, 4096)
 
@@ -64,7 +67,7 @@ class BucketTable:
         """Ladders whose tops cover a step of `max_tokens_per_step` tokens."""
         top = 1 << max(4, (max_tokens_per_step - 1).bit_length())
         return cls(
-            tokens=powers_of_two(16, top),
-            rows=(0,) + powers_of_two(8, max(8, top)),
-            blocks=(0,) + powers_of_two(2, max(2, top)),
+            tokens=powers_of_two_and_a_half(16, top),
+            rows=(0,) + powers_of_two_and_a_half(8, max(8, top)),
+            blocks=(0,) + powers_of_two_and_a_half(1, max(2, top)),
         )
