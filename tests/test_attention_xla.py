@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from batchjax.attention import xla
-from batchjax.attention.metadata import PREFIX_BLOCK_SIZES, prefix_block_size
+from batchjax.attention.metadata import PREFIX_LARGE_BLOCK, split_prefix_queries
 from batchjax.engine import step_batch
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.schedule.buckets import BucketTable
@@ -27,12 +27,26 @@ def _naive(q, keys, vals):
     return np.einsum("hk,khd->hd", p, v)
 
 
-@pytest.mark.parametrize("block_q", PREFIX_BLOCK_SIZES)
+def _ceil(n, q):
+    return -(-n // q)
+
+
+# Ways to cut the groups' prefix queries into blocks: (small size, [(large, small) per group]).
+_SPLITS = {
+    "small blocks of 4": lambda queries, pad: (4, [(0, _ceil(n, 4)) for n in queries]),
+    "small blocks of 16": lambda queries, pad: (16, [(0, _ceil(n, 16)) for n in queries]),
+    "large blocks only": lambda queries, pad: (
+        16, [(_ceil(n, PREFIX_LARGE_BLOCK), 0) for n in queries]),
+    "chosen (large and small in one group)": split_prefix_queries,
+}
+
+
+@pytest.mark.parametrize("split", sorted(_SPLITS))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_shared_prefix_attention_matches_full_context_attention(seed, block_q, monkeypatch):
-    """Every prefix block size gives the same attention (group 0 has 21 queries: several
-    blocks of 4 or 16, part of one of 64)."""
-    monkeypatch.setattr(step_batch, "prefix_block_size", lambda queries, pad: block_q)
+def test_shared_prefix_attention_matches_full_context_attention(seed, split, monkeypatch):
+    """Every way of cutting the prefix queries into blocks gives the same attention (group 0
+    has 71 queries: one large block and the rest in small ones when chosen)."""
+    monkeypatch.setattr(step_batch, "split_prefix_queries", _SPLITS[split])
     rng = np.random.default_rng(seed)
     num_pages = 40
     k_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
@@ -42,8 +56,8 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, block_q, m
     chunks = (
         # decode token of a group-0 member with 5 own tokens already there (pages 4, 5)
         ChunkWork(0, (11,), 5, (4, 5), 0, 7, True, True),
-        # a 20-token suffix chunk of a group-0 member, starting at own index 2 (pages 6..11)
-        ChunkWork(1, tuple(range(20)), 2, (6, 7, 8, 9, 10, 11), 0, 7, True),
+        # a 70-token suffix chunk of a group-0 member, starting at own index 2 (pages 16..33)
+        ChunkWork(1, tuple(range(70)), 2, tuple(range(16, 34)), 0, 7, True),
         # one-token suffix of a group-1 member
         ChunkWork(2, (5,), 0, (12,), 1, 1, True),
         # a request with no group: 3 new tokens after 6 own ones (pages 13, 14, 15)
@@ -51,7 +65,10 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, block_q, m
     )
     plan = StepPlan(0, chunks, prefixes)
     batch = build_step_batch(plan, PAGE, BucketTable())
-    assert batch.metadata.gblk_token.shape[1] == block_q
+    large_real = int(np.sum(batch.metadata.lblk_prefix_len > 0))
+    small_real = int(np.sum(batch.metadata.gblk_prefix_len > 0))
+    if split.startswith("chosen"):
+        assert (large_real, small_real) == (1, 2)
     t = batch.token_ids.shape[0]
     q = rng.normal(size=(t, HQ, D)).astype(np.float32)
     k_new = rng.normal(size=(t, HKV, D)).astype(np.float32)
@@ -83,15 +100,19 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, block_q, m
     assert np.all(np.isfinite(out))
 
 
-def test_prefix_block_size_fits_the_groups_query_counts():
-    assert prefix_block_size([4] * 16) == 4  # degree-4 decode: no padded queries
-    assert prefix_block_size([16] * 4) == 16  # degree-16 decode: one block per group
-    assert prefix_block_size([512]) == 64  # suffix prefill: the prefix gathered 8x, not 32x
-    assert prefix_block_size([]) == max(PREFIX_BLOCK_SIZES)
-    # Padding blocks cost as much as real ones: one group of 64 queries is one 64-query block,
-    # unless the step's block count is padded to at least 2; then four 16-query blocks win.
-    assert prefix_block_size([64]) == 64
-    assert prefix_block_size([64], lambda n: max(n, 2)) == 16
+def test_prefix_blocks_fit_the_groups_query_counts():
+    assert split_prefix_queries([4] * 16) == (4, [(0, 1)] * 16)  # degree-4 decode: no padding
+    assert split_prefix_queries([16] * 4) == (16, [(0, 1)] * 4)  # degree 16: a block per group
+    assert split_prefix_queries([512]) == (16, [(8, 0)])  # suffix prefill: 8 gathers, not 32
+    # decode tokens of four groups beside a long suffix chunk of a fifth: the decode tokens
+    # stay in small blocks instead of each padding a large one
+    assert split_prefix_queries([16, 16, 16, 16, 448]) == (16, [(0, 1)] * 4 + [(7, 0)])
+    assert split_prefix_queries([70]) == (16, [(1, 1)])  # 64 + 6: the 6 in a small block
+    assert split_prefix_queries([60]) == (16, [(1, 0)])  # 4 small blocks cost more than 1 large
+    # Padding blocks cost as much as real ones: 8 queries fit one block of 16 better than two
+    # of 4, unless block counts are padded to multiples of 4 anyway.
+    assert split_prefix_queries([8]) == (16, [(0, 1)])
+    assert split_prefix_queries([8], lambda n: -(-n // 4) * 4) == (4, [(0, 2)])
 
 
 def test_merge_is_safe_when_neither_side_saw_keys():

@@ -5,12 +5,12 @@ The step's tokens are laid out flat (`T` rows). Attention has two parts (DESIGN.
   (decode, one-token suffixes) are *rows*, one query each; longer chunks are cut into *blocks*
   of `OWN_BLOCK_Q` consecutive queries of one sequence, so a block's keys are gathered once and
   its products are large enough to run near the matmul roofline.
-- prefix part: the tokens of a group are cut into blocks of `Q` queries, each block attending
-  without a mask to the group's whole shared prefix: one dense `[Q x prefix_len]` product per
-  block instead of a matrix-vector product per query. Each block gathers the prefix's keys
-  afresh, so `Q` is chosen per step from `PREFIX_BLOCK_SIZES` (`prefix_block_size`): small
-  blocks waste no products on a small group's few decode tokens, large ones gather a prefix
-  once for a long chunk of suffix tokens.
+- prefix part: the tokens of a group are cut into blocks, each attending without a mask to
+  the group's whole shared prefix: one dense `[Q x prefix_len]` product per block instead of
+  a matrix-vector product per query. Each block gathers the prefix's keys afresh, so there
+  are two kinds (`split_prefix_queries`): large blocks of `PREFIX_LARGE_BLOCK` queries gather
+  a prefix once for a long run of suffix tokens, small ones (4 or 16 queries, chosen per
+  step) take a group's few decode tokens without padding them to a large block.
 Index padding points at row `T` (one past the end), which gathers clamp and scatters drop.
 
 The Pallas kernels read the same step in ragged form instead (`seq_*`, `group_*`: the tokens of
@@ -25,7 +25,8 @@ import dataclasses
 import jax
 
 OWN_BLOCK_Q = 64  # queries per own-part block of a prefill chunk
-PREFIX_BLOCK_SIZES = (4, 16, 64)  # queries per prefix-part block, one size per step
+PREFIX_SMALL_BLOCKS = (4, 16)  # queries per small prefix-part block, one size per step
+PREFIX_LARGE_BLOCK = 64  # queries per large prefix-part block
 # Estimated work of one prefix block per prefix key, in units of one query's products in a
 # 16-query block: the gather of the key (K and V into the block's copy) plus each query's
 # products, which run less efficiently in small blocks. Fitted to XLA on CPU with decode and
@@ -35,18 +36,37 @@ PREFIX_GATHER_COST = 6.5
 PREFIX_QUERY_COST = {4: 2.2, 16: 1.0, 64: 0.8}
 
 
-def prefix_block_size(queries_per_group: list[int], pad_blocks=lambda n: n) -> int:
-    """The block size in `PREFIX_BLOCK_SIZES` with the least estimated prefix-part work.
+def _block_cost(q: int) -> float:
+    return PREFIX_GATHER_COST + q * PREFIX_QUERY_COST[q]
 
-    A group with `n` queries needs `ceil(n / Q)` blocks; `pad_blocks` rounds the step's block
-    count up to its bucket, and padding blocks cost as much as real ones. Prefix lengths are
-    left out: they scale every size's cost of a group alike. Ties go to the larger block.
+
+def split_prefix_queries(
+    queries_per_group: list[int], pad_blocks=lambda n: n
+) -> tuple[int, list[tuple[int, int]]]:
+    """How the prefix part cuts each group's queries into large and small blocks.
+
+    Returns the step's small block size (from `PREFIX_SMALL_BLOCKS`) and, per group, its
+    number of large and of small blocks: whole `PREFIX_LARGE_BLOCK`s first, the rest in small
+    blocks unless one more large block costs less. `pad_blocks` rounds each kind's block count
+    up to its bucket (padding blocks cost as much as real ones); the small size with the least
+    estimated work wins, ties going to the larger. Prefix lengths are left out: they scale
+    every choice's cost of a group alike.
     """
-    def cost(q: int) -> float:
-        blocks = pad_blocks(sum(-(-n // q) for n in queries_per_group))
-        return blocks * (PREFIX_GATHER_COST + q * PREFIX_QUERY_COST[q])
-
-    return min(reversed(PREFIX_BLOCK_SIZES), key=cost)
+    large_cost = _block_cost(PREFIX_LARGE_BLOCK)
+    best = None
+    for small_q in reversed(PREFIX_SMALL_BLOCKS):
+        split = []
+        for n in queries_per_group:
+            large, rest = divmod(n, PREFIX_LARGE_BLOCK)
+            small = -(-rest // small_q)
+            if small * _block_cost(small_q) > large_cost:
+                large, small = large + 1, 0
+            split.append((large, small))
+        cost = (pad_blocks(sum(g[0] for g in split)) * large_cost
+                + pad_blocks(sum(g[1] for g in split)) * _block_cost(small_q))
+        if best is None or cost < best[0]:
+            best = (cost, small_q, split)
+    return best[1], best[2]
 
 
 @jax.tree_util.register_dataclass
@@ -61,10 +81,14 @@ class PagedAttentionMetadata:
     blk_token: jax.Array  # [B, OWN_BLOCK_Q] token rows, T = padding
     blk_page_table: jax.Array  # [B, P]
     blk_qpos: jax.Array  # [B, OWN_BLOCK_Q] own index of each query; keys <= it are visible
-    # prefix part, blocks of Q queries of one group (Q from `prefix_block_size`)
+    # prefix part, small blocks of Q queries of one group (Q from `split_prefix_queries`)
     gblk_token: jax.Array  # [Bg, Q] token rows, T = padding
     gblk_page_table: jax.Array  # [Bg, Pg] the group's shared prefix pages
     gblk_prefix_len: jax.Array  # [Bg] prefix length in tokens (0 for padding blocks)
+    # prefix part, large blocks of PREFIX_LARGE_BLOCK queries of one group
+    lblk_token: jax.Array  # [Bl, PREFIX_LARGE_BLOCK]
+    lblk_page_table: jax.Array  # [Bl, Pg]
+    lblk_prefix_len: jax.Array  # [Bl]
     # ragged form for the Pallas kernels (None on the XLA path)
     seq_page_tables: jax.Array | None = None  # [S, P] own pages of each sequence
     seq_kv_lens: jax.Array | None = None  # [S] own keys after this step's writes

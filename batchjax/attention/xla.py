@@ -169,15 +169,26 @@ def shared_prefix_paged_attention(
     own_l = _scatter_rows((t, hq), own_rows,
                           jnp.concatenate([rl, bl.reshape(-1, hq)]), MASK_VALUE)
 
-    # Prefix part: each block of a group's queries against the whole shared prefix.
-    gk = _gather_pages(k_pages, md.gblk_page_table, layer)
-    gv = _gather_pages(v_pages, md.gblk_page_table, layer)
-    gtok = md.gblk_token
-    gmask = (jnp.arange(gk.shape[1])[None, None, :] < md.gblk_prefix_len[:, None, None]) & (
-        gtok[:, :, None] < t)
-    go, gl = attend(q_pad[gtok], gk, gv, gmask)
-    pre_o = _scatter_rows((t, hq, d), gtok.reshape(-1), go.reshape(-1, hq, d), 0.0)
-    pre_l = _scatter_rows((t, hq), gtok.reshape(-1), gl.reshape(-1, hq), MASK_VALUE)
+    # Prefix part: each block of a group's queries (small and large blocks) against the
+    # group's whole shared prefix.
+    pre_rows, pre_outs, pre_lses = [], [], []
+    for tok, table, prefix_len in ((md.gblk_token, md.gblk_page_table, md.gblk_prefix_len),
+                                   (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len)):
+        if tok.shape[0] == 0:
+            continue
+        gk = _gather_pages(k_pages, table, layer)
+        gv = _gather_pages(v_pages, table, layer)
+        gmask = (jnp.arange(gk.shape[1])[None, None, :] < prefix_len[:, None, None]) & (
+            tok[:, :, None] < t)
+        go, gl = attend(q_pad[tok], gk, gv, gmask)
+        pre_rows.append(tok.reshape(-1))
+        pre_outs.append(go.reshape(-1, hq, d))
+        pre_lses.append(gl.reshape(-1, hq))
+    if not pre_rows:
+        return own_o.astype(q.dtype)
+    pre_rows = jnp.concatenate(pre_rows)
+    pre_o = _scatter_rows((t, hq, d), pre_rows, jnp.concatenate(pre_outs), 0.0)
+    pre_l = _scatter_rows((t, hq), pre_rows, jnp.concatenate(pre_lses), MASK_VALUE)
 
     return merge_attention_states(own_o, own_l, pre_o, pre_l).astype(q.dtype)
 

@@ -6,7 +6,12 @@ import dataclasses
 
 import numpy as np
 
-from batchjax.attention.metadata import OWN_BLOCK_Q, PagedAttentionMetadata, prefix_block_size
+from batchjax.attention.metadata import (
+    OWN_BLOCK_Q,
+    PREFIX_LARGE_BLOCK,
+    PagedAttentionMetadata,
+    split_prefix_queries,
+)
 from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.step_plan import NULL_PAGE, StepPlan
 
@@ -97,24 +102,31 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         r0 += n
 
     prefixes = {p.group_id: p for p in plan.prefixes}
-    gblk_tok, gblk_tab, gblk_len = [], [], []
-    block_q = prefix_block_size([len(rows) for rows in group_rows.values()],
-                                buckets.blocks_bucket)
-    for g, rows in group_rows.items():
+    small_q, split = split_prefix_queries([len(rows) for rows in group_rows.values()],
+                                          buckets.blocks_bucket)
+    blocks = {small_q: ([], [], []), PREFIX_LARGE_BLOCK: ([], [], [])}  # token, table, len
+    for (g, rows), (n_large, n_small) in zip(group_rows.items(), split):
         pref = prefixes[g]
-        for b in range(0, len(rows), block_q):
-            part = rows[b : b + block_q]
-            tok = np.full(block_q, t_pad, np.int32)
+        sizes = [PREFIX_LARGE_BLOCK] * n_large + [small_q] * n_small
+        b = 0
+        for q in sizes:
+            part = rows[b : b + q]
+            b += q
+            tok = np.full(q, t_pad, np.int32)
             tok[: len(part)] = part
-            gblk_tok.append(tok)
-            gblk_tab.append(pref.page_table)
-            gblk_len.append(pref.prefix_len)
+            toks, tabs, lens = blocks[q]
+            toks.append(tok)
+            tabs.append(pref.page_table)
+            lens.append(pref.prefix_len)
+    gblk_tok, gblk_tab, gblk_len = blocks[small_q]
+    lblk_tok, lblk_tab, lblk_len = blocks[PREFIX_LARGE_BLOCK]
 
     p_pad = buckets.pages_bucket(own_pages_max)
-    pg_pad = buckets.pages_bucket(max([len(t) for t in gblk_tab], default=1))
+    pg_pad = buckets.pages_bucket(max([len(t) for t in gblk_tab + lblk_tab], default=1))
     r_pad = buckets.rows_bucket(len(rows_tok))
     b_pad = buckets.blocks_bucket(len(blk_tok))
     g_pad = buckets.blocks_bucket(len(gblk_tok))
+    l_pad = buckets.blocks_bucket(len(lblk_tok))
     # A sampling chunk ends in a row or a block, so rows + blocks bounds the sampled rows: no
     # shape dimension of its own (padding rows cost one lm_head row each).
     s_pad = r_pad + b_pad
@@ -137,9 +149,12 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         blk_token=rows_of(blk_tok, t_pad, b_pad, width=OWN_BLOCK_Q),
         blk_page_table=_pad_table(blk_tab, p_pad, b_pad),
         blk_qpos=rows_of(blk_qpos, -1, b_pad, width=OWN_BLOCK_Q),
-        gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=block_q),
+        gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=small_q),
         gblk_page_table=_pad_table(gblk_tab, pg_pad, g_pad),
         gblk_prefix_len=rows_of(gblk_len, 0, g_pad),
+        lblk_token=rows_of(lblk_tok, t_pad, l_pad, width=PREFIX_LARGE_BLOCK),
+        lblk_page_table=_pad_table(lblk_tab, pg_pad, l_pad),
+        lblk_prefix_len=rows_of(lblk_len, 0, l_pad),
         **ragged_fields,
     )
     return StepBatch(
