@@ -54,17 +54,22 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, mon
     # Group 0: prefix of 7 tokens on pages 1,2. Group 1: prefix of 1 token on page 3.
     prefixes = (PrefixRef(0, (1, 2), 7), PrefixRef(1, (3,), 1))
     chunks = (
-        # decode token of a group-0 member with 5 own tokens already there (pages 4, 5)
-        ChunkWork(0, (11,), 5, (4, 5), 0, 7, True, True),
+        # decode token of a group-0 member with 5 own tokens already there (pages 4, 5; page
+        # 34 is held for tokens to come: no key of it is visible yet)
+        ChunkWork(0, (11,), 5, (4, 5, 34), 0, 7, True, True),
         # a 70-token suffix chunk of a group-0 member, starting at own index 2 (pages 16..33)
         ChunkWork(1, tuple(range(70)), 2, tuple(range(16, 34)), 0, 7, True),
         # one-token suffix of a group-1 member
         ChunkWork(2, (5,), 0, (12,), 1, 1, True),
-        # a request with no group: 3 new tokens after 6 own ones (pages 13, 14, 15)
-        ChunkWork(3, (1, 2, 3), 6, (13, 14, 15), None, 0, True),
+        # a request with no group: 3 new tokens after 6 own ones (pages 13, 14, 15; 35 and 36
+        # held for later)
+        ChunkWork(3, (1, 2, 3), 6, (13, 14, 15, 35, 36), None, 0, True),
     )
     plan = StepPlan(0, chunks, prefixes)
     batch = build_step_batch(plan, PAGE, BucketTable())
+    # Pages held for tokens to come are left out of the own tables (they would be gathered).
+    for table in (batch.metadata.row_page_table, batch.metadata.blk_page_table):
+        assert not np.isin(table, [34, 35, 36]).any()
     large_real = int(np.sum(batch.metadata.lblk_prefix_len > 0))
     small_real = int(np.sum(batch.metadata.gblk_prefix_len > 0))
     if split.startswith("chosen"):

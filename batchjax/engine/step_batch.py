@@ -76,12 +76,15 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         own_idx = c.own_start + np.arange(n)
         token_ids[r0 : r0 + n] = c.token_ids
         positions[r0 : r0 + n] = c.prefix_len + own_idx
-        table = np.asarray(c.page_table, np.int32)
+        # Only the pages this chunk's keys reach: a sequence may hold pages for tokens still to
+        # come, and every page in a table is gathered and attended to (then masked).
+        own_table = c.page_table[: -(-(c.own_start + n) // page_size)]
+        table = np.asarray(own_table, np.int32)
         slot_mapping[r0 : r0 + n] = table[own_idx // page_size] * page_size + own_idx % page_size
-        own_pages_max = max(own_pages_max, len(c.page_table))
+        own_pages_max = max(own_pages_max, len(own_table))
         if n == 1:
             rows_tok.append(r0)
-            rows_tab.append(c.page_table)
+            rows_tab.append(own_table)
             rows_len.append(c.own_start + 1)
         else:
             for b in range(0, n, OWN_BLOCK_Q):
@@ -92,7 +95,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
                 qpos[:m] = c.own_start + b + np.arange(m)
                 blk_tok.append(tok)
                 blk_qpos.append(qpos)
-                blk_tab.append(c.page_table)
+                blk_tab.append(own_table)
         if c.prefix_group is not None and c.prefix_len > 0:
             group_rows.setdefault(c.prefix_group, []).extend(range(r0, r0 + n))
         if c.sample:
@@ -140,7 +143,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
 
     ragged_fields = {}
     if ragged:
-        ragged_fields = _ragged_metadata(chunks, prefixes, buckets, p_pad, pg_pad)
+        ragged_fields = _ragged_metadata(chunks, prefixes, buckets, page_size, p_pad, pg_pad)
     md = PagedAttentionMetadata(
         slot_mapping=slot_mapping,
         row_token=rows_of(rows_tok, t_pad, r_pad),
@@ -168,14 +171,15 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     )
 
 
-def _ragged_metadata(chunks, prefixes, buckets: BucketTable, p_pad: int, pg_pad: int) -> dict:
+def _ragged_metadata(chunks, prefixes, buckets: BucketTable, page_size: int, p_pad: int,
+                     pg_pad: int) -> dict:
     """`seq_*` / `group_*` arrays: one sequence per chunk, groups in layout order."""
     s_pad = buckets.rows_bucket(len(chunks))
     seq_tables, seq_kv, seq_start, seq_len = [], [], [], []
     groups: dict[int, list[int]] = {}  # group -> [q_start, q_len]
     r0 = 0
     for c in chunks:
-        seq_tables.append(c.page_table)
+        seq_tables.append(c.page_table[: -(-(c.own_start + c.num_tokens) // page_size)])
         seq_kv.append(c.own_start + c.num_tokens)
         seq_start.append(r0)
         seq_len.append(c.num_tokens)
