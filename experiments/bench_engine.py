@@ -2,10 +2,11 @@
 
     python -m experiments.bench_engine [--model=smollm2-135m] [--dtype=float32] [--repeats=5]
 
-Times the jitted engine step (after its compile) on the three shapes a batch spends its time
-in: a 512-token prefill chunk, 64 and 256 decode tokens of 4 and 16 groups x 16 requests over
-a shared 1024-token prefix (the batchllm layout; the larger step is what a batch with many
-groups decodes in), and 64 decode tokens of independent requests over
+Times the jitted engine step (after its compile) on the shapes a batch spends its time in: a
+512-token prefill chunk; the 64-token distinct parts of 8 requests of a group after their
+shared 1024-token prefix; 64 and 256 decode tokens of 4 and 16 groups x 16 requests over a
+shared 1024-token prefix (the batchllm layout; the larger step is what a batch with many
+groups decodes in) and 64 of 16 groups x 4; and 64 decode tokens of independent requests over
 1088-token contexts (the layout of the `none`/`vllm` policies). Model FLOP utilisation is the
 step's useful matmul FLOPs per second over the GFLOP/s of a large `jnp.dot` timed here.
 """
@@ -38,7 +39,7 @@ def step_plans() -> dict[str, StepPlan]:
     prefill = StepPlan(0, (ChunkWork(0, (5,) * 512, 64, _pages(1, 36), None, 0, True),), ())
     prefix_len, degree = 1024, 16
 
-    def decode_shared(groups: int) -> StepPlan:
+    def decode_shared(groups: int, degree: int = degree) -> StepPlan:
         prefixes = tuple(PrefixRef(g, _pages(1 + g * 64, 64), prefix_len) for g in range(groups))
         own_start = 1 + groups * 64
         shared = tuple(
@@ -47,11 +48,18 @@ def step_plans() -> dict[str, StepPlan]:
             for g in range(groups) for i in range(degree))
         return StepPlan(0, shared, prefixes)
 
+    # 8 requests of one group prefill their 64-token distinct parts after the shared prefix.
+    suffix = StepPlan(0, tuple(
+        ChunkWork(i, (5,) * 64, 0, _pages(65 + i * 4, 4), 0, prefix_len, True)
+        for i in range(8)), (PrefixRef(0, _pages(1, 64), prefix_len),))
+
     own = tuple(ChunkWork(i, (5,), 1087, _pages(1 + i * 69, 69), None, 0, True, True)
                 for i in range(64))
     decode_own = StepPlan(0, own, ())
     return {"prefill 512 (context 576)": prefill,
+            "suffix prefill 8 x 64 over shared prefix 1024": suffix,
             "decode 64 over shared prefix 1024 (4 x 16)": decode_shared(4),
+            "decode 64 over shared prefix 1024 (16 x 4)": decode_shared(16, 4),
             "decode 256 over shared prefix 1024 (16 x 16)": decode_shared(16),
             "decode 64 over own context 1088": decode_own}
 
@@ -77,7 +85,7 @@ def main(argv):
         gflops = flops / seconds / 1e9
         results["steps"][name] = {"seconds": seconds, "gflop_per_s": gflops,
                                   "mfu": gflops / roofline}
-        print(f"{name:<45} {seconds * 1000:8.1f} ms  {gflops:7.1f} GFLOP/s  "
+        print(f"{name:<47} {seconds * 1000:8.1f} ms  {gflops:7.1f} GFLOP/s  "
               f"MFU {gflops / roofline:5.1%}")
     if _JSON.value:
         with open(_JSON.value, "w") as f:
