@@ -42,6 +42,12 @@ def _pad_table(tables: list[tuple[int, ...]], width: int, rows: int) -> np.ndarr
     return out
 
 
+def _reached_pages(chunk, page_size: int) -> tuple[int, ...]:
+    """The chunk's own pages up to its last token: a sequence may hold pages for tokens still
+    to come, and every page in a table is gathered and attended to (then masked)."""
+    return chunk.page_table[: -(-(chunk.own_start + chunk.num_tokens) // page_size)]
+
+
 def _group_contiguous(chunks):
     """Chunks reordered so each group's chunks are adjacent (stable, by first appearance)."""
     first: dict[int | None, int] = {}
@@ -76,9 +82,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         own_idx = c.own_start + np.arange(n)
         token_ids[r0 : r0 + n] = c.token_ids
         positions[r0 : r0 + n] = c.prefix_len + own_idx
-        # Only the pages this chunk's keys reach: a sequence may hold pages for tokens still to
-        # come, and every page in a table is gathered and attended to (then masked).
-        own_table = c.page_table[: -(-(c.own_start + n) // page_size)]
+        own_table = _reached_pages(c, page_size)
         table = np.asarray(own_table, np.int32)
         slot_mapping[r0 : r0 + n] = table[own_idx // page_size] * page_size + own_idx % page_size
         own_pages_max = max(own_pages_max, len(own_table))
@@ -179,7 +183,7 @@ def _ragged_metadata(chunks, prefixes, buckets: BucketTable, page_size: int, p_p
     groups: dict[int, list[int]] = {}  # group -> [q_start, q_len]
     r0 = 0
     for c in chunks:
-        seq_tables.append(c.page_table[: -(-(c.own_start + c.num_tokens) // page_size)])
+        seq_tables.append(_reached_pages(c, page_size))
         seq_kv.append(c.own_start + c.num_tokens)
         seq_start.append(r0)
         seq_len.append(c.num_tokens)
