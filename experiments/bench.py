@@ -44,7 +44,8 @@ _HF_MODEL_DIR = flags.DEFINE_string(
 _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "float32 and/or bfloat16.")
 _POLICIES = flags.DEFINE_list("policies", list(engine_arm.POLICIES), "batchjax policies.")
 _SYSTEMS = flags.DEFINE_list("systems", ["batchjax", "vllm", "transformers"],
-                              "Systems to run, in this order (vllm-pc: vLLM with prefix caching only).")
+                              "Systems to run, in this order (vllm-pc: vLLM with prefix "
+                              "caching only).")
 _WORKLOADS = flags.DEFINE_list("workloads", [], "Run only workloads whose name starts so.")
 _KV_BUDGET_MB = flags.DEFINE_float("kv_budget_mb", 512.0, "KV memory budget of every system.")
 _MAX_TOKENS_PER_STEP = flags.DEFINE_integer(
@@ -58,25 +59,28 @@ def _core_list(spec: str) -> list[int]:
     return list(range(int(first), int(last or first) + 1))
 
 
-def _system_specs(system: str, threads_bind: str) -> list[peers.PeerSpec]:
+PEER_SYSTEMS = ("vllm", "vllm-pc", "transformers")  # besides batchjax itself
+
+
+def system_specs(system: str, threads_bind: str, vllm_python: str,
+                 hf_python: str) -> list[peers.PeerSpec]:
     """The peer configurations one `--systems` entry stands for: `vllm` both configurations,
     `vllm-pc` only the reference one (prefix caching + chunked prefill), for long workloads."""
     if system in ("vllm", "vllm-pc"):
         vllm_env = {"VLLM_CPU_OMP_THREADS_BIND": threads_bind}
         runner = os.path.join(_PEERS_DIR, "vllm_runner.py")
         specs = [
-            peers.PeerSpec(report.REFERENCE_SYSTEM, "vllm", _VLLM_PYTHON.value, runner,
+            peers.PeerSpec(report.REFERENCE_SYSTEM, "vllm", vllm_python, runner,
                            ("--prefix_caching", "--chunked_prefill"), vllm_env),
             peers.PeerSpec("vllm (no prefix caching, no chunked prefill)", "vllm",
-                           _VLLM_PYTHON.value, runner,
+                           vllm_python, runner,
                            ("--no-prefix_caching", "--no-chunked_prefill"), vllm_env),
         ]
         return specs if system == "vllm" else specs[:1]
     if system == "transformers":
-        return [peers.PeerSpec("transformers", "transformers", _HF_PYTHON.value,
+        return [peers.PeerSpec("transformers", "transformers", hf_python,
                                os.path.join(_PEERS_DIR, "hf_runner.py"))]
-    raise ValueError(
-        f"unknown system {system!r}: expected batchjax, vllm, vllm-pc or transformers")
+    raise ValueError(f"unknown system {system!r}: expected batchjax or one of {PEER_SYSTEMS}")
 
 
 def _peer_model_dir() -> tuple[str | None, str | None]:
@@ -122,7 +126,10 @@ def main(argv: list[str]) -> None:
         "out", "bench", f"{_SUITE.value}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(os.path.join(out_dir, "workloads"), exist_ok=True)
 
-    needs_peers = any(s in _SYSTEMS.value for s in ("vllm", "vllm-pc", "transformers"))
+    unknown = [s for s in _SYSTEMS.value if s != "batchjax" and s not in PEER_SYSTEMS]
+    if unknown:  # before any run, not after an hour of batchjax
+        raise app.UsageError(f"unknown --systems {unknown}: expected batchjax or {PEER_SYSTEMS}")
+    needs_peers = any(s in PEER_SYSTEMS for s in _SYSTEMS.value)
     model_dir, model_reason = _peer_model_dir() if needs_peers else (None, None)
     vocab_size = None
     if model_dir is not None:
@@ -166,7 +173,8 @@ def main(argv: list[str]) -> None:
                     max_tokens_per_step=_MAX_TOKENS_PER_STEP.value, policies=_POLICIES.value))
                 publish()
                 continue
-            for spec in _system_specs(system, _CORES.value):
+            for spec in system_specs(system, _CORES.value, _VLLM_PYTHON.value,
+                                     _HF_PYTHON.value):
                 outcomes.append(_run_peer(spec, dtype, paths, model_dir, model_reason,
                                           len(cores), out_dir))
                 publish()

@@ -148,3 +148,16 @@ def test_smoke_suite_runs_every_policy_and_transformers_and_reports_vllm_missing
               and r["workload"].startswith("micro")]
     assert shared[0]["saving_ratio"] > 0.5
     assert (out / "results.md").exists() and (out / "output_tokens_per_s_float32.png").exists()
+
+
+def test_vllm_pc_is_vllm_with_prefix_caching_only():
+    from experiments.bench import system_specs
+
+    both = system_specs("vllm", "0-1", "/venv/python", "/hf/python")
+    only = system_specs("vllm-pc", "0-1", "/venv/python", "/hf/python")
+    assert [s.system for s in both] == [report.REFERENCE_SYSTEM,
+                                        "vllm (no prefix caching, no chunked prefill)"]
+    assert only == both[:1]
+    assert "--prefix_caching" in only[0].args and only[0].env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    with pytest.raises(ValueError, match="unknown system"):
+        system_specs("vllm-fast", "0-1", "/venv/python", "/hf/python")
