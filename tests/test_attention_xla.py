@@ -70,6 +70,9 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, mon
     # Pages held for tokens to come are left out of the own tables (they would be gathered).
     for table in (batch.metadata.row_page_table, batch.metadata.blk_page_table):
         assert not np.isin(table, [34, 35, 36]).any()
+    # The one-token row reads its one page, not the width of the 70-token chunk's table.
+    assert batch.metadata.row_page_table.shape[1] == BucketTable().pages_bucket(1)
+    assert batch.metadata.blk_page_table.shape[1] == BucketTable().pages_bucket(18)
     large_real = int(np.sum(batch.metadata.lblk_prefix_len > 0))
     small_real = int(np.sum(batch.metadata.gblk_prefix_len > 0))
     if split.startswith("chosen"):

@@ -74,7 +74,10 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     blk_tok, blk_tab, blk_qpos = [], [], []
     group_rows: dict[int, list[int]] = {}
     sample_rows, sample_seqs, sample_pos = [], [], []
-    own_pages_max = 1
+    # Single-query rows and blocks are padded to their own widths: in a step that mixes decode
+    # rows (a few own pages each) with a long prefill chunk, a shared width made every row
+    # read the chunk's whole table.
+    row_pages_max = blk_pages_max = 1
 
     r0 = 0
     for c in chunks:
@@ -85,12 +88,13 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         own_table = _reached_pages(c, page_size)
         table = np.asarray(own_table, np.int32)
         slot_mapping[r0 : r0 + n] = table[own_idx // page_size] * page_size + own_idx % page_size
-        own_pages_max = max(own_pages_max, len(own_table))
         if n == 1:
+            row_pages_max = max(row_pages_max, len(own_table))
             rows_tok.append(r0)
             rows_tab.append(own_table)
             rows_len.append(c.own_start + 1)
         else:
+            blk_pages_max = max(blk_pages_max, len(own_table))
             for b in range(0, n, OWN_BLOCK_Q):
                 m = min(OWN_BLOCK_Q, n - b)
                 tok = np.full(OWN_BLOCK_Q, t_pad, np.int32)
@@ -128,7 +132,8 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     gblk_tok, gblk_tab, gblk_len = blocks[small_q]
     lblk_tok, lblk_tab, lblk_len = blocks[PREFIX_LARGE_BLOCK]
 
-    p_pad = buckets.pages_bucket(own_pages_max)
+    rp_pad = buckets.pages_bucket(row_pages_max)
+    bp_pad = buckets.pages_bucket(blk_pages_max)
     pg_pad = buckets.pages_bucket(max([len(t) for t in gblk_tab + lblk_tab], default=1))
     r_pad = buckets.rows_bucket(len(rows_tok))
     b_pad = buckets.blocks_bucket(len(blk_tok))
@@ -147,14 +152,15 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
 
     ragged_fields = {}
     if ragged:
-        ragged_fields = _ragged_metadata(chunks, prefixes, buckets, page_size, p_pad, pg_pad)
+        ragged_fields = _ragged_metadata(chunks, prefixes, buckets, page_size,
+                                         max(rp_pad, bp_pad), pg_pad)
     md = PagedAttentionMetadata(
         slot_mapping=slot_mapping,
         row_token=rows_of(rows_tok, t_pad, r_pad),
-        row_page_table=_pad_table(rows_tab, p_pad, r_pad),
+        row_page_table=_pad_table(rows_tab, rp_pad, r_pad),
         row_kv_len=rows_of(rows_len, 0, r_pad),
         blk_token=rows_of(blk_tok, t_pad, b_pad, width=OWN_BLOCK_Q),
-        blk_page_table=_pad_table(blk_tab, p_pad, b_pad),
+        blk_page_table=_pad_table(blk_tab, bp_pad, b_pad),
         blk_qpos=rows_of(blk_qpos, -1, b_pad, width=OWN_BLOCK_Q),
         gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=small_q),
         gblk_page_table=_pad_table(gblk_tab, pg_pad, g_pad),
