@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 
 from batchjax.attention import xla
-from batchjax.attention.metadata import PREFIX_LARGE_BLOCK, split_prefix_queries
+from batchjax.attention.metadata import (
+    PREFIX_LARGE_BLOCK,
+    own_block_queries,
+    split_prefix_queries,
+)
 from batchjax.engine import step_batch
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.schedule.buckets import BucketTable
@@ -41,12 +45,16 @@ _SPLITS = {
 }
 
 
+@pytest.mark.parametrize("own_q", [64, 128])
 @pytest.mark.parametrize("split", sorted(_SPLITS))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_shared_prefix_attention_matches_full_context_attention(seed, split, monkeypatch):
-    """Every way of cutting the prefix queries into blocks gives the same attention (group 0
-    has 71 queries: one large block and the rest in small ones when chosen)."""
+def test_shared_prefix_attention_matches_full_context_attention(seed, split, own_q,
+                                                                monkeypatch):
+    """Every way of cutting the prefix queries into blocks, and either own-part block size,
+    gives the same attention (group 0 has 71 queries: one large block and the rest in small
+    ones when chosen; the 70-token chunk fills two 64-query own blocks or one of 128)."""
     monkeypatch.setattr(step_batch, "split_prefix_queries", _SPLITS[split])
+    monkeypatch.setattr(step_batch, "own_block_queries", lambda lens, pad: own_q)
     rng = np.random.default_rng(seed)
     num_pages = 40
     k_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
@@ -121,6 +129,18 @@ def test_prefix_blocks_fit_the_groups_query_counts():
     # of 4, unless block counts are padded to multiples of 4 anyway.
     assert split_prefix_queries([8]) == (16, [(0, 1)])
     assert split_prefix_queries([8], lambda n: -(-n // 4) * 4) == (4, [(0, 2)])
+
+
+def test_own_blocks_grow_for_long_chunks_only():
+    assert own_block_queries([]) == 64  # decode only: no blocks, the usual shape
+    assert own_block_queries([512]) == 128  # a long chunk gathers its table 4 times, not 8
+    assert own_block_queries([64] * 8) == 64  # short suffix chunks: 128 would pad each by half
+    assert own_block_queries([70]) == 128  # one block of 128 instead of two of 64
+    assert own_block_queries([512] + [64] * 8) == 64  # 12 blocks of 128 cost more than 16 of 64
+    # Bucket padding counts: a 576-token chunk is 9 blocks of 64, padded to 12, or 5 of 128,
+    # padded to 6.
+    assert own_block_queries([576]) == 64
+    assert own_block_queries([576], BucketTable().blocks_bucket) == 128
 
 
 def test_merge_is_safe_when_neither_side_saw_keys():

@@ -7,9 +7,9 @@ import dataclasses
 import numpy as np
 
 from batchjax.attention.metadata import (
-    OWN_BLOCK_Q,
     PREFIX_LARGE_BLOCK,
     PagedAttentionMetadata,
+    own_block_queries,
     split_prefix_queries,
 )
 from batchjax.schedule.buckets import BucketTable
@@ -79,6 +79,8 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     # read the chunk's whole table.
     row_pages_max = blk_pages_max = 1
 
+    own_q = own_block_queries([c.num_tokens for c in chunks if c.num_tokens > 1],
+                              buckets.blocks_bucket)
     r0 = 0
     for c in chunks:
         n = c.num_tokens
@@ -95,11 +97,11 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
             rows_len.append(c.own_start + 1)
         else:
             blk_pages_max = max(blk_pages_max, len(own_table))
-            for b in range(0, n, OWN_BLOCK_Q):
-                m = min(OWN_BLOCK_Q, n - b)
-                tok = np.full(OWN_BLOCK_Q, t_pad, np.int32)
+            for b in range(0, n, own_q):
+                m = min(own_q, n - b)
+                tok = np.full(own_q, t_pad, np.int32)
                 tok[:m] = r0 + b + np.arange(m)
-                qpos = np.full(OWN_BLOCK_Q, -1, np.int32)
+                qpos = np.full(own_q, -1, np.int32)
                 qpos[:m] = c.own_start + b + np.arange(m)
                 blk_tok.append(tok)
                 blk_qpos.append(qpos)
@@ -159,9 +161,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         row_token=rows_of(rows_tok, t_pad, r_pad),
         row_page_table=_pad_table(rows_tab, rp_pad, r_pad),
         row_kv_len=rows_of(rows_len, 0, r_pad),
-        blk_token=rows_of(blk_tok, t_pad, b_pad, width=OWN_BLOCK_Q),
+        blk_token=rows_of(blk_tok, t_pad, b_pad, width=own_q),
         blk_page_table=_pad_table(blk_tab, bp_pad, b_pad),
-        blk_qpos=rows_of(blk_qpos, -1, b_pad, width=OWN_BLOCK_Q),
+        blk_qpos=rows_of(blk_qpos, -1, b_pad, width=own_q),
         gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=small_q),
         gblk_page_table=_pad_table(gblk_tab, pg_pad, g_pad),
         gblk_prefix_len=rows_of(gblk_len, 0, g_pad),
