@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 
+from batchjax.attention import xla
 from batchjax.attention.metadata import PagedAttentionMetadata
 from pallas_kernels import merge_attention_states, ragged_paged_attention, shared_prefix_attention
 
@@ -21,6 +22,7 @@ def shared_prefix_paged_attention(
     `layer`) -> [T, Hq, D]."""
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
+    k_pages, v_pages = xla.pages_as(k_pages, q.dtype), xla.pages_as(v_pages, q.dtype)
     if md.seq_q_len is None:
         raise ValueError("the Pallas path needs the ragged metadata (build_step_batch ragged=True)")
     interpret = jax.default_backend() == "cpu"

@@ -11,15 +11,33 @@ from batchjax.attention.metadata import PagedAttentionMetadata
 MASK_VALUE = -1e30
 
 
-def _gather_pages(pages: jax.Array, page_table: jax.Array, layer=None) -> jax.Array:
-    """`page_table: [N, P]` -> keys `[N, P * page_size, Hkv, D]` in index order.
+def pages_as(pages: jax.Array, dtype) -> jax.Array:
+    """Pages (or keys read from them) as `dtype`: a pool of 16-bit floats is stored as their
+    bits (`batchjax.engine.page_pool.kv_storage_dtype`) and read back without conversion."""
+    if pages.dtype == jnp.uint16 and jnp.dtype(dtype) != jnp.uint16:
+        return jax.lax.bitcast_convert_type(pages, dtype)
+    return pages
+
+
+def _gather_pages(pages: jax.Array, page_table: jax.Array, layer=None, dtype=None) -> jax.Array:
+    """`page_table: [N, P]` -> keys `[N, P * page_size, Hkv, D]` in index order, as `dtype`.
 
     With `layer`, `pages` is the stacked pool `[L, num_pages, ...]` and the gather reads that
     layer's pages directly: slicing the layer out first copies the whole layer's pool on CPU.
     """
     g = pages[page_table] if layer is None else pages[layer, page_table]  # [N, P, ps, Hkv, D]
+    if dtype is not None:
+        g = pages_as(g, dtype)
     n, p, ps, h, d = g.shape
     return g.reshape(n, p * ps, h, d)
+
+
+def _write_slots(pool: jax.Array, layer, slot_page: jax.Array, slot_offset: jax.Array,
+                 vals: jax.Array) -> jax.Array:
+    """`pool[layer, page, offset] = vals` in place; a uint16 pool takes the values' bits."""
+    if pool.dtype == jnp.uint16 and vals.dtype != jnp.uint16:
+        vals = jax.lax.bitcast_convert_type(vals, jnp.uint16)
+    return pool.at[layer, slot_page, slot_offset].set(vals.astype(pool.dtype))
 
 
 # Up to this many query rows per (sequence, KV head), `attend` computes scores key-major.
@@ -100,8 +118,8 @@ def paged_single_query_attention(
 
     def page_step(carry, j):
         m, l, acc = carry
-        k = _gather_pages(k_pages, table[:, j], layer)  # [R, keys_per_step, Hkv, D]
-        v = _gather_pages(v_pages, table[:, j], layer)
+        k = _gather_pages(k_pages, table[:, j], layer, q.dtype)  # [R, keys_per_step, Hkv, D]
+        v = _gather_pages(v_pages, table[:, j], layer, q.dtype)
         s = jnp.einsum("nhrd,nkhd->nhrk", qg, k, preferred_element_type=jnp.float32)
         visible = (j * keys_per_step + jnp.arange(keys_per_step))[None, :] < kv_len[:, None]
         s = jnp.where(visible[:, None, None, :], s, MASK_VALUE)
@@ -158,8 +176,8 @@ def shared_prefix_paged_attention(
         q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len, layer)
 
     # Own part, blocks of one sequence.
-    bk = _gather_pages(k_pages, md.blk_page_table, layer)
-    bv = _gather_pages(v_pages, md.blk_page_table, layer)
+    bk = _gather_pages(k_pages, md.blk_page_table, layer, q.dtype)
+    bv = _gather_pages(v_pages, md.blk_page_table, layer, q.dtype)
     bmask = jnp.arange(bk.shape[1])[None, None, :] <= md.blk_qpos[:, :, None]
     bo, bl = attend(q_pad[md.blk_token], bk, bv, bmask)
 
@@ -176,8 +194,8 @@ def shared_prefix_paged_attention(
                                    (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len)):
         if tok.shape[0] == 0:
             continue
-        gk = _gather_pages(k_pages, table, layer)
-        gv = _gather_pages(v_pages, table, layer)
+        gk = _gather_pages(k_pages, table, layer, q.dtype)
+        gv = _gather_pages(v_pages, table, layer, q.dtype)
         gmask = (jnp.arange(gk.shape[1])[None, None, :] < prefix_len[:, None, None]) & (
             tok[:, :, None] < t)
         go, gl = attend(q_pad[tok], gk, gv, gmask)
@@ -205,8 +223,8 @@ def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_
         k_all, v_all = kv
         _, n, ps, h, d = k_all.shape
         page, offset = md.slot_mapping // ps, md.slot_mapping % ps
-        k_all = k_all.at[layer, page, offset].set(k.astype(k_all.dtype))
-        v_all = v_all.at[layer, page, offset].set(v.astype(v_all.dtype))
+        k_all = _write_slots(k_all, layer, page, offset, k)
+        v_all = _write_slots(v_all, layer, page, offset, v)
         return impl(q, k_all, v_all, md, layer=layer), (k_all, v_all)
 
     return attention

@@ -22,11 +22,26 @@ def pages_for_budget(config: ModelConfig, page_size: int, dtype, kv_budget_mb: f
     return int(kv_budget_mb * 2**20 // kv_bytes_per_page(config, page_size, dtype))
 
 
+def kv_storage_dtype(dtype):
+    """The dtype a pool of `dtype` keys and values is stored in: 16-bit floats as their bits.
+
+    XLA's CPU backend has no bf16 scatter: it upcasts the scatter's whole operand, every
+    layer's pool, to f32 and back once per layer (a 64-row bf16 decode step took 15 s). A
+    uint16 pool is scattered as is; the attention reads pages back as the model's dtype
+    (`batchjax.attention.xla.pages_as`).
+    """
+    dtype = jnp.dtype(dtype)
+    return jnp.dtype(jnp.uint16) if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2 \
+        else dtype
+
+
 def allocate_kv(config: ModelConfig, kv_budget_pages: int, page_size: int, dtype) -> tuple:
-    """`(k, v)` pools for all layers, each `[L, kv_budget_pages + 1, page_size, Hkv, D]`.
+    """`(k, v)` pools for all layers, each `[L, kv_budget_pages + 1, page_size, Hkv, D]`, of
+    `kv_storage_dtype(dtype)`.
 
     The extra page is the null page (id 0) that padding tokens write to.
     """
     shape = (config.num_layers, kv_budget_pages + 1, page_size, config.num_kv_heads,
              config.head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    storage = kv_storage_dtype(dtype)
+    return jnp.zeros(shape, storage), jnp.zeros(shape, storage)
