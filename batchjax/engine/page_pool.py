@@ -31,8 +31,9 @@ def kv_storage_dtype(dtype):
     (`batchjax.attention.xla.pages_as`).
     """
     dtype = jnp.dtype(dtype)
-    return jnp.dtype(jnp.uint16) if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2 \
-        else dtype
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize == 2:
+        return jnp.dtype(jnp.uint16)
+    return dtype
 
 
 def allocate_kv(config: ModelConfig, kv_budget_pages: int, page_size: int, dtype) -> tuple:
