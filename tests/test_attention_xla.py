@@ -78,6 +78,7 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, own
     # Pages held for tokens to come are left out of the own tables (they would be gathered).
     for table in (batch.metadata.row_page_table, batch.metadata.blk_page_table):
         assert not np.isin(table, [34, 35, 36]).any()
+    assert batch.metadata.blk_token.shape[1] == own_q
     # The one-token row reads its one page, not the width of the 70-token chunk's table.
     assert batch.metadata.row_page_table.shape[1] == BucketTable().pages_bucket(1)
     assert batch.metadata.blk_page_table.shape[1] == BucketTable().pages_bucket(18)

@@ -19,15 +19,14 @@ def pages_as(pages: jax.Array, dtype) -> jax.Array:
     return pages
 
 
-def _gather_pages(pages: jax.Array, page_table: jax.Array, layer=None, dtype=None) -> jax.Array:
+def _gather_pages(pages: jax.Array, page_table: jax.Array, layer, dtype) -> jax.Array:
     """`page_table: [N, P]` -> keys `[N, P * page_size, Hkv, D]` in index order, as `dtype`.
 
     With `layer`, `pages` is the stacked pool `[L, num_pages, ...]` and the gather reads that
     layer's pages directly: slicing the layer out first copies the whole layer's pool on CPU.
     """
     g = pages[page_table] if layer is None else pages[layer, page_table]  # [N, P, ps, Hkv, D]
-    if dtype is not None:
-        g = pages_as(g, dtype)
+    g = pages_as(g, dtype)
     n, p, ps, h, d = g.shape
     return g.reshape(n, p * ps, h, d)
 
