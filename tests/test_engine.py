@@ -161,7 +161,7 @@ def test_bf16_pools_store_bits_and_give_the_bf16_outputs(tiny_llama_dir, referen
     """A bf16 model's pools are uint16 bit patterns (XLA's CPU backend upcasts a bf16
     scatter's whole pool to f32 and back); reading them back must give exactly what bf16
     pools give."""
-    from batchjax.engine import engine as engine_module
+    from batchjax.engine import page_pool
 
     prompts, _ = reference
     kw = dict(dtype="bfloat16", page_size=4, kv_budget_mb=1.0, max_tokens_per_step=32,
@@ -171,11 +171,7 @@ def test_bf16_pools_store_bits_and_give_the_bf16_outputs(tiny_llama_dir, referen
     got = [r.token_ids for r in as_bits.generate(_requests(prompts, 8), policy="batchllm")]
     assert np.asarray(as_bits.kv[0]).any()  # the steps wrote keys into the pool
 
-    def bf16_pools(config, pages, page_size, dtype):
-        shape = (config.num_layers, pages + 1, page_size, config.num_kv_heads, config.head_dim)
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
-
-    monkeypatch.setattr(engine_module, "allocate_kv", bf16_pools)
+    monkeypatch.setattr(page_pool, "kv_storage_dtype", jnp.dtype)  # pools of plain bf16
     as_bf16 = Engine(str(tiny_llama_dir), **kw)
     assert as_bf16.kv[0].dtype == jnp.bfloat16
     want = [r.token_ids for r in as_bf16.generate(_requests(prompts, 8), policy="batchllm")]
