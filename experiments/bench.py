@@ -45,7 +45,7 @@ _DTYPES = flags.DEFINE_list("dtypes", ["float32", "bfloat16"], "float32 and/or b
 _POLICIES = flags.DEFINE_list("policies", list(engine_arm.POLICIES), "batchjax policies.")
 _SYSTEMS = flags.DEFINE_list("systems", ["batchjax", "vllm", "transformers"],
                               "Systems to run, in this order (vllm-pc: vLLM with prefix "
-                              "caching only).")
+                              "caching + chunked prefill only, not also without).")
 _WORKLOADS = flags.DEFINE_list("workloads", [], "Run only workloads whose name starts so.")
 _KV_BUDGET_MB = flags.DEFINE_float("kv_budget_mb", 512.0, "KV memory budget of every system.")
 _MAX_TOKENS_PER_STEP = flags.DEFINE_integer(
