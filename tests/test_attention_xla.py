@@ -7,8 +7,8 @@ import pytest
 
 from batchjax.attention import xla
 from batchjax.attention.metadata import (
+    CONTEXT_BLOCK,
     PREFIX_LARGE_BLOCK,
-    own_block_queries,
     split_prefix_queries,
 )
 from batchjax.engine import step_batch
@@ -45,47 +45,13 @@ _SPLITS = {
 }
 
 
-@pytest.mark.parametrize("own_q", [64, 128])
-@pytest.mark.parametrize("split", sorted(_SPLITS))
-@pytest.mark.parametrize("seed", [0, 1])
-def test_shared_prefix_attention_matches_full_context_attention(seed, split, own_q,
-                                                                monkeypatch):
-    """Every way of cutting the prefix queries into blocks, and either own-part block size,
-    gives the same attention (group 0 has 71 queries: one large block and the rest in small
-    ones when chosen; the 70-token chunk fills two 64-query own blocks or one of 128)."""
-    monkeypatch.setattr(step_batch, "split_prefix_queries", _SPLITS[split])
-    monkeypatch.setattr(step_batch, "own_block_queries", lambda lens, pad: own_q)
-    rng = np.random.default_rng(seed)
-    num_pages = 40
-    k_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
-    v_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
-    # Group 0: prefix of 7 tokens on pages 1,2. Group 1: prefix of 1 token on page 3.
-    prefixes = (PrefixRef(0, (1, 2), 7), PrefixRef(1, (3,), 1))
-    chunks = (
-        # decode token of a group-0 member with 5 own tokens already there (pages 4, 5; page
-        # 34 is held for tokens to come: no key of it is visible yet)
-        ChunkWork(0, (11,), 5, (4, 5, 34), 0, 7, True, True),
-        # a 70-token suffix chunk of a group-0 member, starting at own index 2 (pages 16..33)
-        ChunkWork(1, tuple(range(70)), 2, tuple(range(16, 34)), 0, 7, True),
-        # one-token suffix of a group-1 member
-        ChunkWork(2, (5,), 0, (12,), 1, 1, True),
-        # a request with no group: 3 new tokens after 6 own ones (pages 13, 14, 15; 35 and 36
-        # held for later)
-        ChunkWork(3, (1, 2, 3), 6, (13, 14, 15, 35, 36), None, 0, True),
-    )
+def _check_against_full_context_attention(chunks, prefixes, rng, num_pages=60):
+    """Runs the step's attention on random pages and checks every real token's output against
+    plain attention over its prefix + own keys; returns the step's batch."""
     plan = StepPlan(0, chunks, prefixes)
     batch = build_step_batch(plan, PAGE, BucketTable())
-    # Pages held for tokens to come are left out of the own tables (they would be gathered).
-    for table in (batch.metadata.row_page_table, batch.metadata.blk_page_table):
-        assert not np.isin(table, [34, 35, 36]).any()
-    assert batch.metadata.blk_token.shape[1] == own_q
-    # The one-token row reads its one page, not the width of the 70-token chunk's table.
-    assert batch.metadata.row_page_table.shape[1] == BucketTable().pages_bucket(1)
-    assert batch.metadata.blk_page_table.shape[1] == BucketTable().pages_bucket(18)
-    large_real = int(np.sum(batch.metadata.lblk_prefix_len > 0))
-    small_real = int(np.sum(batch.metadata.gblk_prefix_len > 0))
-    if split.startswith("chosen"):
-        assert (large_real, small_real) == (1, 2)
+    k_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
+    v_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
     t = batch.token_ids.shape[0]
     q = rng.normal(size=(t, HQ, D)).astype(np.float32)
     k_new = rng.normal(size=(t, HKV, D)).astype(np.float32)
@@ -99,9 +65,10 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, own
     def flat(pages, table, n):
         return pages[list(table)].reshape(-1, HKV, D)[:n]
 
+    prefix_of = {p.group_id: p for p in prefixes}
     r = 0
     for c in chunks:
-        pref = prefixes[c.prefix_group] if c.prefix_group is not None else None
+        pref = prefix_of[c.prefix_group] if c.prefix_group is not None else None
         for i in range(c.num_tokens):
             own_n = c.own_start + i + 1
             keys = [flat(kp, c.page_table, own_n)]
@@ -115,6 +82,80 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, own
             np.testing.assert_array_equal(flat(kp, c.page_table, own_n)[-1], k_new[r])
             r += 1
     assert np.all(np.isfinite(out))
+    return batch
+
+
+@pytest.mark.parametrize("split", sorted(_SPLITS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_shared_prefix_attention_matches_full_context_attention(seed, split, monkeypatch):
+    """Every way of cutting the prefix queries into blocks gives the same attention (group 0
+    has 71 queries: one large block and the rest in a small one when chosen; group 1 has 41,
+    one large block)."""
+    monkeypatch.setattr(step_batch, "split_prefix_queries", _SPLITS[split])
+    rng = np.random.default_rng(seed)
+    # Group 0: prefix of 7 tokens on pages 1,2. Group 1: prefix of 1 token on page 3.
+    prefixes = (PrefixRef(0, (1, 2), 7), PrefixRef(1, (3,), 1))
+    chunks = (
+        # decode token of a group-0 member with 5 own tokens already there (pages 4, 5; page
+        # 34 is held for tokens to come: no key of it is visible yet)
+        ChunkWork(0, (11,), 5, (4, 5, 34), 0, 7, True, True),
+        # a 70-token suffix chunk of a group-0 member, starting at own index 2 (pages 16..33)
+        ChunkWork(1, tuple(range(70)), 2, tuple(range(16, 34)), 0, 7, True),
+        # one-token suffix of a group-1 member
+        ChunkWork(2, (5,), 0, (12,), 1, 1, True),
+        # a request with no group: 3 new tokens after 6 own ones (pages 13, 14, 15; 35 and 36
+        # held for later)
+        ChunkWork(3, (1, 2, 3), 6, (13, 14, 15, 35, 36), None, 0, True),
+        # chunks that start their own keys: a 40-token suffix of a group-1 member and a
+        # 5-token prompt with no group (page 48 held for later)
+        ChunkWork(4, tuple(range(40)), 0, tuple(range(37, 47)), 1, 1, True),
+        ChunkWork(5, (7, 8, 9, 10, 11), 0, (47, 48), None, 0, True),
+    )
+    batch = _check_against_full_context_attention(chunks, prefixes, rng)
+    md = batch.metadata
+    # Pages held for tokens to come are left out of the own tables (they would be gathered).
+    for table in (md.row_page_table, md.blk_page_table):
+        assert not np.isin(table, [34, 35, 36, 48]).any()
+    # The one-token row reads its one page, not the width of the 70-token chunk's table.
+    assert md.row_page_table.shape[1] == BucketTable().pages_bucket(1)
+    # Context blocks read only the keys a chunk's sequence held before this step: 2 keys of
+    # request 1 (one page), 6 of request 3 (two pages).
+    assert md.blk_token.shape[1] == CONTEXT_BLOCK
+    assert md.blk_page_table.shape[1] == BucketTable().context_pages_bucket(2)
+    np.testing.assert_array_equal(md.blk_ctx_len, [2, 6])
+    # Every multi-token chunk's new keys come from the step itself: 75 + 45 rows of chunks
+    # (padded to 128, tiles of 64), the first chunk from row 1, so a 128-row window.
+    np.testing.assert_array_equal(np.flatnonzero(md.tok_chunk >= 0),
+                                  np.r_[np.arange(1, 71), np.arange(72, 75), np.arange(75, 120)])
+    assert md.win_key_row.shape == (2, 128)
+    large_real = int(np.sum(md.lblk_prefix_len > 0))
+    small_real = int(np.sum(md.gblk_prefix_len > 0))
+    if split.startswith("chosen"):
+        assert (large_real, small_real) == (2, 1)
+
+
+@pytest.mark.parametrize("lens", [(150, 3, 40), (64,) * 4, (2, 200, 1, 9)])
+def test_chunks_starting_their_keys_attend_within_windows_of_the_step(lens):
+    """Prompt chunks laid out back to back (decode rows among them): each query sees exactly
+    its chunk's earlier keys. The 150- and 200-token chunks need windows over more than half
+    the step, so the first half of the tiles reads a shorter window."""
+    rng = np.random.default_rng(len(lens))
+    chunks, page = [], 1
+    for i, n in enumerate(lens):
+        pages = -(-n // PAGE) if n > 1 else 2
+        own_start = 0 if n > 1 else 5
+        chunks.append(ChunkWork(i, tuple(range(n)), own_start, tuple(range(page, page + pages)),
+                                None, 0, True, n == 1))
+        page += pages
+    batch = _check_against_full_context_attention(tuple(chunks), (), rng, num_pages=page + 1)
+    md = batch.metadata
+    t = batch.token_ids.shape[0]
+    tiles, width = md.win_key_row.shape
+    assert tiles == t // 64 and not md.blk_ctx_len.any()
+    if max(lens) > 64:
+        assert width > t // 2
+    else:
+        assert width == 64  # aligned 64-token chunks: each tile reads only its own rows
 
 
 def test_prefix_blocks_fit_the_groups_query_counts():
@@ -130,18 +171,6 @@ def test_prefix_blocks_fit_the_groups_query_counts():
     # of 4, unless block counts are padded to multiples of 4 anyway.
     assert split_prefix_queries([8]) == (16, [(0, 1)])
     assert split_prefix_queries([8], lambda n: -(-n // 4) * 4) == (4, [(0, 2)])
-
-
-def test_own_blocks_grow_for_long_chunks_only():
-    assert own_block_queries([]) == 64  # decode only: no blocks, the usual shape
-    assert own_block_queries([512]) == 128  # a long chunk gathers its table 4 times, not 8
-    assert own_block_queries([64] * 8) == 64  # short suffix chunks: 128 would pad each by half
-    assert own_block_queries([70]) == 128  # one block of 128 instead of two of 64
-    assert own_block_queries([512] + [64] * 8) == 64  # 12 blocks of 128 cost more than 16 of 64
-    # Bucket padding counts: a 576-token chunk is 9 blocks of 64, padded to 12, or 5 of 128,
-    # padded to 6.
-    assert own_block_queries([576]) == 64
-    assert own_block_queries([576], BucketTable().blocks_bucket) == 128
 
 
 def test_merge_is_safe_when_neither_side_saw_keys():

@@ -1,11 +1,13 @@
 """Per-step attention metadata, built on the host by the engine and closed over by attention.
 
 The step's tokens are laid out flat (`T` rows). Attention has two parts (DESIGN.md):
-- own part: every token attends causally to its own sequence's pages. Single-token chunks
-  (decode, one-token suffixes) are *rows*, one query each; longer chunks are cut into *blocks*
-  of 64 or 128 consecutive queries of one sequence (one size per step, `own_block_queries`),
-  so a block's keys are gathered once and its products are large enough to run near the matmul
-  roofline.
+- own part: every token attends causally to its own sequence's keys. Single-token chunks
+  (decode, one-token suffixes) are *rows*, one query each, reading their own pages. A longer
+  chunk's queries attend to the chunk's keys of this step straight from the step's rows: the
+  step is cut into query tiles, each reading the window of rows its chunks reach back to
+  (`chunk_window_attention`), so a chunk costs about its length squared instead of every
+  query reading the chunk's whole page table. A chunk that continues its sequence adds
+  *context blocks* of `CONTEXT_BLOCK` queries against the pages its sequence held before.
 - prefix part: the tokens of a group are cut into blocks, each attending without a mask to
   the group's whole shared prefix: one dense `[Q x prefix_len]` product per block instead of
   a matrix-vector product per query. Each block gathers the prefix's keys afresh, so there
@@ -25,7 +27,8 @@ import dataclasses
 
 import jax
 
-OWN_BLOCK_SIZES = (64, 128)  # queries per own-part block of a prefill chunk, one per step
+# Queries per own-context block: the earlier keys of a chunk that continues its sequence.
+CONTEXT_BLOCK = 128
 PREFIX_SMALL_BLOCKS = (4, 16)  # queries per small prefix-part block, one size per step
 PREFIX_LARGE_BLOCK = 64  # queries per large prefix-part block
 # Estimated work of one prefix block per prefix key, in units of one query's products in a
@@ -41,21 +44,13 @@ def _block_cost(q: int) -> float:
     return PREFIX_GATHER_COST + q * PREFIX_QUERY_COST[q]
 
 
-def own_block_queries(chunk_lens: list[int], pad_blocks=lambda n: n) -> int:
-    """The step's own-part block size for its multi-token chunks of `chunk_lens` tokens.
-
-    Every block of a chunk gathers the chunk's whole page table, so a long chunk gathers its
-    keys once per block: larger blocks gather less often and pad short chunks more. The
-    estimate is that of the prefix blocks (a gather plus each query's products per key, keys
-    common to all blocks of the step); ties go to the smaller size. On XLA/CPU with SmolLM2,
-    a 512-token chunk over 1,024 keys ran in 1,046 ms with 128-query blocks against 1,118 ms
-    with 64, and eight 64-token chunks in 1,177 ms with 64 against 1,237 ms with 128.
-    """
-    def cost(q: int) -> float:
-        blocks = sum(-(-n // q) for n in chunk_lens)
-        return pad_blocks(blocks) * (PREFIX_GATHER_COST + q * PREFIX_QUERY_COST[64])
-
-    return min(OWN_BLOCK_SIZES, key=lambda q: (cost(q), q))
+def window_tile_rows(num_rows: int) -> int:
+    """Rows per query tile of `chunk_window_attention` in a step of `num_rows` (padded) rows:
+    the largest power of two up to 64 that divides it."""
+    tile = 64
+    while num_rows % tile:
+        tile //= 2
+    return tile
 
 
 def split_prefix_queries(
@@ -95,10 +90,15 @@ class PagedAttentionMetadata:
     row_token: jax.Array  # [R] token row, T = padding
     row_page_table: jax.Array  # [R, P] own pages of the row's sequence
     row_kv_len: jax.Array  # [R] own keys visible to the row (its own index + 1)
-    # own part, blocks of Qo queries of one sequence (Qo from `own_block_queries`)
-    blk_token: jax.Array  # [B, Qo] token rows, T = padding
-    blk_page_table: jax.Array  # [B, P]
-    blk_qpos: jax.Array  # [B, Qo] own index of each query; keys <= it are visible
+    # own part of multi-token chunks, this step's keys: query tiles of T / Tt rows, each
+    # reading a window of W rows (`chunk_window_attention`)
+    tok_chunk: jax.Array  # [T] the chunk of each row (-1: a single-query row or padding)
+    win_key_row: jax.Array  # [Tt, W] rows tile i reads, in row order, T = none ([0, 0]: none)
+    # own part of multi-token chunks, the keys their sequence held before this step: blocks of
+    # CONTEXT_BLOCK queries of one sequence against its earlier own pages
+    blk_token: jax.Array  # [B, CONTEXT_BLOCK] token rows, T = padding
+    blk_page_table: jax.Array  # [B, P] own pages up to the chunk's first key
+    blk_ctx_len: jax.Array  # [B] own keys before the chunk, all visible (0: padding)
     # prefix part, small blocks of Q queries of one group (Q from `split_prefix_queries`)
     gblk_token: jax.Array  # [Bg, Q] token rows, T = padding
     gblk_page_table: jax.Array  # [Bg, Pg] the group's shared prefix pages

@@ -146,10 +146,19 @@ def merge_attention_states(
     o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array
 ) -> jax.Array:
     """o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2), stably; o*: [T, H, D], lse*: [T, H]."""
-    m = jnp.maximum(lse1, lse2)
-    w1 = jnp.exp(lse1 - m)[..., None]
-    w2 = jnp.exp(lse2 - m)[..., None]
-    return (w1 * o1 + w2 * o2) / (w1 + w2)
+    return _merge_parts([(o1, lse1), (o2, lse2)])
+
+
+def _merge_parts(parts) -> jax.Array:
+    """The softmax over the union of every part's keys, from each part's (out, lse)."""
+    m = parts[0][1]
+    for _, lse in parts[1:]:
+        m = jnp.maximum(m, lse)
+    num, den = 0.0, 0.0
+    for o, lse in parts:
+        w = jnp.exp(lse - m)[..., None]
+        num, den = num + w * o, den + w
+    return num / den
 
 
 def _scatter_rows(shape, rows: jax.Array, vals: jax.Array, fill) -> jax.Array:
@@ -157,11 +166,61 @@ def _scatter_rows(shape, rows: jax.Array, vals: jax.Array, fill) -> jax.Array:
     return jnp.full(shape, fill, vals.dtype).at[rows].set(vals, mode="drop")
 
 
+def _step_keys(pages: jax.Array, layer, slot_mapping: jax.Array, dtype) -> jax.Array:
+    """This step's own keys `[T, Hkv, D]`, read back from the slots they were written to."""
+    ps = pages.shape[-3]
+    page, offset = slot_mapping // ps, slot_mapping % ps
+    return pages_as(pages[page, offset] if layer is None else pages[layer, page, offset], dtype)
+
+
+def chunk_window_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, tok_chunk: jax.Array, win_key_row: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Causal attention of each multi-token chunk's queries to the chunk's keys of this step.
+
+    q: [T, Hq, D], k/v: [T, Hkv, D] (this step's), tok_chunk: [T] (the chunk of each row; -1
+    for decode rows and padding), win_key_row: [Tt, W] (the rows query tile i of T/Tt rows
+    reads; T = none) -> out [T, Hq, D], lse [T, Hq]. Chunks are contiguous rows, so row order
+    is position order and a key is visible to a query of its chunk at or after it. The keys
+    come straight from the step, not from the pages: no gather of pages, and a tile reads only
+    the window of rows its chunks can reach (about the chunk length), where a block of the
+    chunk used to read the chunk's whole page table. The first half of the tiles, which cannot
+    reach back further than the step's start, read half the window when it spans more than
+    half the step.
+    """
+    t, hq, d = q.shape
+    tiles, width = win_key_row.shape
+    u = t // tiles
+    chunk_pad = jnp.concatenate([tok_chunk, jnp.full((1,), -1, tok_chunk.dtype)])
+    k_pad = jnp.concatenate([k, jnp.zeros((1,) + k.shape[1:], k.dtype)])
+    v_pad = jnp.concatenate([v, jnp.zeros((1,) + v.shape[1:], v.dtype)])
+    q_rows = jnp.arange(t, dtype=win_key_row.dtype).reshape(tiles, u)
+    q_chunk = tok_chunk.reshape(tiles, u)
+    q_tiles = q.reshape(tiles, u, hq, d)
+    # (first tile, last tile + 1, window columns): a tile ending at row e needs at most e keys.
+    half = tiles // 2
+    if half and width > u * half:
+        spans = ((0, half, u * half), (half, tiles, width))
+    else:
+        spans = ((0, tiles, width),)
+    outs, lses = [], []
+    for a, b, w in spans:
+        rows = win_key_row[a:b, width - w:]  # the window's last w rows, in row order
+        k_chunk = chunk_pad[rows]
+        mask = ((q_chunk[a:b, :, None] == k_chunk[:, None, :]) & (q_chunk[a:b, :, None] >= 0)
+                & (rows[:, None, :] <= q_rows[a:b, :, None]))
+        o, lse = attend(q_tiles[a:b], k_pad[rows], v_pad[rows], mask)
+        outs.append(o)
+        lses.append(lse)
+    return (jnp.concatenate(outs).reshape(t, hq, d),
+            jnp.concatenate(lses).reshape(t, hq))
+
+
 def shared_prefix_paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata,
     layer=None,
 ) -> jax.Array:
-    """Own part (causal over own pages) + prefix part (dense over the group's prefix), merged.
+    """Own part (causal over own keys) + prefix part (dense over the group's prefix), merged.
 
     q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] already holding this step's keys,
     or, with `layer` (may be traced), the stacked pools `[L, N, page_size, Hkv, D]`.
@@ -170,25 +229,30 @@ def shared_prefix_paged_attention(
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
     q_pad = jnp.concatenate([q, jnp.zeros((1, hq, d), q.dtype)])  # row T = padding query
 
-    # Own part, single-query rows.
+    # Own part, single-query rows: the whole own context, this step's key included.
     ro, rl = paged_single_query_attention(
         q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len, layer)
+    parts = [(_scatter_rows((t, hq, d), md.row_token, ro, 0.0),
+              _scatter_rows((t, hq), md.row_token, rl, MASK_VALUE))]
 
-    # Own part, blocks of one sequence.
-    bk = _gather_pages(k_pages, md.blk_page_table, layer, q.dtype)
-    bv = _gather_pages(v_pages, md.blk_page_table, layer, q.dtype)
-    bmask = jnp.arange(bk.shape[1])[None, None, :] <= md.blk_qpos[:, :, None]
-    bo, bl = attend(q_pad[md.blk_token], bk, bv, bmask)
-
-    own_rows = jnp.concatenate([md.row_token, md.blk_token.reshape(-1)])
-    own_o = _scatter_rows((t, hq, d), own_rows,
-                          jnp.concatenate([ro.astype(bo.dtype), bo.reshape(-1, hq, d)]), 0.0)
-    own_l = _scatter_rows((t, hq), own_rows,
-                          jnp.concatenate([rl, bl.reshape(-1, hq)]), MASK_VALUE)
+    # Own part of multi-token chunks: this step's keys of the chunk (causal) ...
+    if md.win_key_row.shape[0] > 0:
+        k_step = _step_keys(k_pages, layer, md.slot_mapping, q.dtype)
+        v_step = _step_keys(v_pages, layer, md.slot_mapping, q.dtype)
+        parts.append(chunk_window_attention(q, k_step, v_step, md.tok_chunk, md.win_key_row))
+    # ... and the keys the sequence held before this step (all visible), in blocks.
+    if md.blk_token.shape[0] > 0:
+        bk = _gather_pages(k_pages, md.blk_page_table, layer, q.dtype)
+        bv = _gather_pages(v_pages, md.blk_page_table, layer, q.dtype)
+        bmask = (jnp.arange(bk.shape[1])[None, None, :] < md.blk_ctx_len[:, None, None]) & (
+            md.blk_token[:, :, None] < t)
+        bo, bl = attend(q_pad[md.blk_token], bk, bv, bmask)
+        rows = md.blk_token.reshape(-1)
+        parts.append((_scatter_rows((t, hq, d), rows, bo.reshape(-1, hq, d), 0.0),
+                      _scatter_rows((t, hq), rows, bl.reshape(-1, hq), MASK_VALUE)))
 
     # Prefix part: each block of a group's queries (small and large blocks) against the
     # group's whole shared prefix.
-    pre_rows, pre_outs, pre_lses = [], [], []
     for tok, table, prefix_len in ((md.gblk_token, md.gblk_page_table, md.gblk_prefix_len),
                                    (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len)):
         if tok.shape[0] == 0:
@@ -198,16 +262,10 @@ def shared_prefix_paged_attention(
         gmask = (jnp.arange(gk.shape[1])[None, None, :] < prefix_len[:, None, None]) & (
             tok[:, :, None] < t)
         go, gl = attend(q_pad[tok], gk, gv, gmask)
-        pre_rows.append(tok.reshape(-1))
-        pre_outs.append(go.reshape(-1, hq, d))
-        pre_lses.append(gl.reshape(-1, hq))
-    if not pre_rows:
-        return own_o.astype(q.dtype)
-    pre_rows = jnp.concatenate(pre_rows)
-    pre_o = _scatter_rows((t, hq, d), pre_rows, jnp.concatenate(pre_outs), 0.0)
-    pre_l = _scatter_rows((t, hq), pre_rows, jnp.concatenate(pre_lses), MASK_VALUE)
-
-    return merge_attention_states(own_o, own_l, pre_o, pre_l).astype(q.dtype)
+        rows = tok.reshape(-1)
+        parts.append((_scatter_rows((t, hq, d), rows, go.reshape(-1, hq, d), 0.0),
+                      _scatter_rows((t, hq), rows, gl.reshape(-1, hq), MASK_VALUE)))
+    return _merge_parts(parts).astype(q.dtype)
 
 
 def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_paged_attention):

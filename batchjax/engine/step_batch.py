@@ -7,10 +7,11 @@ import dataclasses
 import numpy as np
 
 from batchjax.attention.metadata import (
+    CONTEXT_BLOCK,
     PREFIX_LARGE_BLOCK,
     PagedAttentionMetadata,
-    own_block_queries,
     split_prefix_queries,
+    window_tile_rows,
 )
 from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.step_plan import NULL_PAGE, StepPlan
@@ -71,18 +72,20 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     slot_mapping = np.full(t_pad, NULL_PAGE * page_size, np.int32)
 
     rows_tok, rows_tab, rows_len = [], [], []
-    blk_tok, blk_tab, blk_qpos = [], [], []
+    blk_tok, blk_tab, blk_ctx = [], [], []
+    tok_chunk = np.full(t_pad, -1, np.int32)
+    tile = window_tile_rows(t_pad)
+    window = 0  # rows a query tile must reach back to see its chunk's first key
+    num_multi = 0  # multi-token chunks
     group_rows: dict[int, list[int]] = {}
     sample_rows, sample_seqs, sample_pos = [], [], []
     # Single-query rows and blocks are padded to their own widths: in a step that mixes decode
     # rows (a few own pages each) with a long prefill chunk, a shared width made every row
     # read the chunk's whole table.
-    row_pages_max = blk_pages_max = 1
+    row_pages_max = ctx_pages_max = 1
 
-    own_q = own_block_queries([c.num_tokens for c in chunks if c.num_tokens > 1],
-                              buckets.blocks_bucket)
     r0 = 0
-    for c in chunks:
+    for i, c in enumerate(chunks):
         n = c.num_tokens
         own_idx = c.own_start + np.arange(n)
         token_ids[r0 : r0 + n] = c.token_ids
@@ -96,16 +99,21 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
             rows_tab.append(own_table)
             rows_len.append(c.own_start + 1)
         else:
-            blk_pages_max = max(blk_pages_max, len(own_table))
-            for b in range(0, n, own_q):
-                m = min(own_q, n - b)
-                tok = np.full(own_q, t_pad, np.int32)
-                tok[:m] = r0 + b + np.arange(m)
-                qpos = np.full(own_q, -1, np.int32)
-                qpos[:m] = c.own_start + b + np.arange(m)
-                blk_tok.append(tok)
-                blk_qpos.append(qpos)
-                blk_tab.append(own_table)
+            # This step's keys of the chunk, causally, in windows of the step's rows ...
+            tok_chunk[r0 : r0 + n] = i
+            num_multi += 1
+            window = max(window, ((r0 + n - 1) // tile + 1) * tile - r0)
+            if c.own_start > 0:
+                # ... and the keys the sequence held before, all visible, in blocks.
+                ctx_table = own_table[: -(-c.own_start // page_size)]
+                ctx_pages_max = max(ctx_pages_max, len(ctx_table))
+                for b in range(0, n, CONTEXT_BLOCK):
+                    m = min(CONTEXT_BLOCK, n - b)
+                    tok = np.full(CONTEXT_BLOCK, t_pad, np.int32)
+                    tok[:m] = r0 + b + np.arange(m)
+                    blk_tok.append(tok)
+                    blk_tab.append(ctx_table)
+                    blk_ctx.append(c.own_start)
         if c.prefix_group is not None and c.prefix_len > 0:
             group_rows.setdefault(c.prefix_group, []).extend(range(r0, r0 + n))
         if c.sample:
@@ -113,6 +121,13 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
             sample_seqs.append(c.seq_id)
             sample_pos.append(c.prefix_len + c.own_start + n)
         r0 += n
+    if window:
+        window = buckets.window_bucket(window, t_pad)
+        ends = np.arange(1, t_pad // tile + 1, dtype=np.int32)[:, None] * tile
+        win_key_row = ends - window + np.arange(window, dtype=np.int32)[None, :]
+        win_key_row[win_key_row < 0] = t_pad
+    else:
+        win_key_row = np.zeros((0, 0), np.int32)
 
     prefixes = {p.group_id: p for p in plan.prefixes}
     small_q, split = split_prefix_queries([len(rows) for rows in group_rows.values()],
@@ -135,15 +150,16 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     lblk_tok, lblk_tab, lblk_len = blocks[PREFIX_LARGE_BLOCK]
 
     rp_pad = buckets.pages_bucket(row_pages_max)
-    bp_pad = buckets.pages_bucket(blk_pages_max)
+    bp_pad = buckets.context_pages_bucket(ctx_pages_max)
     pg_pad = buckets.pages_bucket(max([len(t) for t in gblk_tab + lblk_tab], default=1))
     r_pad = buckets.rows_bucket(len(rows_tok))
     b_pad = buckets.blocks_bucket(len(blk_tok))
     g_pad = buckets.blocks_bucket(len(gblk_tok))
     l_pad = buckets.blocks_bucket(len(lblk_tok))
-    # A sampling chunk ends in a row or a block, so rows + blocks bounds the sampled rows: no
-    # shape dimension of its own (padding rows cost one lm_head row each).
-    s_pad = r_pad + b_pad
+    # A sampling chunk is a row or a multi-token chunk. Room for one chunk per query tile
+    # costs a few lm_head rows (8 in a 512-row step) but no shape dimension of its own.
+    tiles = t_pad // tile
+    s_pad = r_pad + (0 if num_multi == 0 else max(tiles, buckets.blocks_bucket(num_multi)))
 
     def rows_of(vals, fill, rows, dtype=np.int32, width=None):
         shape = (rows,) if width is None else (rows, width)
@@ -154,16 +170,17 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
 
     ragged_fields = {}
     if ragged:
-        ragged_fields = _ragged_metadata(chunks, prefixes, buckets, page_size,
-                                         max(rp_pad, bp_pad), pg_pad)
+        ragged_fields = _ragged_metadata(chunks, prefixes, buckets, page_size, pg_pad)
     md = PagedAttentionMetadata(
         slot_mapping=slot_mapping,
         row_token=rows_of(rows_tok, t_pad, r_pad),
         row_page_table=_pad_table(rows_tab, rp_pad, r_pad),
         row_kv_len=rows_of(rows_len, 0, r_pad),
-        blk_token=rows_of(blk_tok, t_pad, b_pad, width=own_q),
+        tok_chunk=tok_chunk,
+        win_key_row=win_key_row,
+        blk_token=rows_of(blk_tok, t_pad, b_pad, width=CONTEXT_BLOCK),
         blk_page_table=_pad_table(blk_tab, bp_pad, b_pad),
-        blk_qpos=rows_of(blk_qpos, -1, b_pad, width=own_q),
+        blk_ctx_len=rows_of(blk_ctx, 0, b_pad),
         gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=small_q),
         gblk_page_table=_pad_table(gblk_tab, pg_pad, g_pad),
         gblk_prefix_len=rows_of(gblk_len, 0, g_pad),
@@ -183,7 +200,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     )
 
 
-def _ragged_metadata(chunks, prefixes, buckets: BucketTable, page_size: int, p_pad: int,
+def _ragged_metadata(chunks, prefixes, buckets: BucketTable, page_size: int,
                      pg_pad: int) -> dict:
     """`seq_*` / `group_*` arrays: one sequence per chunk, groups in layout order."""
     s_pad = buckets.rows_bucket(len(chunks))
@@ -200,6 +217,7 @@ def _ragged_metadata(chunks, prefixes, buckets: BucketTable, page_size: int, p_p
             span[1] += c.num_tokens
         r0 += c.num_tokens
     g_pad = buckets.rows_bucket(max(len(groups), 1))
+    p_pad = buckets.pages_bucket(max(len(t) for t in seq_tables))
 
     def col(vals, rows):
         out = np.zeros(rows, np.int32)

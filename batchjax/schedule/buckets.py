@@ -29,6 +29,11 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out)
 
 
+def _coarse(ladder: tuple[int, ...]) -> tuple[int, ...]:
+    """The powers of two of a ladder, and its top."""
+    return tuple(n for n in ladder[:-1] if n & (n - 1) == 0) + ladder[-1:]
+
+
 @dataclasses.dataclass(frozen=True)
 class BucketTable:
     """Ladders per step dimension; a size above a ladder's top is an error, not a new shape."""
@@ -61,6 +66,15 @@ class BucketTable:
 
     def pages_bucket(self, n: int) -> int:
         return self.round_up(self.pages, n, "pages")
+
+    def context_pages_bucket(self, n: int) -> int:
+        """Pages of a continuing chunk's earlier keys: a power of two (it depends on where a
+        prompt was split, a second free dimension; the finer ladder doubled a run's shapes)."""
+        return self.round_up(_coarse(self.pages), n, "context pages")
+
+    def window_bucket(self, n: int, num_rows: int) -> int:
+        """Rows a query tile reads back in a step of `num_rows`: a power of two, or the step."""
+        return min(self.round_up(_coarse(self.tokens), n, "window rows"), num_rows)
 
     @classmethod
     def for_budget(cls, max_tokens_per_step: int) -> "BucketTable":
