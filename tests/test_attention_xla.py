@@ -213,3 +213,23 @@ def test_ragged_layout_keeps_groups_contiguous_and_matches_the_xla_path():
     got, _ = pk.merge_attention_states_reference(*own, *pre)
     n = batch.num_tokens
     np.testing.assert_allclose(np.asarray(got)[:n], np.asarray(want)[:n], rtol=1e-5, atol=1e-5)
+
+
+def test_single_query_rows_read_only_the_pages_their_longest_row_needs():
+    """Rows over tables wider than one loop iteration (16 pages of 4 keys, read 4 pages at a
+    time): the loop stops after the longest row's keys (37 keys: 3 of 4 iterations). Pages
+    past that hold NaN, so reading them would show in the output."""
+    rng = np.random.default_rng(7)
+    k_pages = rng.normal(size=(40, PAGE, HKV, D)).astype(np.float32)
+    v_pages = rng.normal(size=(40, PAGE, HKV, D)).astype(np.float32)
+    table = np.arange(1, 33, dtype=np.int32).reshape(2, 16)
+    kv_len = np.array([37, 5], np.int32)
+    k_pages[table[:, 12:]] = np.nan
+    v_pages[table[:, 12:]] = np.nan
+    q = rng.normal(size=(2, HQ, D)).astype(np.float32)
+    out, _ = jax.jit(xla.paged_single_query_attention)(q, k_pages, v_pages, table, kv_len)
+    for i in range(2):
+        keys = k_pages[table[i]].reshape(-1, HKV, D)[: kv_len[i]]
+        vals = v_pages[table[i]].reshape(-1, HKV, D)[: kv_len[i]]
+        np.testing.assert_allclose(np.asarray(out)[i], _naive(q[i], keys, vals),
+                                   rtol=1e-5, atol=1e-5)
