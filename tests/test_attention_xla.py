@@ -138,7 +138,7 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, mon
 def test_chunks_starting_their_keys_attend_within_windows_of_the_step(lens):
     """Prompt chunks laid out back to back (decode rows among them): each query sees exactly
     its chunk's earlier keys. The 150- and 200-token chunks need windows over more than half
-    the step, so the first half of the tiles reads a shorter window."""
+    the step, so the tiles near the step's start read shorter windows than the last ones."""
     rng = np.random.default_rng(len(lens))
     chunks, page = [], 1
     for i, n in enumerate(lens):

@@ -79,9 +79,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     num_multi = 0  # multi-token chunks
     group_rows: dict[int, list[int]] = {}
     sample_rows, sample_seqs, sample_pos = [], [], []
-    # Single-query rows and blocks are padded to their own widths: in a step that mixes decode
-    # rows (a few own pages each) with a long prefill chunk, a shared width made every row
-    # read the chunk's whole table.
+    # Single-query rows and context blocks are padded to their own widths: in a step that
+    # mixes decode rows (a few own pages each) with a long prefill chunk, a shared width made
+    # every row read the chunk's whole table.
     row_pages_max = ctx_pages_max = 1
 
     r0 = 0
