@@ -134,11 +134,12 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, mon
         assert (large_real, small_real) == (2, 1)
 
 
-@pytest.mark.parametrize("lens", [(150, 3, 40), (64,) * 4, (2, 200, 1, 9)])
+@pytest.mark.parametrize("lens", [(150, 3, 40), (64,) * 4, (2, 200, 1, 9), (300, 5, 150)])
 def test_chunks_starting_their_keys_attend_within_windows_of_the_step(lens):
     """Prompt chunks laid out back to back (decode rows among them): each query sees exactly
     its chunk's earlier keys. The 150- and 200-token chunks need windows over more than half
-    the step, so the tiles near the step's start read shorter windows than the last ones."""
+    the step, so the tiles near the step's start read shorter windows than the last ones; in
+    the 512-row step of (300, 5, 150) each group of tiles holds two tiles."""
     rng = np.random.default_rng(len(lens))
     chunks, page = [], 1
     for i, n in enumerate(lens):
@@ -176,7 +177,7 @@ def test_prefix_blocks_fit_the_groups_query_counts():
 def test_merge_is_safe_when_neither_side_saw_keys():
     o = jnp.ones((2, 3, 4))
     l = jnp.full((2, 3), xla.MASK_VALUE)
-    merged = xla.merge_attention_states(o * 0, l, o * 0, l)
+    merged = xla.merge_attention_states([(o * 0, l), (o * 0, l)])
     assert np.all(np.isfinite(np.asarray(merged)))
 
 

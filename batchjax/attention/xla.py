@@ -156,15 +156,9 @@ def paged_single_query_attention(
     return o, lse
 
 
-def merge_attention_states(
-    o1: jax.Array, lse1: jax.Array, o2: jax.Array, lse2: jax.Array
-) -> jax.Array:
-    """o = (e^l1 o1 + e^l2 o2) / (e^l1 + e^l2), stably; o*: [T, H, D], lse*: [T, H]."""
-    return _merge_parts([(o1, lse1), (o2, lse2)])
-
-
-def _merge_parts(parts) -> jax.Array:
-    """The softmax over the union of every part's keys, from each part's (out, lse)."""
+def merge_attention_states(parts) -> jax.Array:
+    """The softmax over the union of every part's keys, from each part's `(out [T, H, D],
+    lse [T, H])`: o = sum_i e^l_i o_i / sum_i e^l_i, stably."""
     m = parts[0][1]
     for _, lse in parts[1:]:
         m = jnp.maximum(m, lse)
@@ -180,10 +174,14 @@ def _scatter_rows(shape, rows: jax.Array, vals: jax.Array, fill) -> jax.Array:
     return jnp.full(shape, fill, vals.dtype).at[rows].set(vals, mode="drop")
 
 
+def _slot_page_offset(slot_mapping: jax.Array, page_size: int):
+    """Flat KV slots -> (page, offset within the page)."""
+    return slot_mapping // page_size, slot_mapping % page_size
+
+
 def _step_keys(pages: jax.Array, layer, slot_mapping: jax.Array, dtype) -> jax.Array:
     """This step's own keys `[T, Hkv, D]`, read back from the slots they were written to."""
-    ps = pages.shape[-3]
-    page, offset = slot_mapping // ps, slot_mapping % ps
+    page, offset = _slot_page_offset(slot_mapping, pages.shape[-3])
     return pages_as(pages[page, offset] if layer is None else pages[layer, page, offset], dtype)
 
 
@@ -283,7 +281,7 @@ def shared_prefix_paged_attention(
         rows = tok.reshape(-1)
         parts.append((_scatter_rows((t, hq, d), rows, go.reshape(-1, hq, d), 0.0),
                       _scatter_rows((t, hq), rows, gl.reshape(-1, hq), MASK_VALUE)))
-    return _merge_parts(parts).astype(q.dtype)
+    return merge_attention_states(parts).astype(q.dtype)
 
 
 def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_paged_attention):
@@ -297,7 +295,7 @@ def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_
     def attention(layer, q, k, v, kv):
         k_all, v_all = kv
         _, n, ps, h, d = k_all.shape
-        page, offset = md.slot_mapping // ps, md.slot_mapping % ps
+        page, offset = _slot_page_offset(md.slot_mapping, ps)
         k_all = _write_slots(k_all, layer, page, offset, k)
         v_all = _write_slots(v_all, layer, page, offset, v)
         return impl(q, k_all, v_all, md, layer=layer), (k_all, v_all)
