@@ -234,3 +234,40 @@ def test_single_query_rows_read_only_the_pages_their_longest_row_needs():
         vals = v_pages[table[i]].reshape(-1, HKV, D)[: kv_len[i]]
         np.testing.assert_allclose(np.asarray(out)[i], _naive(q[i], keys, vals),
                                    rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows,pages", [(48, 2), (24, 2), (96, 16), (40, 16)])
+def test_many_rows_are_read_in_chunks_each_as_long_as_its_own_longest_row(rows, pages):
+    """Steps with more rows than one loop iteration takes (16 over short tables, 32 over
+    long ones; 24 and 40 rows run 8 at a time) give every row its own attention. Over long
+    tables each chunk's loop stops at its own longest row: the rows after the first 32 hold at
+    most 9 keys, and their later pages hold NaN."""
+    rng = np.random.default_rng(rows)
+    num_pages = rows * pages + 1
+    k_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
+    v_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
+    table = np.arange(1, num_pages, dtype=np.int32).reshape(rows, pages)
+    kv_len = rng.integers(1, pages * PAGE + 1, size=rows).astype(np.int32)
+    if pages > 8:
+        kv_len[32:] = rng.integers(1, 10, size=rows - 32)
+        kv_len[0] = pages * PAGE  # the first chunk reads its whole table
+        k_pages[table[32:, 4:]] = np.nan
+        v_pages[table[32:, 4:]] = np.nan
+    q = rng.normal(size=(rows, HQ, D)).astype(np.float32)
+    out, lse = jax.jit(xla.paged_single_query_attention)(q, k_pages, v_pages, table, kv_len)
+    assert out.shape == (rows, HQ, D) and lse.shape == (rows, HQ)
+    for i in range(rows):
+        keys = k_pages[table[i]].reshape(-1, HKV, D)[: kv_len[i]]
+        vals = v_pages[table[i]].reshape(-1, HKV, D)[: kv_len[i]]
+        np.testing.assert_allclose(np.asarray(out)[i], _naive(q[i], keys, vals),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_many_groups_prefix_blocks_run_a_few_at_a_time():
+    """Eight groups, each with a prefix and two decode rows: their prefix blocks run 4 at a
+    time and every row still sees its own group's prefix."""
+    prefixes = tuple(PrefixRef(g, (1 + 2 * g, 2 + 2 * g), 5 + g % 3) for g in range(8))
+    chunks = tuple(ChunkWork(2 * g + i, (3,), 2, (20 + 2 * g + i,), g, 5 + g % 3, True, True)
+                   for g in range(8) for i in range(2))
+    batch = _check_against_full_context_attention(chunks, prefixes, np.random.default_rng(3))
+    assert batch.metadata.gblk_token.shape[0] == 8

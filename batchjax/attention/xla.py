@@ -99,6 +99,26 @@ _PAGES_PER_STEP = 4
 _PAGES_NO_LOOP = 8
 
 
+# Rows per iteration of `paged_single_query_attention`'s loop over rows, so that the keys
+# gathered for them stay in cache between the two products. SmolLM2, a step's attention:
+# 256 decode rows over 6-page tables took about 350 ms all at once, 156 ms 16 rows at a time;
+# whole steps of 256 rows over 16-page own contexts, 1,080-1,130 ms at once, 850 ms 32 at a
+# time (and 128 rows over 35 pages 750-770 -> 690 ms). 64 rows at once or 32 at a time ran
+# the same.
+_ROWS_PER_CHUNK = 16  # tables of up to `_PAGES_NO_LOOP` pages, read in one go
+_ROWS_PER_CHUNK_LOOP = 32  # longer tables, read in the loop over pages
+
+
+def _in_chunks(fn, chunk: int, *arrays):
+    """`fn(*arrays)` computed `chunk` leading rows at a time in a loop, outputs stacked back.
+
+    Every array's leading dimension is cut the same way; `chunk` must divide it."""
+    rows = arrays[0].shape[0]
+    split = [a.reshape(rows // chunk, chunk, *a.shape[1:]) for a in arrays]
+    outs = jax.lax.map(lambda xs: fn(*xs), split)
+    return jax.tree.map(lambda o: o.reshape(rows, *o.shape[2:]), outs)
+
+
 def paged_single_query_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
     kv_len: jax.Array, layer=None,
@@ -112,6 +132,12 @@ def paged_single_query_attention(
     """
     rows, hq, d = q.shape
     page_size, hkv = k_pages.shape[-3], k_pages.shape[-2]
+    most = _ROWS_PER_CHUNK if page_table.shape[1] <= _PAGES_NO_LOOP else _ROWS_PER_CHUNK_LOOP
+    if rows > most:
+        chunk = next((c for c in (most, most // 2, most // 4) if rows % c == 0), rows)
+        return _in_chunks(
+            lambda q, t, n: paged_single_query_attention(q, k_pages, v_pages, t, n, layer),
+            chunk, q, page_table, kv_len)
     r = hq // hkv
     qg = q.reshape(rows, hkv, r, d).astype(jnp.float32) * (1.0 / jnp.sqrt(jnp.float32(d)))
     per_step = page_table.shape[1] if page_table.shape[1] <= _PAGES_NO_LOOP else _PAGES_PER_STEP
@@ -232,6 +258,34 @@ def chunk_window_attention(
             jnp.concatenate(lses).reshape(t, hq))
 
 
+# Blocks per iteration of `_block_attention`'s loop (SmolLM2, 16 groups x 16 rows over
+# 1,024-token prefixes: 950-967 ms a step with 4, 1,020-1,032 ms all at once, about 1,070 ms
+# one at a time, where the loop's per-iteration cost shows).
+_BLOCKS_PER_CHUNK = 4
+
+
+def _block_attention(q_pad, k_pages, v_pages, tok, page_table, kv_len, layer):
+    """Blocks of queries, each against all of the first `kv_len` keys of its page table.
+
+    q_pad: [T + 1, Hq, D] (row T pads); tok: [B, Q]; page_table: [B, P]; kv_len: [B] ->
+    out [B, Q, Hq, D], lse [B, Q, Hq]. More than `_BLOCKS_PER_CHUNK` blocks run that many
+    at a time in a loop, so that a chunk's gathered keys stay in cache between its two
+    products.
+    """
+    t = q_pad.shape[0] - 1
+
+    def one(tok, table, kv_len):
+        k = _gather_pages(k_pages, table, layer, q_pad.dtype)
+        v = _gather_pages(v_pages, table, layer, q_pad.dtype)
+        mask = (jnp.arange(k.shape[1])[None, None, :] < kv_len[:, None, None]) & (
+            tok[:, :, None] < t)
+        return attend(q_pad[tok], k, v, mask)
+
+    if tok.shape[0] > _BLOCKS_PER_CHUNK and tok.shape[0] % _BLOCKS_PER_CHUNK == 0:
+        return _in_chunks(one, _BLOCKS_PER_CHUNK, tok, page_table, kv_len)
+    return one(tok, page_table, kv_len)
+
+
 def shared_prefix_paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata,
     layer=None,
@@ -258,11 +312,8 @@ def shared_prefix_paged_attention(
         parts.append(chunk_window_attention(q, k_step, v_step, md.tok_chunk, md.win_key_row))
     # ... and the keys the sequence held before this step (all visible), in blocks.
     if md.blk_token.shape[0] > 0:
-        bk = _gather_pages(k_pages, md.blk_page_table, layer, q.dtype)
-        bv = _gather_pages(v_pages, md.blk_page_table, layer, q.dtype)
-        bmask = (jnp.arange(bk.shape[1])[None, None, :] < md.blk_ctx_len[:, None, None]) & (
-            md.blk_token[:, :, None] < t)
-        bo, bl = attend(q_pad[md.blk_token], bk, bv, bmask)
+        bo, bl = _block_attention(q_pad, k_pages, v_pages, md.blk_token, md.blk_page_table,
+                                  md.blk_ctx_len, layer)
         rows = md.blk_token.reshape(-1)
         parts.append((_scatter_rows((t, hq, d), rows, bo.reshape(-1, hq, d), 0.0),
                       _scatter_rows((t, hq), rows, bl.reshape(-1, hq), MASK_VALUE)))
@@ -273,11 +324,7 @@ def shared_prefix_paged_attention(
                                    (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len)):
         if tok.shape[0] == 0:
             continue
-        gk = _gather_pages(k_pages, table, layer, q.dtype)
-        gv = _gather_pages(v_pages, table, layer, q.dtype)
-        gmask = (jnp.arange(gk.shape[1])[None, None, :] < prefix_len[:, None, None]) & (
-            tok[:, :, None] < t)
-        go, gl = attend(q_pad[tok], gk, gv, gmask)
+        go, gl = _block_attention(q_pad, k_pages, v_pages, tok, table, prefix_len, layer)
         rows = tok.reshape(-1)
         parts.append((_scatter_rows((t, hq, d), rows, go.reshape(-1, hq, d), 0.0),
                       _scatter_rows((t, hq), rows, gl.reshape(-1, hq), MASK_VALUE)))
