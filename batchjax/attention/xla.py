@@ -299,35 +299,30 @@ def shared_prefix_paged_attention(
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
     q_pad = jnp.concatenate([q, jnp.zeros((1, hq, d), q.dtype)])  # row T = padding query
 
+    def scattered(rows, o, lse):  # per-query results -> the step's rows, others masked
+        return (_scatter_rows((t, hq, d), rows, o.reshape(-1, hq, d), 0.0),
+                _scatter_rows((t, hq), rows, lse.reshape(-1, hq), MASK_VALUE))
+
     # Own part, single-query rows: the whole own context, this step's key included.
     ro, rl = paged_single_query_attention(
         q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len, layer)
-    parts = [(_scatter_rows((t, hq, d), md.row_token, ro, 0.0),
-              _scatter_rows((t, hq), md.row_token, rl, MASK_VALUE))]
+    parts = [scattered(md.row_token, ro, rl)]
 
     # Own part of multi-token chunks: this step's keys of the chunk (causal) ...
     if md.win_key_row.shape[0] > 0:
         k_step = _step_keys(k_pages, layer, md.slot_mapping, q.dtype)
         v_step = _step_keys(v_pages, layer, md.slot_mapping, q.dtype)
         parts.append(chunk_window_attention(q, k_step, v_step, md.tok_chunk, md.win_key_row))
-    # ... and the keys the sequence held before this step (all visible), in blocks.
-    if md.blk_token.shape[0] > 0:
-        bo, bl = _block_attention(q_pad, k_pages, v_pages, md.blk_token, md.blk_page_table,
-                                  md.blk_ctx_len, layer)
-        rows = md.blk_token.reshape(-1)
-        parts.append((_scatter_rows((t, hq, d), rows, bo.reshape(-1, hq, d), 0.0),
-                      _scatter_rows((t, hq), rows, bl.reshape(-1, hq), MASK_VALUE)))
 
-    # Prefix part: each block of a group's queries (small and large blocks) against the
-    # group's whole shared prefix.
-    for tok, table, prefix_len in ((md.gblk_token, md.gblk_page_table, md.gblk_prefix_len),
-                                   (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len)):
-        if tok.shape[0] == 0:
-            continue
-        go, gl = _block_attention(q_pad, k_pages, v_pages, tok, table, prefix_len, layer)
-        rows = tok.reshape(-1)
-        parts.append((_scatter_rows((t, hq, d), rows, go.reshape(-1, hq, d), 0.0),
-                      _scatter_rows((t, hq), rows, gl.reshape(-1, hq), MASK_VALUE)))
+    # Blocks of queries against all the first keys of a page table: the keys a chunk's
+    # sequence held before this step (context blocks), and each block of a group's queries
+    # (small and large blocks) against the group's whole shared prefix.
+    for tok, table, kv_len in ((md.blk_token, md.blk_page_table, md.blk_ctx_len),
+                               (md.gblk_token, md.gblk_page_table, md.gblk_prefix_len),
+                               (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len)):
+        if tok.shape[0] > 0:
+            o, lse = _block_attention(q_pad, k_pages, v_pages, tok, table, kv_len, layer)
+            parts.append(scattered(tok.reshape(-1), o, lse))
     return merge_attention_states(parts).astype(q.dtype)
 
 
