@@ -26,6 +26,7 @@ from pallas_kernels import (
     shared_prefix_attention,
     shared_prefix_attention_reference,
 )
+from pallas_kernels import paged_attention_mgpu as mgpu
 from pallas_kernels.paged_attention_gpu import paged_attention_gpu
 from pallas_kernels.paged_attention_tpu import paged_attention_tpu
 
@@ -311,6 +312,92 @@ def test_gpu_kernel_equals_reference(shape, causal, seed, fill):
     assert_matches(got, ref(*batch), shape.dtype)
 
 
+# Mosaic GPU (Hopper wgmma) takes 16-bit operands, D a multiple of 64 and pages of 8-128 tokens.
+MGPU_CASES = [
+    Shape(16, 8, 2, 64, 16, 3, 4, "bfloat16"),  # GQA 4: 4 query tokens x 4 heads per program
+    Shape(16, 4, 4, 128, 32, 2, 3, "bfloat16"),  # MHA, D 128, two pages a step
+    Shape(12, 6, 2, 64, 8, 9, 3, "bfloat16"),  # GQA 3 padded to 4, 8-token pages, 9 per seq
+    Shape(8, 2, 1, 64, 128, 2, 3, "bfloat16"),  # one 128-key page a step
+]
+needs_mgpu_interpreter = pytest.mark.skipif(
+    not mgpu.has_interpreter(),
+    reason="Mosaic GPU's host interpreter arrived in jax 0.11; on older jax the lowering test "
+    "checks this kernel and the gpu mark runs it",
+)
+
+
+@needs_mgpu_interpreter
+@pytest.mark.parametrize("shape", MGPU_CASES, ids=case_id)
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+@settings(max_examples=3, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), fill=st.sampled_from([0.1, 0.5, 1.0]),
+       kv_splits=st.sampled_from([1, 2, 3]))
+def test_mosaic_gpu_kernel_equals_reference(shape, causal, seed, fill, kv_splits):
+    batch = make_batch(shape, causal, seed, fill)
+    ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
+    got = mgpu.paged_attention_mgpu(*batch, causal=causal, block_q=4, kv_splits=kv_splits,
+                                    interpret=True)
+    assert_matches(got, ref(*batch), shape.dtype)
+
+
+def _run_detecting_races(run):
+    """(whether Mosaic GPU's interpreter saw a race, what `run` returned)."""
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    with plgpu.force_gpu_interpret_mode(plgpu.InterpretGPUParams(detect_races=True)):
+        result = jax.block_until_ready(run())
+    return interpret_pallas_call.get_races().races_found, result
+
+
+@needs_mgpu_interpreter
+def test_mosaic_gpu_race_detector_fires_on_a_racy_kernel():
+    """Positive control: a kernel that reads its shared buffer while the copy into it is in
+    flight. If the detector stopped reporting, the race-free test below would prove nothing."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+
+    def racy(x):
+        def body(x_ref, o_ref, smem, barrier):
+            plgpu.copy_gmem_to_smem(x_ref, smem, barrier)
+            smem[...] = smem[...] * 2.0  # before the wait: races with the copy
+            plgpu.barrier_wait(barrier)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(smem, o_ref)
+            plgpu.wait_smem_to_gmem(0)
+
+        return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct(x.shape, x.dtype),
+                            scratch_types=[plgpu.SMEM(x.shape, x.dtype), plgpu.Barrier()])(x)
+
+    assert _run_detecting_races(lambda: racy(jnp.ones((128, 64), jnp.float32)))[0]
+
+
+@needs_mgpu_interpreter
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+def test_mosaic_gpu_kernel_has_no_races(causal):
+    shape = MGPU_CASES[0]
+    batch = make_batch(shape, causal, seed=5, fill=0.5)
+    run = functools.partial(mgpu.paged_attention_mgpu, *batch, causal=causal, block_q=4,
+                            kv_splits=2)
+    races, got = _run_detecting_races(run)
+    assert not races
+    ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
+    assert_matches(got, ref(*batch), shape.dtype)
+
+
+def test_mosaic_gpu_block_fits_64_rows_and_splits_follow_the_work():
+    assert mgpu.rows_block_q(16, group=4) == 16  # 64 rows exactly
+    assert mgpu.rows_block_q(16, group=3) == 16  # 3 heads padded to 4
+    assert mgpu.rows_block_q(16, group=7) == 8  # 7 -> 8 heads, 8 tokens
+    assert mgpu.rows_block_q(12, group=1) == 8  # a power of two, at most block_q
+    assert mgpu.default_kv_splits(programs=1000, max_steps=64) == 1
+    assert mgpu.default_kv_splits(programs=32, max_steps=64) == 9  # 2 * 132 / 32, rounded up
+    assert mgpu.default_kv_splits(programs=32, max_steps=8) == 2  # at least 4 steps a split
+    with pytest.raises(ValueError, match="bf16 or f16"):
+        mgpu.check_supported(jnp.float32, 64, 16, 4)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        mgpu.check_supported(jnp.bfloat16, 96, 16, 4)
+
+
 def _abstract(shape: Shape):
     sds = jax.ShapeDtypeStruct
     dtype = jnp.dtype(shape.dtype)
@@ -330,14 +417,18 @@ def test_kernels_lower_for_tpu_and_gpu(causal):
     jax.export.export(jax.jit(tpu), platforms=["tpu"])(*_abstract(shape))
     gpu = functools.partial(paged_attention_gpu, causal=causal)
     jax.jit(gpu).trace(*_abstract(shape)).lower(lowering_platforms=("cuda",))
+    for splits in (1, 4):
+        mosaic = functools.partial(mgpu.paged_attention_mgpu, causal=causal, kv_splits=splits)
+        lowered = jax.jit(mosaic).trace(*_abstract(shape)).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
 
 
-def _compiled_case(causal: bool, dtype: str):
+def _compiled_case(causal: bool, dtype: str, **kernel_args):
     shape = Shape(256, 32, 8, 128, 64, 8, 16, dtype)
     batch = make_batch(shape, causal, seed=7, fill=0.5)
     kernel = ragged_paged_attention if causal else shared_prefix_attention
     ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
-    assert_matches(kernel(*batch), ref(*batch), dtype)
+    assert_matches(kernel(*batch, **kernel_args), ref(*batch), dtype)
 
 
 @pytest.mark.tpu
@@ -351,4 +442,27 @@ def test_compiled_tpu_kernel_equals_reference(causal, dtype):
 @pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_compiled_gpu_kernel_equals_reference(causal, dtype):
-    _compiled_case(causal, dtype)
+    _compiled_case(causal, dtype, backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [True, False], ids=["ragged", "prefix"])
+@pytest.mark.parametrize("kv_splits", [1, 4, None])
+@pytest.mark.parametrize("shape", MGPU_CASES + [Shape(256, 32, 8, 128, 64, 8, 16, "bfloat16")],
+                         ids=case_id)
+def test_compiled_mosaic_gpu_kernel_equals_reference(causal, kv_splits, shape):
+    for seed in range(3):
+        batch = make_batch(shape, causal, seed=seed, fill=0.5)
+        ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
+        got = mgpu.paged_attention_mgpu(*batch, causal=causal, kv_splits=kv_splits)
+        assert_matches(got, ref(*batch), shape.dtype)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_picks_mosaic_for_bf16_and_triton_for_f32():
+    for dtype, variant in (("bfloat16", "mosaic_gpu"), ("float32", "triton")):
+        batch = make_batch(Shape(64, 8, 2, 64, 16, 4, 8, dtype), True, seed=1, fill=0.5)
+        chosen = ragged_paged_attention(*batch, backend=variant)
+        default = ragged_paged_attention(*batch)
+        np.testing.assert_array_equal(np.asarray(default[0], np.float32),
+                                      np.asarray(chosen[0], np.float32))
