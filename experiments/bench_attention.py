@@ -6,12 +6,17 @@ each request has `suffix_len` keys of its own. Timed in one run, so ratios compa
 * cpu: the XLA path (jnp references, jitted): shared-prefix attention per group (one matrix
   product) + own-pages attention + merge, against per-request attention where each request
   gathers its whole prefix+suffix context and does matrix-vector attention.
-* gpu: the compiled Pallas kernels (prefix + own + merge) against per-request paged attention
-  (the ragged kernel over each request's full page table) and `jax.nn.dot_product_attention`
-  over contiguous per-request KV; achieved HBM bandwidth is printed against 4.8 TB/s (H200).
+* gpu: the compiled Pallas kernels (prefix + own + merge; Mosaic GPU for 16-bit dtypes, with
+  several key splits, and Triton) against per-request paged attention (the ragged kernel over
+  each request's full page table) and `jax.nn.dot_product_attention` over contiguous
+  per-request KV; achieved bandwidth is printed against the H200's 4.8 TB/s.
 
     python -m experiments.bench_attention --device=cpu
+    python -m experiments.bench_attention --device=gpu --dtype=bfloat16 --groups=16
 """
+
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +32,7 @@ from pallas_kernels import (
     shared_prefix_attention,
     shared_prefix_attention_reference,
 )
+from pallas_kernels.paged_attention_mgpu import paged_attention_mgpu
 
 DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Which comparison to run.")
 PREFIX_LEN = flags.DEFINE_integer("prefix_len", 2048, "Shared prefix tokens per group.")
@@ -104,18 +110,45 @@ def run_cpu(q, k_pages, v_pages, prefix, own, full) -> None:
     print(f"speedup: {t_naive / t_shared:.2f}x")
 
 
+def gpu_seconds(fn, repeats: int, calls: int = 20) -> float:
+    """Median over `repeats` of the mean time of `calls` back-to-back launches (one sync each):
+    host dispatch overlaps device work, so short kernels are not timed as launch latency."""
+    jax.block_until_ready(fn())
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(calls):
+            out = fn()
+        jax.block_until_ready(out)
+        times.append((time.perf_counter() - start) / calls)
+    return statistics.median(times)
+
+
 def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
     requests = q.shape[0]
 
-    @jax.jit
-    def shared(q, k_pages, v_pages):
-        on_prefix = shared_prefix_attention(q, k_pages, v_pages, *prefix, block_q=DEGREE.value)
-        on_own = ragged_paged_attention(q, k_pages, v_pages, *own)
-        return merge_attention_states(*on_prefix, *on_own)
+    def shared_with(backend, **prefix_args):
+        @jax.jit
+        def shared(q, k_pages, v_pages):
+            on_prefix = shared_prefix_attention(q, k_pages, v_pages, *prefix, backend=backend,
+                                                block_q=DEGREE.value, **prefix_args)
+            on_own = ragged_paged_attention(q, k_pages, v_pages, *own, backend=backend)
+            return merge_attention_states(*on_prefix, *on_own)
 
-    @jax.jit
-    def per_request_paged(q, k_pages, v_pages):
-        return ragged_paged_attention(q, k_pages, v_pages, *full)
+        return shared
+
+    def per_request_with(backend):
+        return jax.jit(lambda q, k, v: ragged_paged_attention(q, k, v, *full, backend=backend))
+
+    def mosaic_prefix_splits(splits):
+        @jax.jit
+        def shared(q, k_pages, v_pages):
+            on_prefix = paged_attention_mgpu(q, k_pages, v_pages, *prefix, causal=False,
+                                             block_q=DEGREE.value, kv_splits=splits)
+            on_own = paged_attention_mgpu(q, k_pages, v_pages, *own, causal=True)
+            return merge_attention_states(*on_prefix, *on_own)
+
+        return shared
 
     # Contiguous per-request KV, built once outside the timing: the dense library baseline.
     context = PREFIX_LEN.value + SUFFIX_LEN.value
@@ -128,21 +161,42 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
 
     shared_keys = GROUPS.value * PREFIX_LEN.value + requests * SUFFIX_LEN.value
     full_keys = requests * context
-    rows = [
-        ("pallas shared-prefix + own + merge", lambda: shared(q, k_pages, v_pages), shared_keys),
-        ("pallas per-request paged", lambda: per_request_paged(q, k_pages, v_pages), full_keys),
-        ("jax.nn.dot_product_attention", lambda: dense(q, k_dense, v_dense), full_keys),
+    sixteen_bit = jnp.dtype(DTYPE.value).itemsize == 2
+    rows = []
+    if sixteen_bit:
+        rows += [(f"mosaic shared-prefix, kv_splits={n}", mosaic_prefix_splits(n), shared_keys)
+                 for n in (None, 1, 4, 8)]
+        rows += [("mosaic per-request paged", per_request_with("mosaic_gpu"), full_keys)]
+    rows += [
+        ("triton shared-prefix", shared_with("triton"), shared_keys),
+        ("triton per-request paged", per_request_with("triton"), full_keys),
     ]
+    want = per_request_with("triton")(q, k_pages, v_pages)
+    print(f"device={jax.devices()[0].device_kind} requests={requests} groups={GROUPS.value} "
+          f"degree={DEGREE.value} prefix={PREFIX_LEN.value} suffix={SUFFIX_LEN.value} "
+          f"Hq={Q_HEADS.value} Hkv={KV_HEADS.value} D={HEAD_DIM.value} dtype={DTYPE.value} "
+          f"jax={jax.__version__}")
+    print("bandwidth = the KV bytes the variant must read at least once / time "
+          "(per-request variants count every request's whole context)")
     times = {}
     for name, fn, keys in rows:
-        seconds = median_seconds(fn, ITERS.value)
+        got = fn(q, k_pages, v_pages)
+        error = float(jnp.max(jnp.abs(got[0].astype(jnp.float32) - want[0].astype(jnp.float32))))
+        seconds = gpu_seconds(lambda: fn(q, k_pages, v_pages), ITERS.value)
         times[name] = seconds
         bandwidth = kv_bytes(keys) / seconds
         print(f"{name:38s} {seconds * 1e6:9.1f} us  {bandwidth / 1e12:5.2f} TB/s "
-              f"({100 * bandwidth / HBM_PEAK_BYTES_PER_S:4.1f}% of 4.8 TB/s)")
-    base = times["pallas shared-prefix + own + merge"]
-    for name in list(times)[1:]:
-        print(f"speedup over {name}: {times[name] / base:.2f}x")
+              f"({100 * bandwidth / HBM_PEAK_BYTES_PER_S:5.1f}% of 4.8)  max|diff|={error:.1e}")
+    seconds = gpu_seconds(lambda: dense(q, k_dense, v_dense), ITERS.value)
+    times["jax.nn.dot_product_attention"] = seconds
+    bandwidth = kv_bytes(full_keys) / seconds
+    print(f"{'jax.nn.dot_product_attention':38s} {seconds * 1e6:9.1f} us  "
+          f"{bandwidth / 1e12:5.2f} TB/s ({100 * bandwidth / HBM_PEAK_BYTES_PER_S:5.1f}% of 4.8)")
+    best = min((t, n) for n, t in times.items() if "shared" in n)
+    print(f"fastest shared-prefix variant: {best[1]}")
+    for name, seconds in times.items():
+        if "shared" not in name:
+            print(f"speedup over {name}: {seconds / best[0]:.2f}x")
 
 
 def main(argv: list[str]) -> None:

@@ -138,6 +138,19 @@ def test_pallas_attention_gives_the_xla_outputs(tiny_llama_dir, reference):
         "logical_prefill_tokens"]
 
 
+@pytest.mark.gpu
+def test_compiled_pallas_attention_on_a_gpu_gives_transformers_outputs(tiny_llama_dir, reference):
+    """The kernels compiled for the GPU (not interpreted) inside the engine: every prompt, every
+    token, shared prefix computed once."""
+    prompts, want = reference
+    pallas = Engine(str(tiny_llama_dir), page_size=4, kv_budget_mb=1.0, max_tokens_per_step=32,
+                    attention="pallas", progress=False)
+    results = pallas.generate(_requests(prompts, 12), policy="batchllm")
+    assert [r.token_ids for r in results] == want
+    assert pallas.last_metrics["computed_prefill_tokens"] < pallas.last_metrics[
+        "logical_prefill_tokens"]
+
+
 @pytest.mark.parametrize("policy", ["batchllm", "vllm"])
 def test_simulator_replays_the_engines_token_counts(engine, policy):
     from batchjax import workloads
