@@ -29,14 +29,17 @@ def merge_attention_states(
     out2: jax.Array,
     lse2: jax.Array,
     *,
-    block_t: int = 8,
+    block_t: int | None = None,
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """out1, out2: [T, Hq, D]; lse1, lse2: [T, Hq]. Returns (out: [T, Hq, D], lse: [T, Hq] f32).
 
     A side whose lse is the no-keys sentinel weighs 0; a row with no keys on either side gives
-    out 0 and the sentinel lse. `block_t` must be a multiple of 8 on TPU.
+    out 0 and the sentinel lse. `block_t` must be a multiple of 8 on TPU; by default 8 there and
+    1 on a GPU, where a program holds its whole block in registers.
     """
+    if block_t is None:
+        block_t = 1 if jax.default_backend() in ("gpu", "cuda", "rocm") and not interpret else 8
     num_tokens, q_heads, head_dim = out1.shape
     padded = -(-num_tokens // block_t) * block_t
     pad = padded - num_tokens
