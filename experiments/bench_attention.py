@@ -15,6 +15,7 @@ each request has `suffix_len` keys of its own. Timed in one run, so ratios compa
     python -m experiments.bench_attention --device=gpu --dtype=bfloat16 --groups=16
 """
 
+import functools
 import statistics
 import time
 
@@ -33,6 +34,7 @@ from pallas_kernels import (
     shared_prefix_attention_reference,
 )
 from pallas_kernels.paged_attention_mgpu import paged_attention_mgpu
+from pallas_kernels.paged_metadata import block_work
 
 DEVICE = flags.DEFINE_enum("device", "cpu", ["cpu", "gpu"], "Which comparison to run.")
 PREFIX_LEN = flags.DEFINE_integer("prefix_len", 2048, "Shared prefix tokens per group.")
@@ -171,6 +173,45 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
         ("triton shared-prefix", shared_with("triton"), shared_keys),
         ("triton per-request paged", per_request_with("triton"), full_keys),
     ]
+    def alone(name, fn, keys):
+        """A part of the shared-prefix path on its own: (name, fn(q, k, v), keys it reads)."""
+        return (name, jax.jit(fn), keys)
+
+    prefix_keys, own_keys = GROUPS.value * PREFIX_LEN.value, requests * SUFFIX_LEN.value
+    on_own = ragged_paged_attention(q, k_pages, v_pages, *own, backend="triton")
+    on_prefix = shared_prefix_attention(q, k_pages, v_pages, *prefix, backend="triton",
+                                        block_q=DEGREE.value)
+    parts = [
+        alone("  part: prefix, triton", lambda q, k, v: shared_prefix_attention(
+            q, k, v, *prefix, backend="triton", block_q=DEGREE.value), prefix_keys),
+        alone("  part: own, triton", lambda q, k, v: ragged_paged_attention(
+            q, k, v, *own, backend="triton"), own_keys),
+        alone("  part: merge, pallas block_t=8", lambda q, k, v: merge_attention_states(
+            *on_prefix, *on_own, block_t=8), 0),
+        alone("  part: merge, pallas block_t=1", lambda q, k, v: merge_attention_states(
+            *on_prefix, *on_own, block_t=1), 0),
+        alone("  part: merge, jnp", lambda q, k, v: merge_attention_states_reference(
+            *on_prefix, *on_own), 0),
+        alone("  part: page-table work lists", lambda q, k, v: block_work(
+            requests // DEGREE.value, DEGREE.value, k.shape[0], *prefix), 0),
+    ]
+    if sixteen_bit:
+        parts += [
+            alone(f"  part: prefix, mosaic kv_splits={n}", functools.partial(
+                lambda q, k, v, n: paged_attention_mgpu(q, k, v, *prefix, causal=False,
+                                                        block_q=DEGREE.value, kv_splits=n),
+                n=n), prefix_keys) for n in (1, 8, 16)
+        ] + [alone("  part: own, mosaic", lambda q, k, v: paged_attention_mgpu(
+            q, k, v, *own, causal=True), own_keys)]
+
+        @jax.jit
+        def mosaic_jnp_merge(q, k_pages, v_pages):
+            on_prefix = paged_attention_mgpu(q, k_pages, v_pages, *prefix, causal=False,
+                                             block_q=DEGREE.value, kv_splits=8)
+            on_own = paged_attention_mgpu(q, k_pages, v_pages, *own, causal=True)
+            return merge_attention_states_reference(*on_prefix, *on_own)
+
+        rows += [("mosaic shared-prefix, splits 8, jnp merge", mosaic_jnp_merge, shared_keys)]
     want = per_request_with("triton")(q, k_pages, v_pages)
     print(f"device={jax.devices()[0].device_kind} requests={requests} groups={GROUPS.value} "
           f"degree={DEGREE.value} prefix={PREFIX_LEN.value} suffix={SUFFIX_LEN.value} "
@@ -187,6 +228,10 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
         bandwidth = kv_bytes(keys) / seconds
         print(f"{name:38s} {seconds * 1e6:9.1f} us  {bandwidth / 1e12:5.2f} TB/s "
               f"({100 * bandwidth / HBM_PEAK_BYTES_PER_S:5.1f}% of 4.8)  max|diff|={error:.1e}")
+    for name, fn, keys in parts:
+        seconds = gpu_seconds(lambda: fn(q, k_pages, v_pages), ITERS.value)
+        bandwidth = kv_bytes(keys) / seconds
+        print(f"{name:38s} {seconds * 1e6:9.1f} us  {bandwidth / 1e12:5.2f} TB/s")
     seconds = gpu_seconds(lambda: dense(q, k_dense, v_dense), ITERS.value)
     times["jax.nn.dot_product_attention"] = seconds
     bandwidth = kv_bytes(full_keys) / seconds
