@@ -22,4 +22,5 @@ bench() {
     | tee -a "$OUT/bench.txt"
 }
 bench --dtype=bfloat16 --groups=16 --iters=20
-bench --dtype=float32 --groups=16 --iters=20
+bench --dtype=bfloat16 --groups=4 --iters=20
+bench --dtype=float32 --groups=16 --iters=10
