@@ -18,7 +18,7 @@ programs on the GPU's 132 multiprocessors. The splits' partial results are merge
 log-sum-exp outside the kernel.
 
 Limits, all from Hopper's `wgmma`: 16-bit operands (f32 operands would be TF32 and cannot be
-transposed, which the value product needs), `D` a multiple of 64, page sizes of 8 to 128 tokens,
+transposed, which the value product needs), `D` a multiple of 64, pages of 8, 16, 32, 64 or 128,
 at most 64 query heads per kv head. f32 pools use the Triton variant (`paged_attention_gpu`).
 """
 
@@ -54,8 +54,9 @@ def check_supported(q_dtype, head_dim: int, page_size: int, group: int) -> None:
         raise ValueError(f"the Mosaic GPU kernel takes bf16 or f16 operands, got {q_dtype}")
     if head_dim % 64:
         raise ValueError(f"head_dim must be a multiple of 64 for wgmma, got {head_dim}")
-    if page_size % 8 or page_size > 128:
-        raise ValueError(f"page_size must be a multiple of 8 up to 128, got {page_size}")
+    if page_size not in (8, 16, 32, 64, 128):
+        # A step's keys are the value product's K: whole pages adding up to 64 or 128.
+        raise ValueError(f"page_size must be 8, 16, 32, 64 or 128, got {page_size}")
     if group > ROWS:
         raise ValueError(f"at most {ROWS} query heads per kv head, got {group}")
 
@@ -79,8 +80,9 @@ def default_kv_splits(programs: int, max_steps: int) -> int:
 
 
 def keys_per_step(page_size: int) -> int:
-    """Whole pages adding up to at least 64 keys: wgmma's K step for bf16 with a 128B swizzle."""
-    return page_size * max(1, 64 // page_size) if 64 % page_size == 0 else page_size
+    """Whole pages adding up to 64 keys (128 for 128-key pages): the value product's K must be a
+    multiple of 64, wgmma's K step for 16-bit operands with a 128-byte swizzle."""
+    return max(64, page_size)
 
 
 def _kernel(

@@ -313,7 +313,7 @@ def test_gpu_kernel_equals_reference(shape, causal, seed, fill):
     assert_matches(got, ref(*batch), shape.dtype)
 
 
-# Mosaic GPU (Hopper wgmma) takes 16-bit operands, D a multiple of 64 and pages of 8-128 tokens.
+# Mosaic GPU (Hopper wgmma) takes 16-bit operands, D a multiple of 64, pages of 8 to 128 tokens.
 MGPU_CASES = [
     Shape(16, 8, 2, 64, 16, 3, 4, "bfloat16"),  # GQA 4: 4 query tokens x 4 heads per program
     Shape(16, 4, 4, 128, 32, 2, 3, "bfloat16"),  # MHA, D 128, two pages a step
@@ -336,8 +336,10 @@ needs_mgpu_interpreter = pytest.mark.skipif(
 def test_mosaic_gpu_kernel_equals_reference(shape, causal, seed, fill, kv_splits):
     batch = make_batch(shape, causal, seed, fill)
     ref = ragged_paged_attention_reference if causal else shared_prefix_attention_reference
-    got = mgpu.paged_attention_mgpu(*batch, causal=causal, block_q=4, kv_splits=kv_splits,
-                                    interpret=True)
+    # Wait for the interpreted kernel before the reference runs: its host callbacks run jax
+    # operations themselves, and on a 2-core host they can deadlock against new dispatches.
+    got = jax.block_until_ready(mgpu.paged_attention_mgpu(
+        *batch, causal=causal, block_q=4, kv_splits=kv_splits, interpret=True))
     assert_matches(got, ref(*batch), shape.dtype)
 
 
@@ -397,6 +399,9 @@ def test_mosaic_gpu_block_fits_64_rows_and_splits_follow_the_work():
         mgpu.check_supported(jnp.float32, 64, 16, 4)
     with pytest.raises(ValueError, match="multiple of 64"):
         mgpu.check_supported(jnp.bfloat16, 96, 16, 4)
+    with pytest.raises(ValueError, match="page_size"):
+        mgpu.check_supported(jnp.bfloat16, 64, 24, 4)  # 64 keys would not be whole pages
+    assert [mgpu.keys_per_step(p) for p in (8, 16, 32, 64, 128)] == [64, 64, 64, 64, 128]
 
 
 def _abstract(shape: Shape):
