@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.paged_metadata import block_work
-from pallas_kernels.reference import NO_KEYS_LSE, has_keys
+from pallas_kernels.reference import NO_KEYS_LSE, merge_attention_states_reference
 
 ROWS = 64  # wgmma's M: one warpgroup's rows
 SWIZZLE = 128  # bytes; 64 bf16 elements, so D must be a multiple of 64
@@ -68,13 +68,11 @@ def rows_block_q(block_q: int, group: int) -> int:
     return 1 << (most.bit_length() - 1)
 
 
-def default_kv_splits(programs: int, max_steps: int) -> int:
-    """Enough splits of the keys for about two programs per multiprocessor, each split
-    keeping at least 4 steps of keys."""
-    try:
+def default_kv_splits(programs: int, max_steps: int, cores: int | None = None) -> int:
+    """Enough splits of the keys for about two programs per multiprocessor (`cores`: the
+    default device's, 132 where it does not say), each split keeping at least 4 steps."""
+    if cores is None:
         cores = getattr(jax.devices()[0], "core_count", None) or 132
-    except RuntimeError:
-        cores = 132
     want = -(-2 * cores // max(programs, 1))
     return max(1, min(want, max_steps // 4, 16))
 
@@ -227,14 +225,12 @@ def _kernel(
 
 
 def merge_splits(out: jax.Array, lse: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """out: [splits, ..., D], lse: [splits, ...] -> the log-sum-exp merge over the splits."""
-    top = jnp.max(lse, axis=0)
-    weight = jnp.where(has_keys(lse), jnp.exp(lse - top), 0.0)
-    denom = jnp.sum(weight, axis=0)
-    seen = denom > 0
-    safe = jnp.where(seen, denom, 1.0)
-    merged = jnp.einsum("s...,s...d->...d", weight, out.astype(jnp.float32)) / safe[..., None]
-    return merged.astype(out.dtype), jnp.where(seen, top + jnp.log(safe), NO_KEYS_LSE)
+    """out: [splits, ..., D], lse: [splits, ...] -> the splits merged one after another by
+    `merge_attention_states_reference`, in f32 until the end."""
+    merged = (out[0].astype(jnp.float32), lse[0])
+    for split in range(1, out.shape[0]):
+        merged = merge_attention_states_reference(*merged, out[split], lse[split])
+    return merged[0].astype(out.dtype), merged[1]
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "block_q", "kv_splits", "interpret"))

@@ -392,9 +392,9 @@ def test_mosaic_gpu_block_fits_64_rows_and_splits_follow_the_work():
     assert mgpu.rows_block_q(16, group=3) == 16  # 3 heads padded to 4
     assert mgpu.rows_block_q(16, group=7) == 8  # 7 -> 8 heads, 8 tokens
     assert mgpu.rows_block_q(12, group=1) == 8  # a power of two, at most block_q
-    assert mgpu.default_kv_splits(programs=1000, max_steps=64) == 1
-    assert mgpu.default_kv_splits(programs=32, max_steps=64) == 9  # 2 * 132 / 32, rounded up
-    assert mgpu.default_kv_splits(programs=32, max_steps=8) == 2  # at least 4 steps a split
+    assert mgpu.default_kv_splits(programs=1000, max_steps=64, cores=132) == 1
+    assert mgpu.default_kv_splits(programs=32, max_steps=64, cores=132) == 9  # 264 / 32, up
+    assert mgpu.default_kv_splits(programs=32, max_steps=8, cores=132) == 2  # >= 4 steps each
     with pytest.raises(ValueError, match="bf16 or f16"):
         mgpu.check_supported(jnp.float32, 64, 16, 4)
     with pytest.raises(ValueError, match="multiple of 64"):
