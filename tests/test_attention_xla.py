@@ -271,3 +271,31 @@ def test_many_groups_prefix_blocks_run_a_few_at_a_time():
                    for g in range(8) for i in range(2))
     batch = _check_against_full_context_attention(chunks, prefixes, np.random.default_rng(3))
     assert batch.metadata.gblk_token.shape[0] == 8
+
+
+def test_rows_of_several_queries_read_only_the_pages_their_chunk_needs():
+    """Small prefix blocks (4 queries of one group against its whole prefix) go through the
+    page loop: 16 blocks over 16-page tables run 8 at a time, and each chunk's loop stops at
+    its own longest prefix. The second chunk's prefixes hold at most 9 keys and their pages
+    from the fifth on hold NaN, so reading them would show in the output."""
+    rng = np.random.default_rng(11)
+    rows, queries, pages = 16, 4, 16
+    num_pages = rows * pages + 1
+    k_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
+    v_pages = rng.normal(size=(num_pages, PAGE, HKV, D)).astype(np.float32)
+    table = np.arange(1, num_pages, dtype=np.int32).reshape(rows, pages)
+    kv_len = rng.integers(1, pages * PAGE + 1, size=rows).astype(np.int32)
+    kv_len[8:] = rng.integers(1, 10, size=rows - 8)
+    kv_len[3] = 0  # a padding block: no keys
+    k_pages[table[8:, 4:]] = np.nan
+    v_pages[table[8:, 4:]] = np.nan
+    q = rng.normal(size=(rows, queries, HQ, D)).astype(np.float32)
+    out, lse = jax.jit(xla.paged_rows_attention)(q, k_pages, v_pages, table, kv_len)
+    assert out.shape == (rows, queries, HQ, D) and lse.shape == (rows, queries, HQ)
+    for i in range(rows):
+        keys = k_pages[table[i]].reshape(-1, HKV, D)[: kv_len[i]]
+        vals = v_pages[table[i]].reshape(-1, HKV, D)[: kv_len[i]]
+        for j in range(queries):
+            want = _naive(q[i, j], keys, vals) if kv_len[i] else np.zeros((HQ, D))
+            np.testing.assert_allclose(np.asarray(out)[i, j], want, rtol=1e-5, atol=1e-5)
+    assert bool(jnp.all(lse[3] == xla.MASK_VALUE))
