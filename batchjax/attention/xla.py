@@ -346,11 +346,14 @@ def shared_prefix_paged_attention(
     # Blocks of queries against all the first keys of a page table: the keys a chunk's
     # sequence held before this step (context blocks), and each block of a group's queries
     # (small and large blocks) against the group's whole shared prefix.
-    for tok, table, kv_len in ((md.blk_token, md.blk_page_table, md.blk_ctx_len),
-                               (md.gblk_token, md.gblk_page_table, md.gblk_prefix_len),
-                               (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len)):
+    # Small prefix blocks of few queries read their prefix page by page instead.
+    small_paged = md.gblk_token.shape[1] <= PAGED_PREFIX_MAX_QUERIES
+    for tok, table, kv_len, paged in (
+            (md.blk_token, md.blk_page_table, md.blk_ctx_len, False),
+            (md.gblk_token, md.gblk_page_table, md.gblk_prefix_len, small_paged),
+            (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len, False)):
         if tok.shape[0] > 0:
-            if tok is md.gblk_token and tok.shape[1] <= PAGED_PREFIX_MAX_QUERIES:
+            if paged:
                 o, lse = paged_rows_attention(q_pad[tok], k_pages, v_pages, table, kv_len, layer)
             else:
                 o, lse = _block_attention(q_pad, k_pages, v_pages, tok, table, kv_len, layer)
