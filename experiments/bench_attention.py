@@ -15,7 +15,6 @@ each request has `suffix_len` keys of its own. Timed in one run, so ratios compa
     python -m experiments.bench_attention --device=gpu --dtype=bfloat16 --groups=16
 """
 
-import functools
 import statistics
 import time
 
@@ -129,28 +128,23 @@ def gpu_seconds(fn, repeats: int, calls: int = 20) -> float:
 def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
     requests = q.shape[0]
 
-    def shared_with(backend, **prefix_args):
-        @jax.jit
-        def shared(q, k_pages, v_pages):
-            on_prefix = shared_prefix_attention(q, k_pages, v_pages, *prefix, backend=backend,
-                                                block_q=DEGREE.value, **prefix_args)
-            on_own = ragged_paged_attention(q, k_pages, v_pages, *own, backend=backend)
-            return merge_attention_states(*on_prefix, *on_own)
+    # The shared-prefix path is a prefix part, an own part and a merge; every variant timed
+    # below (whole or a part alone) is built from these.
+    def prefix_part(backend, splits=None):
+        if backend == "mosaic_gpu":
+            return lambda q, k, v: paged_attention_mgpu(q, k, v, *prefix, causal=False,
+                                                        block_q=DEGREE.value, kv_splits=splits)
+        return lambda q, k, v: shared_prefix_attention(q, k, v, *prefix, backend=backend,
+                                                       block_q=DEGREE.value)
 
-        return shared
+    def own_part(backend):
+        return lambda q, k, v: ragged_paged_attention(q, k, v, *own, backend=backend)
+
+    def shared_path(on_prefix, on_own, merge=merge_attention_states):
+        return jax.jit(lambda q, k, v: merge(*on_prefix(q, k, v), *on_own(q, k, v)))
 
     def per_request_with(backend):
         return jax.jit(lambda q, k, v: ragged_paged_attention(q, k, v, *full, backend=backend))
-
-    def mosaic_prefix_splits(splits):
-        @jax.jit
-        def shared(q, k_pages, v_pages):
-            on_prefix = paged_attention_mgpu(q, k_pages, v_pages, *prefix, causal=False,
-                                             block_q=DEGREE.value, kv_splits=splits)
-            on_own = paged_attention_mgpu(q, k_pages, v_pages, *own, causal=True)
-            return merge_attention_states(*on_prefix, *on_own)
-
-        return shared
 
     # Contiguous per-request KV, built once outside the timing: the dense library baseline.
     context = PREFIX_LEN.value + SUFFIX_LEN.value
@@ -166,11 +160,13 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
     sixteen_bit = jnp.dtype(DTYPE.value).itemsize == 2
     rows = []
     if sixteen_bit:
-        rows += [(f"mosaic shared-prefix, kv_splits={n}", mosaic_prefix_splits(n), shared_keys)
+        rows += [(f"mosaic shared-prefix, kv_splits={n}",
+                  shared_path(prefix_part("mosaic_gpu", n), own_part("mosaic_gpu")), shared_keys)
                  for n in (None, 1, 4, 8)]
         rows += [("mosaic per-request paged", per_request_with("mosaic_gpu"), full_keys)]
     rows += [
-        ("triton shared-prefix", shared_with("triton"), shared_keys),
+        ("triton shared-prefix", shared_path(prefix_part("triton"), own_part("triton")),
+         shared_keys),
         ("triton per-request paged", per_request_with("triton"), full_keys),
     ]
     def alone(name, fn, keys):
@@ -178,14 +174,11 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
         return (name, jax.jit(fn), keys)
 
     prefix_keys, own_keys = GROUPS.value * PREFIX_LEN.value, requests * SUFFIX_LEN.value
-    on_own = ragged_paged_attention(q, k_pages, v_pages, *own, backend="triton")
-    on_prefix = shared_prefix_attention(q, k_pages, v_pages, *prefix, backend="triton",
-                                        block_q=DEGREE.value)
+    on_own = own_part("triton")(q, k_pages, v_pages)
+    on_prefix = prefix_part("triton")(q, k_pages, v_pages)
     parts = [
-        alone("  part: prefix, triton", lambda q, k, v: shared_prefix_attention(
-            q, k, v, *prefix, backend="triton", block_q=DEGREE.value), prefix_keys),
-        alone("  part: own, triton", lambda q, k, v: ragged_paged_attention(
-            q, k, v, *own, backend="triton"), own_keys),
+        alone("  part: prefix, triton", prefix_part("triton"), prefix_keys),
+        alone("  part: own, triton", own_part("triton"), own_keys),
         alone("  part: merge, pallas block_t=8", lambda q, k, v: merge_attention_states(
             *on_prefix, *on_own, block_t=8), 0),
         alone("  part: merge, pallas block_t=1", lambda q, k, v: merge_attention_states(
@@ -196,22 +189,12 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
             requests // DEGREE.value, DEGREE.value, k.shape[0], *prefix), 0),
     ]
     if sixteen_bit:
-        parts += [
-            alone(f"  part: prefix, mosaic kv_splits={n}", functools.partial(
-                lambda q, k, v, n: paged_attention_mgpu(q, k, v, *prefix, causal=False,
-                                                        block_q=DEGREE.value, kv_splits=n),
-                n=n), prefix_keys) for n in (1, 8, 16)
-        ] + [alone("  part: own, mosaic", lambda q, k, v: paged_attention_mgpu(
-            q, k, v, *own, causal=True), own_keys)]
-
-        @jax.jit
-        def mosaic_jnp_merge(q, k_pages, v_pages):
-            on_prefix = paged_attention_mgpu(q, k_pages, v_pages, *prefix, causal=False,
-                                             block_q=DEGREE.value, kv_splits=8)
-            on_own = paged_attention_mgpu(q, k_pages, v_pages, *own, causal=True)
-            return merge_attention_states_reference(*on_prefix, *on_own)
-
-        rows += [("mosaic shared-prefix, splits 8, jnp merge", mosaic_jnp_merge, shared_keys)]
+        parts += [alone(f"  part: prefix, mosaic kv_splits={n}", prefix_part("mosaic_gpu", n),
+                        prefix_keys) for n in (1, 8, 16)]
+        parts += [alone("  part: own, mosaic", own_part("mosaic_gpu"), own_keys)]
+        rows += [("mosaic shared-prefix, splits 8, jnp merge",
+                  shared_path(prefix_part("mosaic_gpu", 8), own_part("mosaic_gpu"),
+                              merge_attention_states_reference), shared_keys)]
     want = per_request_with("triton")(q, k_pages, v_pages)
     print(f"device={jax.devices()[0].device_kind} requests={requests} groups={GROUPS.value} "
           f"degree={DEGREE.value} prefix={PREFIX_LEN.value} suffix={SUFFIX_LEN.value} "
