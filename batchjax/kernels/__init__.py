@@ -1,0 +1,1 @@
+"""Native CPU kernels that XLA calls through its FFI (built on first use; see each module)."""

@@ -1,0 +1,157 @@
+// y[M, N] = x[M, K] @ W[layer] for f32 weights packed in 16-column panels, on x86-64 AVX2 + FMA.
+//
+// The weights of every layer live in one array w[L, P, K, 16] (P = N / 16): panel p of layer l
+// holds columns 16p..16p+15, row by row, so the inner loop reads 64 contiguous bytes per k.
+// The layer is an operand, so a scan over layers passes the whole stacked array by reference
+// and no per-layer slice is copied.
+//
+// Work is cut into (row block, panel chunk) items sized for the L2 cache, handed out through an
+// atomic counter to the calling thread and to helpers scheduled on XLA's intra-op thread pool.
+// The caller waits only for items that were claimed, so a helper that starts late finds nothing
+// to do, and a pool with no free thread leaves the caller to do everything itself.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kPanel = 16;   // columns per panel: two 8-lane registers
+constexpr int64_t kRows = 6;     // rows per micro-kernel: 12 accumulators of 16 registers
+constexpr int64_t kRowBlock = 48;
+constexpr int64_t kChunkBytes = 256 * 1024;
+
+template <int MR>
+__attribute__((always_inline)) inline void Micro(const float* x, int64_t ldx, const float* w,
+                                                 int64_t k_dim, float* y, int64_t ldy) {
+  __m256 acc0[MR], acc1[MR];
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    acc0[m] = _mm256_setzero_ps();
+    acc1[m] = _mm256_setzero_ps();
+  }
+  for (int64_t k = 0; k < k_dim; ++k) {
+    const __m256 w0 = _mm256_loadu_ps(w + k * kPanel);
+    const __m256 w1 = _mm256_loadu_ps(w + k * kPanel + 8);
+#pragma GCC unroll 8
+    for (int m = 0; m < MR; ++m) {
+      const __m256 b = _mm256_broadcast_ss(x + m * ldx + k);
+      acc0[m] = _mm256_fmadd_ps(b, w0, acc0[m]);
+      acc1[m] = _mm256_fmadd_ps(b, w1, acc1[m]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MR; ++m) {
+    _mm256_storeu_ps(y + m * ldy, acc0[m]);
+    _mm256_storeu_ps(y + m * ldy + 8, acc1[m]);
+  }
+}
+
+struct Problem {
+  const float* x;
+  const float* w;  // this layer's panels [P, K, 16]
+  float* y;
+  int64_t m_dim, k_dim, n_dim;
+  int64_t row_blocks, chunk_panels, chunks;
+};
+
+void RunItem(const Problem& p, int64_t item) {
+  const int64_t rb = item / p.chunks, chunk = item % p.chunks;
+  const int64_t r0 = rb * kRowBlock, r1 = std::min(p.m_dim, r0 + kRowBlock);
+  const int64_t p0 = chunk * p.chunk_panels;
+  const int64_t p1 = std::min(p.n_dim / kPanel, p0 + p.chunk_panels);
+  for (int64_t panel = p0; panel < p1; ++panel) {
+    const float* w = p.w + panel * p.k_dim * kPanel;
+    float* y = p.y + panel * kPanel;
+    int64_t r = r0;
+    for (; r + kRows <= r1; r += kRows) {
+      Micro<kRows>(p.x + r * p.k_dim, p.k_dim, w, p.k_dim, y + r * p.n_dim, p.n_dim);
+    }
+    const float* x = p.x + r * p.k_dim;
+    float* yr = y + r * p.n_dim;
+    switch (r1 - r) {
+      case 5: Micro<5>(x, p.k_dim, w, p.k_dim, yr, p.n_dim); break;
+      case 4: Micro<4>(x, p.k_dim, w, p.k_dim, yr, p.n_dim); break;
+      case 3: Micro<3>(x, p.k_dim, w, p.k_dim, yr, p.n_dim); break;
+      case 2: Micro<2>(x, p.k_dim, w, p.k_dim, yr, p.n_dim); break;
+      case 1: Micro<1>(x, p.k_dim, w, p.k_dim, yr, p.n_dim); break;
+      default: break;
+    }
+  }
+}
+
+struct Shared {
+  Problem problem;
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void Drain(Shared& s) {
+  for (int64_t item; (item = s.next.fetch_add(1)) < s.items;) {
+    RunItem(s.problem, item);
+    s.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
+                           ffi::ResultBuffer<ffi::F32> y) {
+  const auto xd = x.dimensions();
+  const auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 4 || wd[3] != kPanel || wd[2] != xd[1]) {
+    return ffi::Error::InvalidArgument("packed_matmul: want x[M, K] and w[L, N/16, K, 16]");
+  }
+  const int64_t num_layers = wd[0], panels = wd[1], k_dim = xd[1], m_dim = xd[0];
+  const int64_t l = static_cast<int64_t>(*layer.typed_data());
+  if (l < 0 || l >= num_layers) {
+    return ffi::Error::InvalidArgument("packed_matmul: layer index out of range");
+  }
+  if (m_dim == 0 || panels == 0) return ffi::Error::Success();
+
+  auto shared = std::make_shared<Shared>();
+  Problem& p = shared->problem;
+  p.x = x.typed_data();
+  p.w = w.typed_data() + l * panels * k_dim * kPanel;
+  p.y = y->typed_data();
+  p.m_dim = m_dim;
+  p.k_dim = k_dim;
+  p.n_dim = panels * kPanel;
+  p.row_blocks = (m_dim + kRowBlock - 1) / kRowBlock;
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
+  // Panels per item: as many as fit the chunk budget, but at least 4 items per thread.
+  int64_t chunk = std::max<int64_t>(1, kChunkBytes / (k_dim * kPanel * 4));
+  chunk = std::max<int64_t>(1, std::min(chunk, panels * p.row_blocks / (4 * threads)));
+  p.chunk_panels = chunk;
+  p.chunks = (panels + chunk - 1) / chunk;
+  shared->items = p.row_blocks * p.chunks;
+
+  const int64_t helpers = std::min<int64_t>(threads - 1, shared->items - 1);
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([shared] { Drain(*shared); });
+  }
+  Drain(*shared);
+  while (shared->done.load(std::memory_order_acquire) < shared->items) {
+    std::this_thread::yield();
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPackedMatmulF32, PackedMatmulF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
