@@ -39,6 +39,9 @@ class EngineOptions:
 
     dtype: str = "float32"
     attention: str = "xla"
+    # Dense products: "auto" takes the native CPU kernel where it runs (x86-64 AVX2/FMA, f32),
+    # "native" insists on it, "xla" keeps XLA's dot (see batchjax.kernels.packed_matmul).
+    matmul: str = "auto"
     page_size: int = 16
     kv_budget_mb: float = 1024.0
     max_tokens_per_step: int = 512
@@ -125,7 +128,7 @@ class Engine:
         self.kv = allocate_kv(self.config, self.kv_budget_pages, o.page_size, dtype)
         self.buckets = BucketTable.for_budget(o.max_tokens_per_step)
         # The step keeps its own stacked copy of the parameters; the module itself is dropped.
-        self.step = ModelStep(loaded.model, o.attention)
+        self.step = ModelStep(loaded.model, o.attention, o.matmul)
         self.last_metrics: dict[str, Any] = {}
 
     # -- preparing requests -------------------------------------------------------------------
@@ -216,6 +219,7 @@ class Engine:
             model_flops=stats.model_flops,  # divide by wall_s and a roofline for utilisation
             padded_tokens=stats.padded_tokens,
             attention=o.attention,
+            matmul=self.step.matmul,
             dtype=o.dtype,
         )
         self.last_metrics = metrics

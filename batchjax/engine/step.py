@@ -4,6 +4,10 @@ The decoder layers run under `lax.scan` over stacked per-layer parameters, so XL
 layer body per step shape instead of every layer unrolled (on CPU a 30-layer model otherwise
 costs a minute of compilation per shape). The KV pools are stacked too, `[L, N, page, Hkv, D]`,
 carried through the scan and donated, so pages are updated in place.
+
+On x86-64 CPUs the dense products (fused q/k/v, o, fused gate/up, down, and the vocabulary
+head) run through `batchjax.kernels.packed_matmul` when it is available (`matmul="auto"`): the
+step keeps those weights packed for it, all layers in one array, and passes the layer index.
 """
 
 from __future__ import annotations
@@ -16,6 +20,11 @@ from flax import nnx
 from batchjax.attention import xla
 from batchjax.engine import sampling
 from batchjax.engine.step_batch import StepBatch
+from batchjax.kernels import packed_matmul
+
+_PACKABLE = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
+             ("mlp", "down_proj"))
+MATMULS = ("auto", "native", "xla")
 
 
 def _attention_impl(name: str):
@@ -28,6 +37,25 @@ def _attention_impl(name: str):
     raise ValueError(f"unknown attention implementation {name!r}; choose 'xla' or 'pallas'")
 
 
+def choose_matmul(name: str, dtype) -> str:
+    """'native' or 'xla' for a requested `matmul` ('auto' takes native wherever it can run)."""
+    if name not in MATMULS:
+        raise ValueError(f"unknown matmul {name!r}; choose one of {', '.join(MATMULS)}")
+    if name == "xla":
+        return "xla"
+    if jax.default_backend() != "cpu":
+        reason = f"the native kernel is for CPUs, not {jax.default_backend()}"
+    elif jnp.dtype(dtype) != jnp.float32:
+        reason = f"the native kernel is float32 only, not {jnp.dtype(dtype).name}"
+    else:
+        reason = packed_matmul.unavailable_reason()
+    if reason is None:
+        return "native"
+    if name == "native":
+        raise ValueError(f"matmul='native' cannot run here: {reason}")
+    return "xla"
+
+
 def _stack_states(states):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
@@ -35,7 +63,7 @@ def _stack_states(states):
 class ModelStep:
     """Runs one StepBatch through the model and samples the requested rows."""
 
-    def __init__(self, model: nnx.Module, attention: str = "xla"):
+    def __init__(self, model: nnx.Module, attention: str = "xla", matmul: str = "auto"):
         config = model.config
         self.config = config
         layers = []
@@ -49,13 +77,14 @@ class ModelStep:
         self._embed_graphdef, embed_state = nnx.split(model.embed_tokens)
         self._norm_graphdef, norm_state = nnx.split(model.norm)
         self._head_graphdef = None
-        params = {
-            "layers": _stack_states([nnx.split(layer)[1] for layer in layers]),
-            "embed": embed_state,
-            "norm": norm_state,
-        }
+        self.matmul = choose_matmul(matmul, model.dtype)
+        layer_states = [nnx.split(layer)[1] for layer in layers]
+        params = {"embed": embed_state, "norm": norm_state, "packed": {}}
         if model.lm_head is not None:
             self._head_graphdef, params["lm_head"] = nnx.split(model.lm_head)
+        if self.matmul == "native":
+            self._pack(params, layer_states, model)
+        params["layers"] = _stack_states(layer_states)
         self.params = params
         self.dtype = model.dtype
         self._inv_freq = np.asarray(config.rope_inv_freq(), np.float32)  # [D/2]
@@ -72,6 +101,30 @@ class ModelStep:
         self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("greedy",))
         self.shapes_seen: set[tuple] = set()
 
+    @staticmethod
+    def _pack(params, layer_states, model) -> None:
+        """Moves the dense kernels into `params["packed"]`, packed for the native matmul.
+
+        Each layer's copy becomes an empty placeholder, so the scan slices nothing for it; a
+        kernel whose width is not a multiple of the panel stays where it is, on XLA's dot.
+        """
+        packed = params["packed"]
+        for module, name in _PACKABLE:
+            kernels = [st[module][name]["kernel"] for st in layer_states]
+            if kernels[0].shape[-1] % packed_matmul.PANEL:
+                continue
+            packed[name] = packed_matmul.pack(jnp.stack([k[...] for k in kernels]))
+            for st in layer_states:
+                st[module][name]["kernel"] = nnx.Param(jnp.zeros((0,), model.dtype))
+        if model.lm_head is None:
+            head = model.embed_tokens.embedding[...].T  # tied: the lookup keeps [V, H] too
+        else:
+            head = params["lm_head"]["kernel"][...]
+        if head.shape[-1] % packed_matmul.PANEL == 0:
+            packed["lm_head"] = packed_matmul.pack(head[None])
+            if model.lm_head is not None:
+                params["lm_head"]["kernel"] = nnx.Param(jnp.zeros((0,), model.dtype))
+
     def _forward(self, params, kv, token_ids, positions, logits_index, md, impl):
         """token_ids, positions: [T]; logits_index: [S] -> logits [S, V] f32, stacked kv."""
         embed = nnx.merge(self._embed_graphdef, params["embed"])
@@ -81,11 +134,19 @@ class ModelStep:
         cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
         attention = xla.make_stacked_paged_attention(md, impl)
 
+        packed = params["packed"]  # closed over, not scanned: every layer's panels in one array
+
         def body(carry, layer_params):
             x, kv = carry
             layer_state, layer_idx = layer_params
             layer = nnx.merge(self._layer_graphdef, layer_state)
-            x, kv = layer(x, cos, sin, layer_idx, attention, kv)
+
+            def matmul(name, h):
+                if name not in packed:
+                    return None
+                return packed_matmul.packed_matmul(h, packed[name], layer_idx)
+
+            x, kv = layer(x, cos, sin, layer_idx, attention, kv, matmul)
             return (x, kv), None
 
         num_layers = self.config.num_layers
@@ -93,7 +154,12 @@ class ModelStep:
             body, (x, kv), (params["layers"], jnp.arange(num_layers, dtype=jnp.int32)))
         x = x[logits_index]  # only sampled rows need the vocabulary-wide projection
         x = nnx.merge(self._norm_graphdef, params["norm"])(x)
-        if self._head_graphdef is None:
+        if "lm_head" in packed:
+            logits = packed_matmul.packed_matmul(x, packed["lm_head"], 0)
+            if self._head_graphdef is not None:
+                head = nnx.merge(self._head_graphdef, params["lm_head"])
+                logits = logits if head.bias is None else logits + head.bias[...]
+        elif self._head_graphdef is None:
             logits = x @ embed.embedding[...].T
         else:
             logits = nnx.merge(self._head_graphdef, params["lm_head"])(x)

@@ -48,6 +48,19 @@ def _concat_linears(linears: list[nnx.Linear]) -> nnx.Linear:
     return fused
 
 
+def _project(module: nnx.Module, name: str, x: jax.Array, matmul) -> jax.Array:
+    """`module.<name>(x)`, or through `matmul(name, x)` when the caller supplies the product.
+
+    `matmul` returns None for kernels it does not hold; the engine uses it to run its packed
+    native CPU kernel (see `batchjax.kernels.packed_matmul`) with the module's bias.
+    """
+    linear = getattr(module, name)
+    y = None if matmul is None else matmul(name, x)
+    if y is None:
+        return linear(x)
+    return y if linear.bias is None else y + linear.bias[...]
+
+
 def _rotate_half(x: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     return jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
@@ -91,6 +104,7 @@ class Attention(nnx.Module):
         layer_idx: int,
         attention: AttentionFn,
         layer_kv,
+        matmul=None,
     ):
         # x: [T, hidden]
         t = x.shape[0]
@@ -98,7 +112,7 @@ class Attention(nnx.Module):
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         else:
             nq, nk = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            qkv = self.qkv_proj(x)
+            qkv = _project(self, "qkv_proj", x, matmul)
             q, k, v = qkv[:, :nq], qkv[:, nq:nq + nk], qkv[:, nq + nk:]
         q = q.reshape(t, self.num_heads, self.head_dim)  # [T, Hq, D]
         k = k.reshape(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
@@ -109,7 +123,8 @@ class Attention(nnx.Module):
         q = _apply_rope(q, cos, sin)
         k = _apply_rope(k, cos, sin)
         out, layer_kv = attention(layer_idx, q, k, v, layer_kv)  # out: [T, Hq, D]
-        return self.o_proj(out.reshape(t, self.num_heads * self.head_dim)), layer_kv
+        out = out.reshape(t, self.num_heads * self.head_dim)
+        return _project(self, "o_proj", out, matmul), layer_kv
 
 
 class MLP(nnx.Module):
@@ -125,13 +140,13 @@ class MLP(nnx.Module):
         self.gate_up_proj = _concat_linears([self.gate_proj, self.up_proj])
         self.gate_proj = self.up_proj = None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, matmul=None) -> jax.Array:
         if self.gate_up_proj is None:
             gate, up = self.gate_proj(x), self.up_proj(x)
         else:
-            gate_up = self.gate_up_proj(x)
+            gate_up = _project(self, "gate_up_proj", x, matmul)
             gate, up = jnp.split(gate_up, 2, axis=-1)
-        return self.down_proj(jax.nn.silu(gate) * up)
+        return _project(self, "down_proj", jax.nn.silu(gate) * up, matmul)
 
 
 class DecoderLayer(nnx.Module):
@@ -146,12 +161,13 @@ class DecoderLayer(nnx.Module):
         self.self_attn.fuse_projections()
         self.mlp.fuse_projections()
 
-    def __call__(self, x, cos, sin, layer_idx: int, attention: AttentionFn, layer_kv):
+    def __call__(self, x, cos, sin, layer_idx: int, attention: AttentionFn, layer_kv,
+                 matmul=None):
         h, layer_kv = self.self_attn(
-            self.input_layernorm(x), cos, sin, layer_idx, attention, layer_kv
+            self.input_layernorm(x), cos, sin, layer_idx, attention, layer_kv, matmul
         )
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), layer_kv
+        return x + self.mlp(self.post_attention_layernorm(x), matmul), layer_kv
 
 
 class LlamaForCausalLM(nnx.Module):
