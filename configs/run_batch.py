@@ -8,7 +8,7 @@ def get_config() -> ml_collections.ConfigDict:
     c.model = "smollm2-135m"
     c.policy = "batchllm"
     c.attention = "xla"
-    c.matmul = "auto"  # dense products: native CPU kernel where it runs, else XLA ("xla")
+    c.cpu_kernels = "auto"  # native CPU kernels where they run, else XLA's code ("xla")
     c.dtype = "float32"
     c.page_size = 16
     c.kv_budget_mb = 1024.0

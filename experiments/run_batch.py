@@ -2,7 +2,7 @@
 
     python -m experiments.run_batch --input=IN.jsonl --output=OUT.jsonl --metrics_out=M.json \
         [--model=smollm2-135m|HF_DIR|FILE.gguf|ORBAX_DIR] [--policy=batchllm|vllm|sglang|none] \
-        [--attention=xla|pallas] [--matmul=auto|native|xla] [--kv_budget_mb=N] \
+        [--attention=xla|pallas] [--cpu_kernels=auto|native|xla] [--kv_budget_mb=N] \
         [--max_tokens_per_step=N] \
         [--config=configs/run_batch.py --config.key=value]
 
@@ -35,8 +35,8 @@ _OVERRIDES = {
     "policy": flags.DEFINE_enum("policy", None, ["batchllm", "vllm", "sglang", "none"],
                                 "Scheduling policy."),
     "attention": flags.DEFINE_enum("attention", None, ["xla", "pallas"], "Attention path."),
-    "matmul": flags.DEFINE_enum("matmul", None, ["auto", "native", "xla"],
-                                "Dense products: native CPU kernel or XLA's dot."),
+    "cpu_kernels": flags.DEFINE_enum("cpu_kernels", None, ["auto", "native", "xla"],
+                                     "Native CPU kernels (dense products, paged rows) or XLA."),
     "dtype": flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Parameter dtype."),
     "kv_budget_mb": flags.DEFINE_float("kv_budget_mb", None, "KV cache memory budget (MiB)."),
     "max_tokens_per_step": flags.DEFINE_integer("max_tokens_per_step", None,
@@ -65,7 +65,7 @@ def main(argv):
 
     engine = Engine(
         cfg.model, policy=cfg.policy, dtype=cfg.dtype, attention=cfg.attention,
-        matmul=cfg.matmul,
+        cpu_kernels=cfg.cpu_kernels,
         page_size=cfg.page_size, kv_budget_mb=cfg.kv_budget_mb,
         max_tokens_per_step=cfg.max_tokens_per_step, max_num_seqs=cfg.max_num_seqs,
     )

@@ -191,21 +191,21 @@ def test_bf16_pools_store_bits_and_give_the_bf16_outputs(tiny_llama_dir, referen
     assert got == want
 
 
-def test_native_and_xla_matmuls_give_the_same_outputs(tiny_llama_dir, reference):
-    # The dense products go through the native CPU kernel by default where it runs; XLA's dot
-    # must give the same tokens, and both transformers' greedy tokens.
-    from batchjax.kernels import packed_matmul
+def test_native_and_xla_cpu_kernels_give_the_same_outputs(tiny_llama_dir, reference):
+    # Dense products and paged rows go through the native CPU kernels by default where they
+    # run; XLA's own code must give the same tokens, and both transformers' greedy tokens.
+    from batchjax.kernels import native
 
     prompts, want = reference
     runs = {}
-    for matmul in ("xla", "auto"):
+    for kernels in ("xla", "auto"):
         engine = Engine(str(tiny_llama_dir), page_size=4, kv_budget_mb=1.0,
-                        max_tokens_per_step=32, progress=False, matmul=matmul)
-        runs[engine.step.matmul] = [r.token_ids for r in
-                                    engine.generate(_requests(prompts, 12), policy="batchllm")]
-        assert engine.last_metrics["matmul"] == engine.step.matmul
+                        max_tokens_per_step=32, progress=False, cpu_kernels=kernels)
+        runs[engine.step.cpu_kernels] = [
+            r.token_ids for r in engine.generate(_requests(prompts, 12), policy="batchllm")]
+        assert engine.last_metrics["cpu_kernels"] == engine.step.cpu_kernels
     assert "xla" in runs
-    if packed_matmul._cpu_has_avx2_fma():
+    if native.cpu_has_avx2_fma():
         assert "native" in runs
     for tokens in runs.values():
         assert tokens == want

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 
 from batchjax.attention.metadata import PagedAttentionMetadata
+from batchjax.kernels import paged_attention as native_paged
 
 # Finite, so fully masked rows give no NaN; exp(MASK_VALUE - anything real) underflows to 0.
 MASK_VALUE = -1e30
@@ -121,7 +122,7 @@ def _in_chunks(fn, chunk: int, *arrays):
 
 def paged_single_query_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-    kv_len: jax.Array, layer=None,
+    kv_len: jax.Array, layer=None, native: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """One query per row against its first `kv_len` keys, read page by page in place.
 
@@ -130,21 +131,26 @@ def paged_single_query_attention(
     gathering it into a copy first (as blocks do) tripled its memory traffic (4x slower on CPU
     at 1,088-token contexts). Rows with kv_len 0 give out 0 and lse MASK_VALUE.
     """
-    o, lse = paged_rows_attention(q[:, None], k_pages, v_pages, page_table, kv_len, layer)
+    o, lse = paged_rows_attention(q[:, None], k_pages, v_pages, page_table, kv_len, layer,
+                                  native)
     return o[:, 0], lse[:, 0]
 
 
 def paged_rows_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-    kv_len: jax.Array, layer=None,
+    kv_len: jax.Array, layer=None, native: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Rows of Q queries, each row's queries against all of its first `kv_len` keys, read
     page by page in place (see `paged_single_query_attention`, the Q = 1 case).
 
     q: [R, Q, Hq, D]; page_table: [R, P]; kv_len: [R] -> out [R, Q, Hq, D], lse [R, Q, Hq].
     The loop over pages stops at the longest row of each chunk of rows, so a table bucketed
-    to more pages than its row's keys fill costs nothing past them.
+    to more pages than its row's keys fill costs nothing past them. With `native`, operands
+    the native CPU kernel takes go to it instead (`batchjax.kernels.paged_attention`, with
+    this function as its reference).
     """
+    if native and native_paged.supports(q, k_pages):
+        return native_paged.paged_rows_attention(q, k_pages, v_pages, page_table, kv_len, layer)
     rows, nq, hq, d = q.shape
     page_size, hkv = k_pages.shape[-3], k_pages.shape[-2]
     most = _ROWS_PER_CHUNK if page_table.shape[1] <= _PAGES_NO_LOOP else _ROWS_PER_CHUNK_LOOP
@@ -317,12 +323,13 @@ def _block_attention(q_pad, k_pages, v_pages, tok, page_table, kv_len, layer):
 
 def shared_prefix_paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata,
-    layer=None,
+    layer=None, native: bool = False,
 ) -> jax.Array:
     """Own part (causal over own keys) + prefix part (dense over the group's prefix), merged.
 
     q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] already holding this step's keys,
-    or, with `layer` (may be traced), the stacked pools `[L, N, page_size, Hkv, D]`.
+    or, with `layer` (may be traced), the stacked pools `[L, N, page_size, Hkv, D]`. With
+    `native`, the parts read page by page run in the native CPU kernel where it applies.
     """
     t, hq, d = q.shape
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
@@ -334,7 +341,7 @@ def shared_prefix_paged_attention(
 
     # Own part, single-query rows: the whole own context, this step's key included.
     ro, rl = paged_single_query_attention(
-        q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len, layer)
+        q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len, layer, native)
     parts = [scattered(md.row_token, ro, rl)]
 
     # Own part of multi-token chunks: this step's keys of the chunk (causal) ...
@@ -354,7 +361,8 @@ def shared_prefix_paged_attention(
             (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len, False)):
         if tok.shape[0] > 0:
             if paged:
-                o, lse = paged_rows_attention(q_pad[tok], k_pages, v_pages, table, kv_len, layer)
+                o, lse = paged_rows_attention(q_pad[tok], k_pages, v_pages, table, kv_len, layer,
+                                              native)
             else:
                 o, lse = _block_attention(q_pad, k_pages, v_pages, tok, table, kv_len, layer)
             parts.append(scattered(tok.reshape(-1), o, lse))

@@ -51,7 +51,7 @@ def run_batchjax(
                     max_tokens_per_step=max_tokens_per_step, progress=False)
     page_bytes = kv_bytes_per_page(engine.config, engine.options.page_size, jnp.dtype(dtype))
     config = {"model": model, "dtype": dtype, "attention": engine.options.attention,
-              "matmul": engine.step.matmul,
+              "cpu_kernels": engine.step.cpu_kernels,
               "page_size": engine.options.page_size, "kv_budget_mb": kv_budget_mb,
               "kv_budget_pages": engine.kv_budget_pages,
               "max_tokens_per_step": max_tokens_per_step,

@@ -39,9 +39,10 @@ class EngineOptions:
 
     dtype: str = "float32"
     attention: str = "xla"
-    # Dense products: "auto" takes the native CPU kernel where it runs (x86-64 AVX2/FMA, f32),
-    # "native" insists on it, "xla" keeps XLA's dot (see batchjax.kernels.packed_matmul).
-    matmul: str = "auto"
+    # Dense products and paged attention rows: "auto" takes the native CPU kernels where they
+    # run (x86-64 AVX2/FMA, f32), "native" insists on them, "xla" keeps XLA's own code
+    # (see batchjax.kernels).
+    cpu_kernels: str = "auto"
     page_size: int = 16
     kv_budget_mb: float = 1024.0
     max_tokens_per_step: int = 512
@@ -128,7 +129,7 @@ class Engine:
         self.kv = allocate_kv(self.config, self.kv_budget_pages, o.page_size, dtype)
         self.buckets = BucketTable.for_budget(o.max_tokens_per_step)
         # The step keeps its own stacked copy of the parameters; the module itself is dropped.
-        self.step = ModelStep(loaded.model, o.attention, o.matmul)
+        self.step = ModelStep(loaded.model, o.attention, o.cpu_kernels)
         self.last_metrics: dict[str, Any] = {}
 
     # -- preparing requests -------------------------------------------------------------------
@@ -219,7 +220,7 @@ class Engine:
             model_flops=stats.model_flops,  # divide by wall_s and a roofline for utilisation
             padded_tokens=stats.padded_tokens,
             attention=o.attention,
-            matmul=self.step.matmul,
+            cpu_kernels=self.step.cpu_kernels,
             dtype=o.dtype,
         )
         self.last_metrics = metrics

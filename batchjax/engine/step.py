@@ -5,12 +5,16 @@ layer body per step shape instead of every layer unrolled (on CPU a 30-layer mod
 costs a minute of compilation per shape). The KV pools are stacked too, `[L, N, page, Hkv, D]`,
 carried through the scan and donated, so pages are updated in place.
 
-On x86-64 CPUs the dense products (fused q/k/v, o, fused gate/up, down, and the vocabulary
-head) run through `batchjax.kernels.packed_matmul` when it is available (`matmul="auto"`): the
-step keeps those weights packed for it, all layers in one array, and passes the layer index.
+On x86-64 CPUs (`cpu_kernels="auto"`) two parts run through native kernels where they can
+(`batchjax.kernels`): the dense products (fused q/k/v, o, fused gate/up, down, and the
+vocabulary head), for which the step keeps those weights packed, all layers in one array, and
+passes the layer index; and, on the `xla` attention path, the rows that read their context page
+by page (decode rows and small prefix blocks).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +24,11 @@ from flax import nnx
 from batchjax.attention import xla
 from batchjax.engine import sampling
 from batchjax.engine.step_batch import StepBatch
-from batchjax.kernels import packed_matmul
+from batchjax.kernels import native, packed_matmul
 
 _PACKABLE = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
              ("mlp", "down_proj"))
-MATMULS = ("auto", "native", "xla")
+CPU_KERNELS = ("auto", "native", "xla")
 
 
 def _attention_impl(name: str):
@@ -37,22 +41,23 @@ def _attention_impl(name: str):
     raise ValueError(f"unknown attention implementation {name!r}; choose 'xla' or 'pallas'")
 
 
-def choose_matmul(name: str, dtype) -> str:
-    """'native' or 'xla' for a requested `matmul` ('auto' takes native wherever it can run)."""
-    if name not in MATMULS:
-        raise ValueError(f"unknown matmul {name!r}; choose one of {', '.join(MATMULS)}")
+def choose_cpu_kernels(name: str, dtype) -> str:
+    """'native' or 'xla' for requested `cpu_kernels` ('auto': native wherever it can run)."""
+    if name not in CPU_KERNELS:
+        raise ValueError(
+            f"unknown cpu_kernels {name!r}; choose one of {', '.join(CPU_KERNELS)}")
     if name == "xla":
         return "xla"
     if jax.default_backend() != "cpu":
-        reason = f"the native kernel is for CPUs, not {jax.default_backend()}"
+        reason = f"the native kernels are for CPUs, not {jax.default_backend()}"
     elif jnp.dtype(dtype) != jnp.float32:
-        reason = f"the native kernel is float32 only, not {jnp.dtype(dtype).name}"
+        reason = f"the native kernels are float32 only, not {jnp.dtype(dtype).name}"
     else:
-        reason = packed_matmul.unavailable_reason()
+        reason = native.unavailable_reason()
     if reason is None:
         return "native"
     if name == "native":
-        raise ValueError(f"matmul='native' cannot run here: {reason}")
+        raise ValueError(f"cpu_kernels='native' cannot run here: {reason}")
     return "xla"
 
 
@@ -63,7 +68,7 @@ def _stack_states(states):
 class ModelStep:
     """Runs one StepBatch through the model and samples the requested rows."""
 
-    def __init__(self, model: nnx.Module, attention: str = "xla", matmul: str = "auto"):
+    def __init__(self, model: nnx.Module, attention: str = "xla", cpu_kernels: str = "auto"):
         config = model.config
         self.config = config
         layers = []
@@ -77,18 +82,20 @@ class ModelStep:
         self._embed_graphdef, embed_state = nnx.split(model.embed_tokens)
         self._norm_graphdef, norm_state = nnx.split(model.norm)
         self._head_graphdef = None
-        self.matmul = choose_matmul(matmul, model.dtype)
+        self.cpu_kernels = choose_cpu_kernels(cpu_kernels, model.dtype)
         layer_states = [nnx.split(layer)[1] for layer in layers]
         params = {"embed": embed_state, "norm": norm_state, "packed": {}}
         if model.lm_head is not None:
             self._head_graphdef, params["lm_head"] = nnx.split(model.lm_head)
-        if self.matmul == "native":
+        if self.cpu_kernels == "native":
             self._pack(params, layer_states, model)
         params["layers"] = _stack_states(layer_states)
         self.params = params
         self.dtype = model.dtype
         self._inv_freq = np.asarray(config.rope_inv_freq(), np.float32)  # [D/2]
         impl = _attention_impl(attention)
+        if attention == "xla" and self.cpu_kernels == "native":
+            impl = functools.partial(impl, native=True)
 
         def step(params, kv, token_ids, positions, logits_index, md, sampling_rows, greedy):
             logits, kv = self._forward(params, kv, token_ids, positions, logits_index, md, impl)

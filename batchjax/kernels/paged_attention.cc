@@ -1,0 +1,318 @@
+// Paged attention of rows of queries over their own pages, on x86-64 AVX2 + FMA, for f32 pools.
+//
+// Row n's Q queries (all query heads) attend to the first kv_len[n] keys of its page table,
+// read in place from the stacked pool k[L, N, page, Hkv, D] of layer `layer`: no gathered copy
+// of the context, and the page loop stops at the row's own length. A row is one item: it keeps
+// the running max, sum and output of each of its queries (an online softmax), reads each page
+// whole (all KV heads, contiguous) and prefetches the next. Items are shared between the
+// calling thread and helpers on XLA's intra-op pool, as in packed_matmul.cc. Returns
+// out [R, Q, Hq, D] and lse [R, Q, Hq]; rows with no key give out 0 and lse -1e30, as the jnp
+// reference does.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr float kMaskValue = -1e30f;
+constexpr int64_t kMaxPage = 256;
+
+// e^x for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error
+// about 2e-7); lanes below -87 give 0.
+inline __m256 Exp8(__m256 x) {
+  const __m256 lo = _mm256_set1_ps(-87.0f);
+  const __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+  x = _mm256_max_ps(x, lo);
+  x = _mm256_min_ps(x, _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 720);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(
+      _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_andnot_ps(under, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+}
+
+inline float HorizontalSum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// [sum(a[0]), ..., sum(a[7])]: eight dot products' partial sums reduced at once.
+inline __m256 Reduce8(const __m256* a) {
+  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
+                       _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+
+// s[u] = q . k[u * stride] for u < 8.
+inline void Scores8(const float* q, const float* k, int64_t stride, int64_t d, float* s) {
+  __m256 a[8];
+#pragma GCC unroll 8
+  for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 8) {
+    const __m256 qc = _mm256_loadu_ps(q + c);
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) {
+      a[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + u * stride + c), a[u]);
+    }
+  }
+  _mm256_storeu_ps(s, Reduce8(a));
+}
+
+inline float Score1(const float* q, const float* k, int64_t d) {
+  __m256 a = _mm256_setzero_ps();
+  for (int64_t c = 0; c < d; c += 8) {
+    a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a);
+  }
+  return HorizontalSum(a);
+}
+
+// acc[r] += sum_t p[r][t] * v[t] for MR query rows, 8 columns at a time kept in registers.
+template <int MR>
+inline void AccumulateValues(float* acc, int64_t d, const float* p, int64_t p_stride,
+                             const float* v, int64_t v_stride, int64_t keys) {
+  for (int64_t c = 0; c < d; c += 8) {
+    __m256 a[MR];
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) a[r] = _mm256_loadu_ps(acc + r * d + c);
+    for (int64_t t = 0; t < keys; ++t) {
+      const __m256 vt = _mm256_loadu_ps(v + t * v_stride + c);
+#pragma GCC unroll 8
+      for (int r = 0; r < MR; ++r) {
+        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * p_stride + t), vt, a[r]);
+      }
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(acc + r * d + c, a[r]);
+  }
+}
+
+// Pulls a page's keys or values into cache while the current page is computed.
+inline void PrefetchPage(const float* base, int64_t floats) {
+  const char* c = reinterpret_cast<const char*>(base);
+  for (int64_t b = 0; b < floats * 4; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
+}
+
+struct Problem {
+  const float* q;  // [R, Q, Hq, D]
+  const float* k;  // this layer's pool [N, page, Hkv, D]
+  const float* v;
+  const int32_t* table;   // [R, P]
+  const int32_t* kv_len;  // [R]
+  float* out;             // [R, Q, Hq, D]
+  float* lse;             // [R, Q, Hq]
+  int64_t rows, nq, hq, hkv, d, page, pages_per_row, num_pages;
+  std::atomic<bool> bad_page{false};
+};
+
+// Scratch of one row: scaled queries, scores of one page, running max / sum / output, each
+// indexed by query row (KV head, query, head within the KV head's group).
+struct Scratch {
+  std::vector<float> q, s, m, l, acc;
+};
+
+void RunItem(Problem& p, int64_t n, Scratch& w) {
+  const int64_t g = p.hq / p.hkv, per_head = p.nq * g, nr = p.hkv * per_head;
+  const int64_t d = p.d, ps = p.page, key_stride = p.hkv * d, page_floats = ps * key_stride;
+  const int64_t len = std::max<int32_t>(0, p.kv_len[n]);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  w.q.resize(nr * d);
+  w.s.resize(nr * kMaxPage);
+  w.m.assign(nr, kMaskValue);
+  w.l.assign(nr, 0.0f);
+  w.acc.assign(nr * d, 0.0f);
+  for (int64_t h = 0; h < p.hkv; ++h) {
+    for (int64_t i = 0; i < p.nq; ++i) {
+      for (int64_t j = 0; j < g; ++j) {
+        const float* src = p.q + ((n * p.nq + i) * p.hq + h * g + j) * d;
+        float* dst = w.q.data() + ((h * p.nq + i) * g + j) * d;
+        for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * scale;
+      }
+    }
+  }
+  const int64_t used = std::min<int64_t>((len + ps - 1) / ps, p.pages_per_row);
+  const int32_t* table = p.table + n * p.pages_per_row;
+  for (int64_t j = 0; j < used; ++j) {
+    const int64_t page = table[j];
+    if (page < 0 || page >= p.num_pages) {
+      p.bad_page.store(true);
+      return;
+    }
+    if (j + 1 < used && table[j + 1] >= 0 && table[j + 1] < p.num_pages) {
+      PrefetchPage(p.k + table[j + 1] * page_floats, page_floats);
+      PrefetchPage(p.v + table[j + 1] * page_floats, page_floats);
+    }
+    const int64_t keys = std::min(ps, len - j * ps);
+    const int64_t keys8 = (keys + 7) / 8 * 8;
+    const float* kb = p.k + page * page_floats;
+    const float* vb = p.v + page * page_floats;
+    for (int64_t h = 0; h < p.hkv; ++h) {
+      for (int64_t r = h * per_head; r < (h + 1) * per_head; ++r) {
+        // Scores, 8 keys at a time where the page has 8 slots left (slots past `keys` are
+        // masked next), then one by one.
+        const float* qr = w.q.data() + r * d;
+        float* s = w.s.data() + r * kMaxPage;
+        int64_t t = 0;
+        for (; t < keys && t + 8 <= ps; t += 8) {
+          Scores8(qr, kb + t * key_stride + h * d, key_stride, d, s + t);
+        }
+        for (; t < keys; ++t) s[t] = Score1(qr, kb + t * key_stride + h * d, d);
+        for (t = keys; t < keys8; ++t) s[t] = kMaskValue;
+        // Online softmax: new max, rescale what came before, probabilities in place.
+        float mx = w.m[r];
+        for (t = 0; t < keys; ++t) mx = std::max(mx, s[t]);
+        const float rescale = std::exp(w.m[r] - mx);
+        const __m256 mv = _mm256_set1_ps(mx);
+        __m256 sum = _mm256_setzero_ps();
+        for (t = 0; t < keys8; t += 8) {
+          const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+          _mm256_storeu_ps(s + t, e);
+          sum = _mm256_add_ps(sum, e);
+        }
+        w.l[r] = w.l[r] * rescale + HorizontalSum(sum);
+        w.m[r] = mx;
+        if (rescale != 1.0f) {
+          float* acc = w.acc.data() + r * d;
+          const __m256 rs = _mm256_set1_ps(rescale);
+          for (int64_t c = 0; c < d; c += 8) {
+            _mm256_storeu_ps(acc + c, _mm256_mul_ps(_mm256_loadu_ps(acc + c), rs));
+          }
+        }
+      }
+      // Values: acc[r] += sum_t p[r, t] v[t], 6 of the head's query rows at a time.
+      const float* vh = vb + h * d;
+      for (int64_t r = h * per_head; r < (h + 1) * per_head; r += 6) {
+        float* acc = w.acc.data() + r * d;
+        const float* pr = w.s.data() + r * kMaxPage;
+        switch (std::min<int64_t>(6, (h + 1) * per_head - r)) {
+          case 6: AccumulateValues<6>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
+          case 5: AccumulateValues<5>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
+          case 4: AccumulateValues<4>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
+          case 3: AccumulateValues<3>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
+          case 2: AccumulateValues<2>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
+          default: AccumulateValues<1>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
+        }
+      }
+    }
+  }
+  for (int64_t h = 0; h < p.hkv; ++h) {
+    for (int64_t i = 0; i < p.nq; ++i) {
+      for (int64_t j = 0; j < g; ++j) {
+        const int64_t r = (h * p.nq + i) * g + j, head = (n * p.nq + i) * p.hq + h * g + j;
+        float* o = p.out + head * d;
+        if (len == 0) {
+          std::fill(o, o + d, 0.0f);
+          p.lse[head] = kMaskValue;
+          continue;
+        }
+        const float inv = 1.0f / w.l[r];
+        for (int64_t c = 0; c < d; ++c) o[c] = w.acc[r * d + c] * inv;
+        p.lse[head] = w.m[r] + std::log(w.l[r]);
+      }
+    }
+  }
+}
+
+struct Shared {
+  Problem problem;
+  int64_t items;
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+void Drain(Shared& s) {
+  Scratch scratch;
+  for (int64_t item; (item = s.next.fetch_add(1)) < s.items;) {
+    RunItem(s.problem, item, scratch);
+    s.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+ffi::Error PagedRowsAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                 ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                                 ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> kv_len,
+                                 ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
+                                 ffi::ResultBuffer<ffi::F32> lse) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions();
+  if (qd.size() != 4 || kd.size() != 5 || td.size() != 2 || td[0] != qd[0] ||
+      kd[4] != qd[3] || qd[2] % kd[3] != 0 || qd[3] % 8 != 0 || kd[2] > kMaxPage ||
+      v.element_count() != k.element_count() || kv_len.element_count() != qd[0]) {
+    return ffi::Error::InvalidArgument(
+        "paged_rows_attention: want q[R, Q, Hq, D], pools[L, N, page<=256, Hkv, D], "
+        "table[R, P], kv_len[R], D % 8 == 0, Hq % Hkv == 0");
+  }
+  const int64_t l = static_cast<int64_t>(*layer.typed_data());
+  if (l < 0 || l >= kd[0]) {
+    return ffi::Error::InvalidArgument("paged_rows_attention: layer index out of range");
+  }
+  auto shared = std::make_shared<Shared>();
+  Problem& p = shared->problem;
+  const int64_t layer_size = kd[1] * kd[2] * kd[3] * kd[4];
+  p.q = q.typed_data();
+  p.k = k.typed_data() + l * layer_size;
+  p.v = v.typed_data() + l * layer_size;
+  p.table = table.typed_data();
+  p.kv_len = kv_len.typed_data();
+  p.out = out->typed_data();
+  p.lse = lse->typed_data();
+  p.rows = qd[0];
+  p.nq = qd[1];
+  p.hq = qd[2];
+  p.d = qd[3];
+  p.num_pages = kd[1];
+  p.page = kd[2];
+  p.hkv = kd[3];
+  p.pages_per_row = td[1];
+  shared->items = p.rows;
+  if (shared->items == 0) return ffi::Error::Success();
+  const int64_t threads = std::max<int64_t>(
+      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
+  const int64_t helpers = std::min<int64_t>(threads - 1, shared->items - 1);
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([shared] { Drain(*shared); });
+  }
+  Drain(*shared);
+  while (shared->done.load(std::memory_order_acquire) < shared->items) {
+    std::this_thread::yield();
+  }
+  if (p.bad_page.load()) {
+    return ffi::Error::InvalidArgument("paged_rows_attention: page index out of range");
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPagedRowsAttentionF32, PagedRowsAttentionF32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

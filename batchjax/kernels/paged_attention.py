@@ -1,0 +1,46 @@
+"""Rows of queries over their own pages, natively on x86-64 CPUs (`paged_attention.cc`).
+
+The same contract as `batchjax.attention.xla.paged_rows_attention`, which is its reference:
+each row's queries attend to all of the row's first `kv_len` keys, read in place from the
+stacked pools. XLA's version gathers a few pages at a time into a copy and runs batched
+products over them at about 5 GB/s of keys and values on this kind of CPU; the kernel reads
+each page once where it lies. Building and availability: `native`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from batchjax.kernels import native
+
+_TARGET = "batchjax_paged_rows_attention_f32"
+MAX_PAGE_SIZE = 256
+
+
+def supports(q: jax.Array, k_pages: jax.Array) -> bool:
+    """Whether the kernel takes these operands (f32, head size a multiple of 8, GQA)."""
+    hq, d = q.shape[-2:]
+    page_size, hkv, dk = k_pages.shape[-3:]
+    return (q.dtype == jnp.float32 and k_pages.dtype == jnp.float32 and d % 8 == 0
+            and dk == d and hq % hkv == 0 and page_size <= MAX_PAGE_SIZE)
+
+
+def paged_rows_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+    kv_len: jax.Array, layer=None,
+) -> tuple[jax.Array, jax.Array]:
+    """q: [R, Q, Hq, D] f32; pools [L, N, page, Hkv, D] f32 with `layer`, else [N, page, Hkv,
+    D]; page_table: [R, P]; kv_len: [R] -> out [R, Q, Hq, D] f32, lse [R, Q, Hq] f32."""
+    native.require()
+    if not supports(q, k_pages):
+        raise ValueError(f"unsupported operands q{q.shape} {q.dtype}, "
+                         f"pools{k_pages.shape} {k_pages.dtype}")
+    if layer is None:
+        k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    rows, nq, hq, d = q.shape
+    out = (jax.ShapeDtypeStruct((rows, nq, hq, d), jnp.float32),
+           jax.ShapeDtypeStruct((rows, nq, hq), jnp.float32))
+    return jax.ffi.ffi_call(_TARGET, out)(
+        q, k_pages, v_pages, page_table.astype(jnp.int32), kv_len.astype(jnp.int32),
+        jnp.asarray(layer, jnp.int32).reshape(()))

@@ -1,0 +1,172 @@
+"""The native CPU kernels compute what their plain jnp references compute."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from batchjax.attention import xla
+from batchjax.engine import step as step_module
+from batchjax.kernels import native as native_kernels
+from batchjax.kernels import packed_matmul as pm
+from batchjax.kernels import paged_attention as pa
+
+HAS_CPU = native_kernels.cpu_has_avx2_fma()
+native = pytest.mark.skipif(not HAS_CPU, reason="the native kernels need x86-64 AVX2 and FMA")
+
+
+def test_pack_round_trips_and_lays_columns_out_in_panels():
+    w = np.arange(3 * 5 * 48, dtype=np.float32).reshape(3, 5, 48)
+    wp = pm.pack(w)
+    assert wp.shape == (3, 3, 5, 16)
+    np.testing.assert_array_equal(wp[1, 2, 4], w[1, 4, 32:48])  # panel 2 = columns 32..47
+    np.testing.assert_array_equal(pm.unpack(wp), w)
+    with pytest.raises(ValueError, match="divisible by 16"):
+        pm.pack(np.zeros((4, 40), np.float32))
+
+
+@native
+def test_the_kernels_build_on_a_cpu_that_can_run_them():
+    # Where the CPU qualifies, a failed build is a bug, not a reason to skip.
+    assert native_kernels.unavailable_reason() is None
+
+
+# Rows cover the 6-row micro-kernel with every tail (1..5) and the 48-row blocks; widths give
+# one panel, chunks that do not divide the panels, and more panels than one chunk holds.
+@native
+@pytest.mark.parametrize("m,k,n", [(1, 8, 16), (5, 64, 48), (7, 576, 960), (13, 33, 160),
+                                   (48, 100, 256), (49, 24, 32), (100, 1536, 96)])
+def test_native_matmul_matches_the_jnp_product(m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    layers = 3
+    w = rng.standard_normal((layers, k, n)).astype(np.float32)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    wp = pm.pack(w)
+    fn = jax.jit(pm.packed_matmul)
+    for layer in range(layers):  # each layer's own weights, not layer 0's
+        got = np.asarray(fn(x, wp, layer))
+        want = np.asarray(pm.packed_matmul_reference(x, wp, layer))
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+@native
+def test_native_matmul_in_a_scan_reads_each_layer_of_the_stacked_operand():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 32, 32)).astype(np.float32) / 6
+    x0 = rng.standard_normal((3, 32)).astype(np.float32)
+    wp = pm.pack(w)
+
+    def run(matmul):
+        def body(x, layer):
+            return jnp.tanh(matmul(x, layer)), None
+        return jax.jit(lambda x: jax.lax.scan(body, x, jnp.arange(4))[0])(x0)
+
+    got = run(lambda x, layer: pm.packed_matmul(x, wp, layer))
+    want = run(lambda x, layer: pm.packed_matmul_reference(x, wp, layer))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@native
+def test_native_matmul_refuses_a_layer_out_of_range_and_wrong_dtypes():
+    wp = pm.pack(np.ones((2, 8, 16), np.float32))
+    with pytest.raises(Exception, match="layer index out of range"):
+        jax.block_until_ready(jax.jit(pm.packed_matmul)(jnp.ones((2, 8)), wp, 2))
+    with pytest.raises(TypeError, match="f32 only"):
+        pm.packed_matmul(jnp.ones((2, 8), jnp.bfloat16), wp, 0)
+
+
+def test_turning_the_kernels_off_is_reported(monkeypatch):
+    monkeypatch.setenv("BATCHJAX_NATIVE_KERNELS", "0")
+    native_kernels._load.cache_clear()
+    try:
+        assert "BATCHJAX_NATIVE_KERNELS=0" in native_kernels.unavailable_reason()
+        assert step_module.choose_cpu_kernels("auto", jnp.float32) == "xla"
+        with pytest.raises(ValueError, match="cannot run here"):
+            step_module.choose_cpu_kernels("native", jnp.float32)
+    finally:
+        monkeypatch.undo()
+        native_kernels._load.cache_clear()
+
+
+def test_choose_cpu_kernels_keeps_xla_where_the_kernels_do_not_apply():
+    assert step_module.choose_cpu_kernels("xla", jnp.float32) == "xla"
+    assert step_module.choose_cpu_kernels("auto", jnp.bfloat16) == "xla"
+    with pytest.raises(ValueError, match="float32 only"):
+        step_module.choose_cpu_kernels("native", jnp.bfloat16)
+    with pytest.raises(ValueError, match="unknown cpu_kernels"):
+        step_module.choose_cpu_kernels("fast", jnp.float32)
+    want = "native" if HAS_CPU else "xla"
+    assert step_module.choose_cpu_kernels("auto", jnp.float32) == want
+
+
+@native
+def test_model_step_packs_every_dense_kernel_and_leaves_placeholders(tiny_llama_dir):
+    from batchjax.models.registry import load_model
+
+    model = load_model(str(tiny_llama_dir)).model
+    step = step_module.ModelStep(model, cpu_kernels="native")
+    packed = step.params["packed"]
+    assert set(packed) == {"qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"}
+    layers = step.params["layers"]
+    assert layers["self_attn"]["qkv_proj"]["kernel"][...].size == 0  # nothing left to slice
+    # The packed panels hold the model's own weights, layer by layer.
+    np.testing.assert_array_equal(pm.unpack(packed["o_proj"])[1],
+                                  model.layers[1].self_attn.o_proj.kernel[...])
+    np.testing.assert_array_equal(pm.unpack(packed["lm_head"])[0], model.lm_head.kernel[...])
+    # The caller's model keeps its weights.
+    assert model.layers[0].mlp.down_proj.kernel[...].size > 0
+    assert isinstance(model.layers[0].mlp.down_proj.kernel, nnx.Param)
+
+
+def _paged_problem(rng, rows, nq, hq, hkv, d, page, pages_per_row, layers=2, num_pages=40):
+    k = rng.standard_normal((layers, num_pages, page, hkv, d)).astype(np.float32)
+    v = rng.standard_normal((layers, num_pages, page, hkv, d)).astype(np.float32)
+    q = rng.standard_normal((rows, nq, hq, d)).astype(np.float32)
+    table = np.stack([rng.permutation(num_pages)[:pages_per_row] for _ in range(rows)])
+    return q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(table.astype(np.int32))
+
+
+# Page sizes below, at and above the kernel's 8-key blocks; queries per row 1 (decode) and 4
+# (small prefix blocks); GQA groups of 1, 3 and 4; lengths that end mid-page, fill the table,
+# or are 0 (no key: out 0, lse MASK_VALUE).
+@native
+@pytest.mark.parametrize("rows,nq,hq,hkv,d,page,ppr", [
+    (5, 1, 9, 3, 64, 16, 6), (4, 4, 9, 3, 64, 16, 5), (3, 1, 4, 4, 16, 4, 9),
+    (6, 2, 8, 2, 32, 12, 4), (2, 3, 8, 2, 8, 8, 3)])
+def test_native_paged_rows_attention_matches_the_jnp_reference(rows, nq, hq, hkv, d, page, ppr):
+    rng = np.random.default_rng(rows * 100 + page)
+    q, k, v, table = _paged_problem(rng, rows, nq, hq, hkv, d, page, ppr)
+    kv_len = rng.integers(1, page * ppr + 1, size=rows).astype(np.int32)
+    kv_len[0], kv_len[-1] = page * ppr, 0
+    # A row with no keys reads no page, not even an invalid one.
+    bad_last = table.at[-1, :].set(10**6)
+    for layer in (0, 1):
+        got_o, got_l = jax.jit(pa.paged_rows_attention)(q, k, v, bad_last, kv_len, layer)
+        want_o, want_l = xla.paged_rows_attention(q, k, v, table, jnp.asarray(kv_len), layer)
+        np.testing.assert_allclose(got_o, want_o, rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(got_l, want_l, rtol=2e-5, atol=2e-5)
+    assert np.all(np.asarray(got_o)[-1] == 0) and np.all(np.asarray(got_l)[-1] == xla.MASK_VALUE)
+
+
+@native
+def test_native_paged_rows_attention_without_a_layer_and_through_the_switch():
+    rng = np.random.default_rng(7)
+    q, k, v, table = _paged_problem(rng, 3, 1, 6, 2, 16, 4, 5, layers=1)
+    kv_len = jnp.array([20, 7, 1], jnp.int32)
+    want = xla.paged_single_query_attention(q[:, 0], k[0], v[0], table, kv_len)
+    got = xla.paged_single_query_attention(q[:, 0], k[0], v[0], table, kv_len, native=True)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
+
+
+@native
+def test_native_paged_rows_attention_refuses_a_page_outside_the_pool():
+    rng = np.random.default_rng(3)
+    q, k, v, table = _paged_problem(rng, 2, 1, 4, 2, 8, 4, 3)
+    table = table.at[1, 1].set(k.shape[1])  # read: row 1 has 8 keys, two pages
+    with pytest.raises(Exception, match="page index out of range"):
+        jax.block_until_ready(jax.jit(pa.paged_rows_attention)(
+            q, k, v, table, np.array([3, 8], np.int32), 0))
+    assert not pa.supports(jnp.zeros((1, 1, 4, 12)), jnp.zeros((1, 4, 2, 12)))  # D % 8
+    assert not pa.supports(jnp.zeros((1, 1, 4, 8), jnp.bfloat16), jnp.zeros((1, 4, 2, 8)))
