@@ -1,5 +1,7 @@
 """The XLA shared-prefix paged attention equals plain attention over prefix + own tokens."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +16,11 @@ from batchjax.attention.metadata import (
 from batchjax.engine import step_batch
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.schedule.buckets import BucketTable
+from batchjax.kernels import native as native_kernels
 from batchjax.schedule.step_plan import ChunkWork, PrefixRef, StepPlan
+
+native_only = pytest.mark.skipif(not native_kernels.cpu_has_avx2_fma(),
+                                 reason="the native kernels need x86-64 AVX2 and FMA")
 
 PAGE = 4
 HQ, HKV, D = 4, 2, 8
@@ -45,7 +51,7 @@ _SPLITS = {
 }
 
 
-def _check_against_full_context_attention(chunks, prefixes, rng, num_pages=60):
+def _check_against_full_context_attention(chunks, prefixes, rng, num_pages=60, native=False):
     """Runs the step's attention on random pages and checks every real token's output against
     plain attention over its prefix + own keys; returns the step's batch."""
     plan = StepPlan(0, chunks, prefixes)
@@ -58,7 +64,8 @@ def _check_against_full_context_attention(chunks, prefixes, rng, num_pages=60):
     v_new = rng.normal(size=(t, HKV, D)).astype(np.float32)
 
     md = jax.tree.map(jnp.asarray, batch.metadata)
-    attn = xla.make_stacked_paged_attention(md)  # one layer's pools, stacked as [1, ...]
+    impl = functools.partial(xla.shared_prefix_paged_attention, native=native)
+    attn = xla.make_stacked_paged_attention(md, impl)  # one layer's pools, stacked as [1, ...]
     out, (kp, vp) = jax.jit(attn)(0, q, k_new, v_new, (k_pages[None], v_pages[None]))
     out, kp, vp = np.asarray(out), np.asarray(kp)[0], np.asarray(vp)[0]
 
@@ -85,12 +92,14 @@ def _check_against_full_context_attention(chunks, prefixes, rng, num_pages=60):
     return batch
 
 
+@pytest.mark.parametrize("native", [False, pytest.param(True, marks=native_only)])
 @pytest.mark.parametrize("split", sorted(_SPLITS))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_shared_prefix_attention_matches_full_context_attention(seed, split, monkeypatch):
+def test_shared_prefix_attention_matches_full_context_attention(seed, split, native,
+                                                                monkeypatch):
     """Every way of cutting the prefix queries into blocks gives the same attention (group 0
     has 71 queries: one large block and the rest in a small one when chosen; group 1 has 41,
-    one large block)."""
+    one large block); with `native`, rows and small blocks run in the native CPU kernel."""
     monkeypatch.setattr(step_batch, "split_prefix_queries", _SPLITS[split])
     rng = np.random.default_rng(seed)
     # Group 0: prefix of 7 tokens on pages 1,2. Group 1: prefix of 1 token on page 3.
@@ -111,7 +120,7 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, mon
         ChunkWork(4, tuple(range(40)), 0, tuple(range(37, 47)), 1, 1, True),
         ChunkWork(5, (7, 8, 9, 10, 11), 0, (47, 48), None, 0, True),
     )
-    batch = _check_against_full_context_attention(chunks, prefixes, rng)
+    batch = _check_against_full_context_attention(chunks, prefixes, rng, native=native)
     md = batch.metadata
     # Pages held for tokens to come are left out of the own tables (they would be gathered).
     for table in (md.row_page_table, md.blk_page_table):

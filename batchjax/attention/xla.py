@@ -297,6 +297,10 @@ _BLOCKS_PER_CHUNK = 4
 # over prefixes of 200-833 tokens in 96-page tables) 321.1 -> 221.7 ms. Blocks of 16 queries
 # over whole 1,024-token prefixes were 4-5% slower that way, so they keep the gather.
 PAGED_PREFIX_MAX_QUERIES = 4
+# With the native kernel, blocks of up to 16 queries read page by page (SmolLM2 over 30 layers:
+# 16 blocks of 16 queries over 1,024-token prefixes 292 -> 245 ms, 8 over 512 tokens 86 -> 65
+# ms against the gather); blocks of 64 were slower natively (188 -> 225 ms) and keep the gather.
+NATIVE_PAGED_PREFIX_MAX_QUERIES = 16
 
 
 def _block_attention(q_pad, k_pages, v_pages, tok, page_table, kv_len, layer):
@@ -354,7 +358,9 @@ def shared_prefix_paged_attention(
     # sequence held before this step (context blocks), and each block of a group's queries
     # (small and large blocks) against the group's whole shared prefix.
     # Small prefix blocks of few queries read their prefix page by page instead.
-    small_paged = md.gblk_token.shape[1] <= PAGED_PREFIX_MAX_QUERIES
+    native_blocks = native and native_paged.supports(q, k_pages)
+    small_paged = md.gblk_token.shape[1] <= (
+        NATIVE_PAGED_PREFIX_MAX_QUERIES if native_blocks else PAGED_PREFIX_MAX_QUERIES)
     for tok, table, kv_len, paged in (
             (md.blk_token, md.blk_page_table, md.blk_ctx_len, False),
             (md.gblk_token, md.gblk_page_table, md.gblk_prefix_len, small_paged),
