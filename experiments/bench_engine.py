@@ -1,13 +1,15 @@
 """Steady engine steps against the machine's matmul roofline, measured in the same run.
 
-    python -m experiments.bench_engine [--model=smollm2-135m] [--dtype=float32] [--repeats=5]
+    python -m experiments.bench_engine [--model=smollm2-135m] [--dtype=float32] [--repeats=5] \
+        [--cpu_kernels=auto|native|xla]
 
 Times the jitted engine step (after its compile) on the shapes a batch spends its time in: a
 512-token prefill chunk; the 64-token distinct parts of 8 requests of a group after their
 shared 1024-token prefix; 64 and 256 decode tokens of 4 and 16 groups x 16 requests over a
 shared 1024-token prefix (the batchllm layout; the larger step is what a batch with many
 groups decodes in) and 64 of 16 groups x 4; and 64 decode tokens of independent requests over
-1088-token contexts (the layout of the `none`/`vllm` policies). Model FLOP utilisation is the
+1088-token contexts (the layout of the `none`/`vllm` policies), and 16 of them over 576-token
+contexts (the small decode steps a batch ends with). Model FLOP utilisation is the
 step's useful matmul FLOPs per second over the GFLOP/s of a large `jnp.dot` timed here.
 """
 
@@ -27,6 +29,8 @@ _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model spec.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reported).")
 _JSON = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON.")
+_KERNELS = flags.DEFINE_enum("cpu_kernels", "auto", ["auto", "native", "xla"],
+                             "Native CPU kernels or XLA's code (see batchjax.kernels).")
 
 PAGE = 16
 
@@ -56,21 +60,32 @@ def step_plans() -> dict[str, StepPlan]:
     own = tuple(ChunkWork(i, (5,), 1087, _pages(1 + i * 69, 69), None, 0, True, True)
                 for i in range(64))
     decode_own = StepPlan(0, own, ())
+    small = tuple(ChunkWork(i, (5,), 575, _pages(1 + i * 37, 37), None, 0, True, True)
+                  for i in range(16))
     return {"prefill 512 (context 576)": prefill,
             "suffix prefill 8 x 64 over shared prefix 1024": suffix,
             "decode 64 over shared prefix 1024 (4 x 16)": decode_shared(4),
             "decode 64 over shared prefix 1024 (16 x 4)": decode_shared(16, 4),
             "decode 256 over shared prefix 1024 (16 x 16)": decode_shared(16),
-            "decode 64 over own context 1088": decode_own}
+            "decode 64 over own context 1088": decode_own,
+            "decode 16 over own context 576": StepPlan(0, small, ())}
 
 
 def main(argv):
     del argv
     roofline = matmul_gflops(2048, _REPEATS.value)
-    engine = Engine(_MODEL.value, dtype=_DTYPE.value, kv_budget_mb=2048, progress=False)
-    results = {"matmul_gflops": roofline, "dtype": _DTYPE.value, "steps": {}}
-    print(f"matmul roofline: {roofline:.1f} GFLOP/s ({_DTYPE.value} weights, f32 matmul)")
+    # 4 GiB: the own-context step holds 64 x 69 pages (3.2 GiB of f32 SmolLM2 KV).
+    engine = Engine(_MODEL.value, dtype=_DTYPE.value, kv_budget_mb=4096, progress=False,
+                    cpu_kernels=_KERNELS.value)
+    results = {"matmul_gflops": roofline, "dtype": _DTYPE.value,
+               "cpu_kernels": engine.step.cpu_kernels, "steps": {}}
+    print(f"matmul roofline: {roofline:.1f} GFLOP/s ({_DTYPE.value} weights, f32 matmul); "
+          f"cpu kernels: {engine.step.cpu_kernels}")
     for name, plan in step_plans().items():
+        used = max(p for c in plan.chunks for p in c.page_table)
+        if used >= engine.kv_budget_pages:  # XLA's gather would clamp, timing other pages
+            raise ValueError(f"{name}: page {used} outside the pool's "
+                             f"{engine.kv_budget_pages}; raise kv_budget_mb")
         batch = build_step_batch(plan, PAGE, engine.buckets)
         n = batch.logits_index.shape[0]
         rows = (np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
