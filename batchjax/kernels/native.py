@@ -25,6 +25,7 @@ from pathlib import Path
 import jax
 
 _SOURCES = tuple(sorted(Path(__file__).parent.glob("*.cc")))
+_HEADERS = tuple(sorted(Path(__file__).parent.glob("*.h")))
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 # FFI target name -> exported handler symbol.
 TARGETS = {
@@ -57,7 +58,7 @@ def _build() -> Path:
 
     compiler = os.environ.get("CXX", "c++")
     key = hashlib.sha256()
-    for source in _SOURCES:
+    for source in _SOURCES + _HEADERS:
         key.update(source.name.encode())
         key.update(source.read_bytes())
     for part in (" ".join(_FLAGS), compiler, jaxlib.__version__):

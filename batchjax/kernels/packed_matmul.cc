@@ -5,19 +5,16 @@
 // The layer is an operand, so a scan over layers passes the whole stacked array by reference
 // and no per-layer slice is copied.
 //
-// Work is cut into (row block, panel chunk) items sized for the L2 cache, handed out through an
-// atomic counter to the calling thread and to helpers scheduled on XLA's intra-op thread pool.
-// The caller waits only for items that were claimed, so a helper that starts late finds nothing
-// to do, and a pool with no free thread leaves the caller to do everything itself.
+// Work is cut into (row block, panel chunk) items sized for the L2 cache and shared between the
+// calling thread and XLA's intra-op pool (parallel.h).
 
 #include <immintrin.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
-#include <memory>
 #include <thread>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -88,20 +85,6 @@ void RunItem(const Problem& p, int64_t item) {
   }
 }
 
-struct Shared {
-  Problem problem;
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void Drain(Shared& s) {
-  for (int64_t item; (item = s.next.fetch_add(1)) < s.items;) {
-    RunItem(s.problem, item);
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                            ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
                            ffi::ResultBuffer<ffi::F32> y) {
@@ -117,8 +100,7 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   if (m_dim == 0 || panels == 0) return ffi::Error::Success();
 
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   p.x = x.typed_data();
   p.w = w.typed_data() + l * panels * k_dim * kPanel;
   p.y = y->typed_data();
@@ -133,16 +115,9 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   chunk = std::max<int64_t>(1, std::min(chunk, panels * p.row_blocks / (4 * threads)));
   p.chunk_panels = chunk;
   p.chunks = (panels + chunk - 1) / chunk;
-  shared->items = p.row_blocks * p.chunks;
-
-  const int64_t helpers = std::min<int64_t>(threads - 1, shared->items - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([shared] { Drain(*shared); });
-  }
-  Drain(*shared);
-  while (shared->done.load(std::memory_order_acquire) < shared->items) {
-    std::this_thread::yield();
-  }
+  batchjax::ParallelFor(pool, p.row_blocks * p.chunks, [&p] {
+    return [&p](int64_t item) { RunItem(p, item); };
+  });
   return ffi::Error::Success();
 }
 

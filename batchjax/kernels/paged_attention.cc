@@ -4,8 +4,8 @@
 // read in place from the stacked pool k[L, N, page, Hkv, D] of layer `layer`: no gathered copy
 // of the context, and the page loop stops at the row's own length. A row is one item: it keeps
 // the running max, sum and output of each of its queries (an online softmax), reads each page
-// whole (all KV heads, contiguous) and prefetches the next. Items are shared between the
-// calling thread and helpers on XLA's intra-op pool, as in packed_matmul.cc. Returns
+// whole (all KV heads, contiguous) and prefetches the next. Rows are shared between the
+// calling thread and XLA's intra-op pool (parallel.h). Returns
 // out [R, Q, Hq, D] and lse [R, Q, Hq]; rows with no key give out 0 and lse -1e30, as the jnp
 // reference does.
 
@@ -15,10 +15,9 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -235,21 +234,6 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
   }
 }
 
-struct Shared {
-  Problem problem;
-  int64_t items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-};
-
-void Drain(Shared& s) {
-  Scratch scratch;
-  for (int64_t item; (item = s.next.fetch_add(1)) < s.items;) {
-    RunItem(s.problem, item, scratch);
-    s.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 ffi::Error PagedRowsAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                                  ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                                  ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> kv_len,
@@ -267,8 +251,7 @@ ffi::Error PagedRowsAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (l < 0 || l >= kd[0]) {
     return ffi::Error::InvalidArgument("paged_rows_attention: layer index out of range");
   }
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->problem;
+  Problem p;
   const int64_t layer_size = kd[1] * kd[2] * kd[3] * kd[4];
   p.q = q.typed_data();
   p.k = k.typed_data() + l * layer_size;
@@ -285,18 +268,9 @@ ffi::Error PagedRowsAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.page = kd[2];
   p.hkv = kd[3];
   p.pages_per_row = td[1];
-  shared->items = p.rows;
-  if (shared->items == 0) return ffi::Error::Success();
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
-  const int64_t helpers = std::min<int64_t>(threads - 1, shared->items - 1);
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([shared] { Drain(*shared); });
-  }
-  Drain(*shared);
-  while (shared->done.load(std::memory_order_acquire) < shared->items) {
-    std::this_thread::yield();
-  }
+  batchjax::ParallelFor(pool, p.rows, [&p] {
+    return [&p, scratch = Scratch()](int64_t row) mutable { RunItem(p, row, scratch); };
+  });
   if (p.bad_page.load()) {
     return ffi::Error::InvalidArgument("paged_rows_attention: page index out of range");
   }
