@@ -127,10 +127,9 @@ class ModelStep:
             head = model.embed_tokens.embedding[...].T  # tied: the lookup keeps [V, H] too
         else:
             head = params["lm_head"]["kernel"][...]
-        if head.shape[-1] % packed_matmul.PANEL == 0:
+        if head.shape[-1] % packed_matmul.PANEL == 0:  # the head has no bias
             packed["lm_head"] = packed_matmul.pack(head[None])
-            if model.lm_head is not None:
-                params["lm_head"]["kernel"] = nnx.Param(jnp.zeros((0,), model.dtype))
+            params.pop("lm_head", None)
 
     def _forward(self, params, kv, token_ids, positions, logits_index, md, impl):
         """token_ids, positions: [T]; logits_index: [S] -> logits [S, V] f32, stacked kv."""
@@ -163,9 +162,6 @@ class ModelStep:
         x = nnx.merge(self._norm_graphdef, params["norm"])(x)
         if "lm_head" in packed:
             logits = packed_matmul.packed_matmul(x, packed["lm_head"], 0)
-            if self._head_graphdef is not None:
-                head = nnx.merge(self._head_graphdef, params["lm_head"])
-                logits = logits if head.bias is None else logits + head.bias[...]
         elif self._head_graphdef is None:
             logits = x @ embed.embedding[...].T
         else:
