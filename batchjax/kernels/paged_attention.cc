@@ -3,8 +3,8 @@
 // Row n's Q queries (all query heads) attend to the first kv_len[n] keys of its page table,
 // read in place from the stacked pool k[L, N, page, Hkv, D] of layer `layer`: no gathered copy
 // of the context, and the page loop stops at the row's own length. A row is one item: it keeps
-// the running max, sum and output of each of its queries (an online softmax), reads each page
-// whole (all KV heads, contiguous) and prefetches the next. Rows are shared between the
+// the running max, sum and output of each of its queries (an online softmax) and reads each
+// page whole (all KV heads, contiguous). Rows are shared between the
 // calling thread and XLA's intra-op pool (parallel.h). Returns
 // out [R, Q, Hq, D] and lse [R, Q, Hq]; rows with no key give out 0 and lse -1e30, as the jnp
 // reference does.
@@ -108,12 +108,6 @@ inline void AccumulateValues(float* acc, int64_t d, const float* p, int64_t p_st
   }
 }
 
-// Pulls a page's keys or values into cache while the current page is computed.
-inline void PrefetchPage(const float* base, int64_t floats) {
-  const char* c = reinterpret_cast<const char*>(base);
-  for (int64_t b = 0; b < floats * 4; b += 64) _mm_prefetch(c + b, _MM_HINT_T0);
-}
-
 struct Problem {
   const float* q;  // [R, Q, Hq, D]
   const float* k;  // this layer's pool [N, page, Hkv, D]
@@ -158,10 +152,6 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
     if (page < 0 || page >= p.num_pages) {
       p.bad_page.store(true);
       return;
-    }
-    if (j + 1 < used && table[j + 1] >= 0 && table[j + 1] < p.num_pages) {
-      PrefetchPage(p.k + table[j + 1] * page_floats, page_floats);
-      PrefetchPage(p.v + table[j + 1] * page_floats, page_floats);
     }
     const int64_t keys = std::min(ps, len - j * ps);
     const int64_t keys8 = (keys + 7) / 8 * 8;
