@@ -1,6 +1,6 @@
 """Side-by-side benchmark: batchjax's policies, vLLM and transformers on the same token ids.
 
-    python -m experiments.bench --suite=cpu-peers --vllm_python=/root/venvs/vllm/bin/python \
+    python -m experiments.bench --suite=cpu-peers --vllm_python=$VLLM_VENV/bin/python \
         [--out=DIR] [--hf_python=PATH] [--reps=3] [--quick]
 
 Every system gets the same workloads (token-id JSONL), greedy decoding with EOS ignored and
