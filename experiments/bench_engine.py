@@ -82,7 +82,7 @@ def main(argv):
     print(f"matmul roofline: {roofline:.1f} GFLOP/s ({_DTYPE.value} weights, f32 matmul); "
           f"cpu kernels: {engine.step.cpu_kernels}")
     for name, plan in step_plans().items():
-        used = max(p for c in plan.chunks for p in c.page_table)
+        used = max(p for part in plan.chunks + plan.prefixes for p in part.page_table)
         if used >= engine.kv_budget_pages:  # XLA's gather would clamp, timing other pages
             raise ValueError(f"{name}: page {used} outside the pool's "
                              f"{engine.kv_budget_pages}; raise kv_budget_mb")

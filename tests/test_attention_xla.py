@@ -66,7 +66,10 @@ def _check_against_full_context_attention(chunks, prefixes, rng, num_pages=60, n
     md = jax.tree.map(jnp.asarray, batch.metadata)
     impl = functools.partial(xla.shared_prefix_paged_attention, native=native)
     attn = xla.make_stacked_paged_attention(md, impl)  # one layer's pools, stacked as [1, ...]
-    out, (kp, vp) = jax.jit(attn)(0, q, k_new, v_new, (k_pages[None], v_pages[None]))
+    args = (0, q, k_new, v_new, (k_pages[None], v_pages[None]))
+    # With `native`, the rows really run in the kernel (not silently in XLA's loop).
+    assert ("batchjax_paged_rows_attention_f32" in str(jax.make_jaxpr(attn)(*args))) == native
+    out, (kp, vp) = jax.jit(attn)(*args)
     out, kp, vp = np.asarray(out), np.asarray(kp)[0], np.asarray(vp)[0]
 
     def flat(pages, table, n):

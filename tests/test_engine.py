@@ -191,19 +191,38 @@ def test_bf16_pools_store_bits_and_give_the_bf16_outputs(tiny_llama_dir, referen
     assert got == want
 
 
-def test_native_and_xla_cpu_kernels_give_the_same_outputs(tiny_llama_dir, reference):
+def test_native_and_xla_cpu_kernels_give_the_same_outputs(tiny_llama_dir, reference,
+                                                          monkeypatch):
     # Dense products and paged rows go through the native CPU kernels by default where they
     # run; XLA's own code must give the same tokens, and both transformers' greedy tokens.
+    from batchjax.attention import xla
+    from batchjax.engine import step
     from batchjax.kernels import native
 
+    traced = []  # which native kernels the steps were traced with
+
+    def counting(name, fn):
+        def wrapped(*args, **kwargs):
+            traced.append(name)
+            return fn(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(step.packed_matmul, "packed_matmul",
+                        counting("matmul", step.packed_matmul.packed_matmul))
+    monkeypatch.setattr(xla.native_paged, "paged_rows_attention",
+                        counting("attention", xla.native_paged.paged_rows_attention))
     prompts, want = reference
     runs = {}
     for kernels in ("xla", "auto"):
+        traced.clear()
         engine = Engine(str(tiny_llama_dir), page_size=4, kv_budget_mb=1.0,
                         max_tokens_per_step=32, progress=False, cpu_kernels=kernels)
         runs[engine.step.cpu_kernels] = [
             r.token_ids for r in engine.generate(_requests(prompts, 12), policy="batchllm")]
         assert engine.last_metrics["cpu_kernels"] == engine.step.cpu_kernels
+        # Both kernels run where native was chosen, neither where XLA was.
+        want_traced = {"matmul", "attention"} if engine.step.cpu_kernels == "native" else set()
+        assert set(traced) == want_traced
     assert "xla" in runs
     if native.cpu_has_avx2_fma():
         assert "native" in runs

@@ -337,6 +337,7 @@ def shared_prefix_paged_attention(
     """
     t, hq, d = q.shape
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
+    native = native and native_paged.supports(q, k_pages)
     q_pad = jnp.concatenate([q, jnp.zeros((1, hq, d), q.dtype)])  # row T = padding query
 
     def scattered(rows, o, lse):  # per-query results -> the step's rows, others masked
@@ -358,9 +359,8 @@ def shared_prefix_paged_attention(
     # sequence held before this step (context blocks), and each block of a group's queries
     # (small and large blocks) against the group's whole shared prefix.
     # Small prefix blocks of few queries read their prefix page by page instead.
-    native_blocks = native and native_paged.supports(q, k_pages)
     small_paged = md.gblk_token.shape[1] <= (
-        NATIVE_PAGED_PREFIX_MAX_QUERIES if native_blocks else PAGED_PREFIX_MAX_QUERIES)
+        NATIVE_PAGED_PREFIX_MAX_QUERIES if native else PAGED_PREFIX_MAX_QUERIES)
     for tok, table, kv_len, paged in (
             (md.blk_token, md.blk_page_table, md.blk_ctx_len, False),
             (md.gblk_token, md.gblk_page_table, md.gblk_prefix_len, small_paged),

@@ -105,10 +105,6 @@ def unavailable_reason() -> str | None:
     return _load()
 
 
-def available() -> bool:
-    return _load() is None
-
-
 def require() -> None:
     """Registers the kernels (first call) or raises with the reason they cannot run."""
     reason = _load()

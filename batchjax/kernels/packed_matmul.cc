@@ -12,7 +12,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <thread>
 
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
@@ -108,8 +107,7 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   p.k_dim = k_dim;
   p.n_dim = panels * kPanel;
   p.row_blocks = (m_dim + kRowBlock - 1) / kRowBlock;
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
+  const int64_t threads = batchjax::NumThreads(pool);
   // Panels per item: as many as fit the chunk budget, but at least 4 items per thread.
   int64_t chunk = std::max<int64_t>(1, kChunkBytes / (k_dim * kPanel * 4));
   chunk = std::max<int64_t>(1, std::min(chunk, panels * p.row_blocks / (4 * threads)));

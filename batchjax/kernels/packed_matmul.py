@@ -42,7 +42,7 @@ def packed_matmul_reference(x: jax.Array, wp: jax.Array, layer: jax.Array) -> ja
 def packed_matmul(x: jax.Array, wp: jax.Array, layer: jax.Array | int) -> jax.Array:
     """x[M, K] f32 @ layer `layer` of wp[L, N/16, K, 16] f32 -> [M, N] f32, natively.
 
-    The engine checks `native.available()` once and picks this or XLA's dot.
+    The engine picks this or XLA's dot once (`batchjax.engine.step.choose_cpu_kernels`).
     """
     native.require()  # registers the kernels with XLA on first use
     if x.dtype != jnp.float32 or wp.dtype != jnp.float32:

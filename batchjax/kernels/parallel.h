@@ -13,6 +13,12 @@
 
 namespace batchjax {
 
+// Threads the work is shared among: the pool's, at most one per core.
+inline int64_t NumThreads(xla::ffi::ThreadPool& pool) {
+  return std::max<int64_t>(
+      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
+}
+
 // Runs worker(item) for every item in [0, items): make_worker() builds a thread's worker (its
 // scratch) before its first item. Items are claimed through an atomic counter by the caller
 // and by up to (threads - 1) helpers scheduled on the pool; the caller waits only until every
@@ -37,9 +43,7 @@ void ParallelFor(xla::ffi::ThreadPool& pool, int64_t items, MakeWorker make_work
       s.done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t threads = std::max<int64_t>(
-      1, std::min<int64_t>(pool.num_threads(), std::thread::hardware_concurrency()));
-  const int64_t helpers = std::min<int64_t>(threads - 1, items - 1);
+  const int64_t helpers = std::min<int64_t>(NumThreads(pool) - 1, items - 1);
   for (int64_t i = 0; i < helpers; ++i) {
     pool.Schedule([state, drain] { drain(*state); });
   }
