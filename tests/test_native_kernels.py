@@ -127,13 +127,16 @@ def _paged_problem(rng, rows, nq, hq, hkv, d, page, pages_per_row, layers=2, num
     return q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(table.astype(np.int32))
 
 
-# Page sizes below, at and above the kernel's 8-key blocks; queries per row 1 (decode) and 4
-# (small prefix blocks); GQA groups of 1, 3 and 4; lengths that end mid-page, fill the table,
-# or are 0 (no key: out 0, lse MASK_VALUE).
+# Page sizes below, at and above the kernel's 8-key blocks, and ones its 4-key score tiles do
+# not divide; queries per row 1 (decode), 4 and 16 (prefix blocks); GQA groups of 1 to 4, so
+# the 3-row tiles leave remainders of 1 and 2; head sizes whose columns split into 32-wide
+# tiles and 8-wide rests; lengths that end mid-page, fill the table, or are 0 (no key: out 0,
+# lse MASK_VALUE).
 @native
 @pytest.mark.parametrize("rows,nq,hq,hkv,d,page,ppr", [
     (5, 1, 9, 3, 64, 16, 6), (4, 4, 9, 3, 64, 16, 5), (3, 1, 4, 4, 16, 4, 9),
-    (6, 2, 8, 2, 32, 12, 4), (2, 3, 8, 2, 8, 8, 3)])
+    (6, 2, 8, 2, 32, 12, 4), (2, 3, 8, 2, 8, 8, 3), (3, 16, 9, 3, 40, 6, 5),
+    (4, 1, 4, 2, 24, 7, 6)])
 def test_native_paged_rows_attention_matches_the_jnp_reference(rows, nq, hq, hkv, d, page, ppr):
     rng = np.random.default_rng(rows * 100 + page)
     q, k, v, table = _paged_problem(rng, rows, nq, hq, hkv, d, page, ppr)

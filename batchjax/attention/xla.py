@@ -297,9 +297,10 @@ _BLOCKS_PER_CHUNK = 4
 # over prefixes of 200-833 tokens in 96-page tables) 321.1 -> 221.7 ms. Blocks of 16 queries
 # over whole 1,024-token prefixes were 4-5% slower that way, so they keep the gather.
 PAGED_PREFIX_MAX_QUERIES = 4
-# With the native kernel, blocks of up to 16 queries read page by page (SmolLM2 over 30 layers:
-# 16 blocks of 16 queries over 1,024-token prefixes 292 -> 245 ms, 8 over 512 tokens 86 -> 65
-# ms against the gather); blocks of 64 were slower natively (188 -> 225 ms) and keep the gather.
+# With the native kernel, blocks of up to 16 queries read page by page (SmolLM2 over 30 layers,
+# 16 blocks of 16 queries over a 1,024-token prefix: 259 ms gathered, 172 ms natively). Larger
+# blocks keep the gather: at 64 and 128 queries the kernel was only 5% faster (367 -> 347 and
+# 379 -> 358 ms for 8 x 64 and 4 x 128), within what the machine drifts between runs.
 NATIVE_PAGED_PREFIX_MAX_QUERIES = 16
 
 

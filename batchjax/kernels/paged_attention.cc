@@ -4,8 +4,9 @@
 // read in place from the stacked pool k[L, N, page, Hkv, D] of layer `layer`: no gathered copy
 // of the context, and the page loop stops at the row's own length. A row is one item: it keeps
 // the running max, sum and output of each of its queries (an online softmax) and reads each
-// page whole (all KV heads, contiguous). Rows are shared between the
-// calling thread and XLA's intra-op pool (parallel.h). Returns
+// page whole (all KV heads, contiguous), in tiles of 3 query rows x 4 keys for the scores and
+// 3 query rows x 32 columns for the weighted values, while the page two ahead is prefetched.
+// Rows are shared between the calling thread and XLA's intra-op pool (parallel.h). Returns
 // out [R, Q, Hq, D] and lse [R, Q, Hq]; rows with no key give out 0 and lse -1e30, as the jnp
 // reference does.
 
@@ -15,6 +16,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "parallel.h"
@@ -26,6 +28,7 @@ namespace {
 
 constexpr float kMaskValue = -1e30f;
 constexpr int64_t kMaxPage = 256;
+constexpr int64_t kPrefetchPages = 2;
 
 // e^x for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error
 // about 2e-7); lanes below -87 give 0.
@@ -57,27 +60,11 @@ inline float HorizontalSum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// [sum(a[0]), ..., sum(a[7])]: eight dot products' partial sums reduced at once.
-inline __m256 Reduce8(const __m256* a) {
-  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
-  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20),
-                       _mm256_permute2f128_ps(h0123, h4567, 0x31));
-}
-
-// s[u] = q . k[u * stride] for u < 8.
-inline void Scores8(const float* q, const float* k, int64_t stride, int64_t d, float* s) {
-  __m256 a[8];
-#pragma GCC unroll 8
-  for (int u = 0; u < 8; ++u) a[u] = _mm256_setzero_ps();
-  for (int64_t c = 0; c < d; c += 8) {
-    const __m256 qc = _mm256_loadu_ps(q + c);
-#pragma GCC unroll 8
-    for (int u = 0; u < 8; ++u) {
-      a[u] = _mm256_fmadd_ps(qc, _mm256_loadu_ps(k + u * stride + c), a[u]);
-    }
-  }
-  _mm256_storeu_ps(s, Reduce8(a));
+inline float HorizontalMax(__m256 v) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
 }
 
 inline float Score1(const float* q, const float* k, int64_t d) {
@@ -88,25 +75,126 @@ inline float Score1(const float* q, const float* k, int64_t d) {
   return HorizontalSum(a);
 }
 
-// acc[r] += sum_t p[r][t] * v[t] for MR query rows, 8 columns at a time kept in registers.
+// Query rows handled together: their scores share each key's loads and their weighted sums
+// each value's, and a tile keeps kTileRows * 4 independent sums in flight (the products'
+// latency, not their count, bounded the one-row-at-a-time loops).
+constexpr int kTileRows = 3;
+
+// s[r * kMaxPage + u] = q[r] . k[u * k_stride] for MR query rows and 4 keys.
 template <int MR>
-inline void AccumulateValues(float* acc, int64_t d, const float* p, int64_t p_stride,
-                             const float* v, int64_t v_stride, int64_t keys) {
+inline void ScoresTile(const float* q, int64_t d, const float* k, int64_t k_stride, float* s) {
+  __m256 a[MR][4];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) a[r][u] = _mm256_setzero_ps();
+  }
   for (int64_t c = 0; c < d; c += 8) {
-    __m256 a[MR];
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) a[r] = _mm256_loadu_ps(acc + r * d + c);
-    for (int64_t t = 0; t < keys; ++t) {
-      const __m256 vt = _mm256_loadu_ps(v + t * v_stride + c);
-#pragma GCC unroll 8
-      for (int r = 0; r < MR; ++r) {
-        a[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(p + r * p_stride + t), vt, a[r]);
-      }
+    __m256 kc[4];
+#pragma GCC unroll 4
+    for (int u = 0; u < 4; ++u) kc[u] = _mm256_loadu_ps(k + u * k_stride + c);
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256 qc = _mm256_loadu_ps(q + r * d + c);
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) a[r][u] = _mm256_fmadd_ps(qc, kc[u], a[r][u]);
     }
-#pragma GCC unroll 8
-    for (int r = 0; r < MR; ++r) _mm256_storeu_ps(acc + r * d + c, a[r]);
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) {
+    // [a0 lo, a1 lo, a2 lo, a3 lo, a0 hi, a1 hi, a2 hi, a3 hi], halves summed: 4 dot products.
+    const __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a[r][0], a[r][1]),
+                                    _mm256_hadd_ps(a[r][2], a[r][3]));
+    _mm_storeu_ps(s + r * kMaxPage,
+                  _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1)));
   }
 }
+
+// Scores of MR query rows against a page's first `keys` keys: 4 at a time where the page has
+// 4 slots left (a slot past `keys` is masked by the caller), then one by one.
+template <int MR, typename Prefetcher>
+inline void ScoreRows(const float* q, int64_t d, const float* k, int64_t k_stride, int64_t keys,
+                      int64_t page, float* s, Prefetcher& prefetch) {
+  int64_t t = 0;
+  for (; t < keys && t + 4 <= page; t += 4) {
+    prefetch.Step();
+    ScoresTile<MR>(q, d, k + t * k_stride, k_stride, s + t);
+  }
+  for (; t < keys; ++t) {
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) s[r * kMaxPage + t] = Score1(q + r * d, k + t * k_stride, d);
+  }
+}
+
+// acc[r] += sum_t p[r][t] * v[t] for MR query rows over NC chunks of 8 columns from column c.
+template <int MR, int NC>
+inline void ValuesTile(float* acc, int64_t d, int64_t c, const float* p, const float* v,
+                       int64_t v_stride, int64_t keys) {
+  __m256 a[MR][NC];
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < NC; ++u) a[r][u] = _mm256_loadu_ps(acc + r * d + c + 8 * u);
+  }
+  for (int64_t t = 0; t < keys; ++t) {
+    const float* vt = v + t * v_stride + c;
+#pragma GCC unroll 4
+    for (int r = 0; r < MR; ++r) {
+      const __m256 pr = _mm256_broadcast_ss(p + r * kMaxPage + t);
+#pragma GCC unroll 4
+      for (int u = 0; u < NC; ++u) {
+        a[r][u] = _mm256_fmadd_ps(pr, _mm256_loadu_ps(vt + 8 * u), a[r][u]);
+      }
+    }
+  }
+#pragma GCC unroll 4
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 4
+    for (int u = 0; u < NC; ++u) _mm256_storeu_ps(acc + r * d + c + 8 * u, a[r][u]);
+  }
+}
+
+template <int MR>
+inline void AccumulateValues(float* acc, int64_t d, const float* p, const float* v,
+                             int64_t v_stride, int64_t keys) {
+  int64_t c = 0;
+  for (; c + 32 <= d; c += 32) ValuesTile<MR, 4>(acc, d, c, p, v, v_stride, keys);
+  for (; c < d; c += 8) ValuesTile<MR, 1>(acc, d, c, p, v, v_stride, keys);
+}
+
+// Runs f<MR>() for a tile of rows rows (1 <= rows <= kTileRows).
+template <typename F>
+inline void ForTile(int64_t rows, F&& f) {
+  static_assert(kTileRows == 3, "one case per tile size");
+  switch (rows) {
+    case 3: f(std::integral_constant<int, 3>()); break;
+    case 2: f(std::integral_constant<int, 2>()); break;
+    default: f(std::integral_constant<int, 1>()); break;
+  }
+}
+
+// Pulls a page's keys and values toward the cache a few lines per call of Step(), so that
+// the reads are spread over the arithmetic of the page before it.
+struct Prefetcher {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t line = 0, lines = 0, per_step = 0;
+
+  void Start(const float* k_page, const float* v_page, int64_t page_lines, int64_t steps) {
+    k = reinterpret_cast<const char*>(k_page);
+    v = reinterpret_cast<const char*>(v_page);
+    line = 0;
+    lines = k_page == nullptr ? 0 : page_lines;
+    per_step = (page_lines + steps - 1) / steps;
+  }
+
+  void Step() {
+    for (const int64_t end = std::min(lines, line + per_step); line < end; ++line) {
+      _mm_prefetch(k + 64 * line, _MM_HINT_T0);
+      _mm_prefetch(v + 64 * line, _MM_HINT_T0);
+    }
+  }
+};
 
 struct Problem {
   const float* q;  // [R, Q, Hq, D]
@@ -147,6 +235,12 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
   }
   const int64_t used = std::min<int64_t>((len + ps - 1) / ps, p.pages_per_row);
   const int32_t* table = p.table + n * p.pages_per_row;
+  // The page kPrefetchPages ahead is pulled toward the cache over this page's score tiles,
+  // so its reads overlap this page's arithmetic: the hardware's own prefetching does not
+  // cross from one page to the next, and prefetching a whole page in one burst gained nothing.
+  const int64_t score_steps = p.hkv * ((per_head + kTileRows - 1) / kTileRows) * (ps / 4);
+  const int64_t page_lines = page_floats * static_cast<int64_t>(sizeof(float)) / 64;
+  Prefetcher prefetch;
   for (int64_t j = 0; j < used; ++j) {
     const int64_t page = table[j];
     if (page < 0 || page >= p.num_pages) {
@@ -157,25 +251,31 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
     const int64_t keys8 = (keys + 7) / 8 * 8;
     const float* kb = p.k + page * page_floats;
     const float* vb = p.v + page * page_floats;
+    const int64_t next = j + kPrefetchPages < used ? table[j + kPrefetchPages] : -1;
+    const bool ahead = next >= 0 && next < p.num_pages;
+    prefetch.Start(ahead ? p.k + next * page_floats : nullptr,
+                   ahead ? p.v + next * page_floats : nullptr, page_lines,
+                   std::max<int64_t>(1, score_steps));
     for (int64_t h = 0; h < p.hkv; ++h) {
-      for (int64_t r = h * per_head; r < (h + 1) * per_head; ++r) {
-        // Scores, 8 keys at a time where the page has 8 slots left (slots past `keys` are
-        // masked next), then one by one.
-        const float* qr = w.q.data() + r * d;
+      const int64_t first = h * per_head, end = first + per_head;
+      // Scores, kTileRows of the head's query rows at a time; slots past `keys` masked.
+      for (int64_t r = first; r < end; r += kTileRows) {
+        ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
+          ScoreRows<decltype(mr)::value>(w.q.data() + r * d, d, kb + h * d, key_stride, keys,
+                                         ps, w.s.data() + r * kMaxPage, prefetch);
+        });
+      }
+      for (int64_t r = first; r < end; ++r) {
         float* s = w.s.data() + r * kMaxPage;
-        int64_t t = 0;
-        for (; t < keys && t + 8 <= ps; t += 8) {
-          Scores8(qr, kb + t * key_stride + h * d, key_stride, d, s + t);
-        }
-        for (; t < keys; ++t) s[t] = Score1(qr, kb + t * key_stride + h * d, d);
-        for (t = keys; t < keys8; ++t) s[t] = kMaskValue;
+        for (int64_t t = keys; t < keys8; ++t) s[t] = kMaskValue;
         // Online softmax: new max, rescale what came before, probabilities in place.
-        float mx = w.m[r];
-        for (t = 0; t < keys; ++t) mx = std::max(mx, s[t]);
+        __m256 mx8 = _mm256_set1_ps(w.m[r]);
+        for (int64_t t = 0; t < keys8; t += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + t));
+        const float mx = HorizontalMax(mx8);
         const float rescale = std::exp(w.m[r] - mx);
         const __m256 mv = _mm256_set1_ps(mx);
         __m256 sum = _mm256_setzero_ps();
-        for (t = 0; t < keys8; t += 8) {
+        for (int64_t t = 0; t < keys8; t += 8) {
           const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
           _mm256_storeu_ps(s + t, e);
           sum = _mm256_add_ps(sum, e);
@@ -190,19 +290,13 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
           }
         }
       }
-      // Values: acc[r] += sum_t p[r, t] v[t], 6 of the head's query rows at a time.
-      const float* vh = vb + h * d;
-      for (int64_t r = h * per_head; r < (h + 1) * per_head; r += 6) {
-        float* acc = w.acc.data() + r * d;
-        const float* pr = w.s.data() + r * kMaxPage;
-        switch (std::min<int64_t>(6, (h + 1) * per_head - r)) {
-          case 6: AccumulateValues<6>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
-          case 5: AccumulateValues<5>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
-          case 4: AccumulateValues<4>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
-          case 3: AccumulateValues<3>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
-          case 2: AccumulateValues<2>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
-          default: AccumulateValues<1>(acc, d, pr, kMaxPage, vh, key_stride, keys); break;
-        }
+      // Values: acc[r] += sum_t p[r, t] v[t], kTileRows of the head's query rows at a time.
+      for (int64_t r = first; r < end; r += kTileRows) {
+        ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
+          AccumulateValues<decltype(mr)::value>(w.acc.data() + r * d, d,
+                                                w.s.data() + r * kMaxPage, vb + h * d,
+                                                key_stride, keys);
+        });
       }
     }
   }
