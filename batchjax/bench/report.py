@@ -174,10 +174,10 @@ def bar_charts(rows: Sequence[SummaryRow], out_dir: str) -> list[str]:
             ax.set_xticks(x, workloads, rotation=20, ha="right", fontsize=8)
             ax.set_ylabel(label, fontsize=8)
             ax.set_title(f"{label} ({dtype})", fontsize=9)
-            ax.legend(fontsize=7, ncol=2)
-            fig.tight_layout()
+            # Beside the axes, not over them: inside, it hid the bars of the middle workloads.
+            ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
             path = os.path.join(out_dir, f"{fname}_{dtype}.png")
-            fig.savefig(path, dpi=120)
+            fig.savefig(path, dpi=120, bbox_inches="tight")
             plt.close(fig)
             paths.append(path)
     return paths
