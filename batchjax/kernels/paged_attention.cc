@@ -75,9 +75,32 @@ inline float Score1(const float* q, const float* k, int64_t d) {
   return HorizontalSum(a);
 }
 
+// Pulls a page's keys and values toward the cache a few lines per call of Step(), so that
+// the reads are spread over the arithmetic of the page before it.
+struct Prefetcher {
+  const char* k = nullptr;
+  const char* v = nullptr;
+  int64_t line = 0, lines = 0, per_step = 0;
+
+  void Start(const float* k_page, const float* v_page, int64_t page_lines, int64_t steps) {
+    k = reinterpret_cast<const char*>(k_page);
+    v = reinterpret_cast<const char*>(v_page);
+    line = 0;
+    lines = k_page == nullptr ? 0 : page_lines;
+    per_step = (page_lines + steps - 1) / steps;
+  }
+
+  void Step() {
+    for (const int64_t end = std::min(lines, line + per_step); line < end; ++line) {
+      _mm_prefetch(k + 64 * line, _MM_HINT_T0);
+      _mm_prefetch(v + 64 * line, _MM_HINT_T0);
+    }
+  }
+};
+
 // Query rows handled together: their scores share each key's loads and their weighted sums
-// each value's, and a tile keeps kTileRows * 4 independent sums in flight (the products'
-// latency, not their count, bounded the one-row-at-a-time loops).
+// each value's, and a tile keeps kTileRows * 4 independent sums in flight, where one row at a
+// time kept few enough that each product waited on the one before.
 constexpr int kTileRows = 3;
 
 // s[r * kMaxPage + u] = q[r] . k[u * k_stride] for MR query rows and 4 keys.
@@ -112,7 +135,7 @@ inline void ScoresTile(const float* q, int64_t d, const float* k, int64_t k_stri
 
 // Scores of MR query rows against a page's first `keys` keys: 4 at a time where the page has
 // 4 slots left (a slot past `keys` is masked by the caller), then one by one.
-template <int MR, typename Prefetcher>
+template <int MR>
 inline void ScoreRows(const float* q, int64_t d, const float* k, int64_t k_stride, int64_t keys,
                       int64_t page, float* s, Prefetcher& prefetch) {
   int64_t t = 0;
@@ -172,29 +195,6 @@ inline void ForTile(int64_t rows, F&& f) {
     default: f(std::integral_constant<int, 1>()); break;
   }
 }
-
-// Pulls a page's keys and values toward the cache a few lines per call of Step(), so that
-// the reads are spread over the arithmetic of the page before it.
-struct Prefetcher {
-  const char* k = nullptr;
-  const char* v = nullptr;
-  int64_t line = 0, lines = 0, per_step = 0;
-
-  void Start(const float* k_page, const float* v_page, int64_t page_lines, int64_t steps) {
-    k = reinterpret_cast<const char*>(k_page);
-    v = reinterpret_cast<const char*>(v_page);
-    line = 0;
-    lines = k_page == nullptr ? 0 : page_lines;
-    per_step = (page_lines + steps - 1) / steps;
-  }
-
-  void Step() {
-    for (const int64_t end = std::min(lines, line + per_step); line < end; ++line) {
-      _mm_prefetch(k + 64 * line, _MM_HINT_T0);
-      _mm_prefetch(v + 64 * line, _MM_HINT_T0);
-    }
-  }
-};
 
 struct Problem {
   const float* q;  // [R, Q, Hq, D]
