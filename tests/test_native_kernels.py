@@ -127,8 +127,8 @@ def _paged_problem(rng, rows, nq, hq, hkv, d, page, pages_per_row, layers=2, num
     return q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(table.astype(np.int32))
 
 
-# Page sizes below, at and above the kernel's 8-key blocks, and ones its 4-key score tiles do
-# not divide; queries per row 1 (decode), 4 and 16 (prefix blocks); GQA groups of 1 to 4, so
+# Page sizes below, at and above the 8 lanes the kernel's softmax pads to, and ones its 4-key
+# score tiles do not divide; queries per row 1 (decode), 4 and 16 (prefix blocks); GQA groups of 1 to 4, so
 # the 3-row tiles leave remainders of 1 and 2; head sizes whose columns split into 32-wide
 # tiles and 8-wide rests; lengths that end mid-page, fill the table, or are 0 (no key: out 0,
 # lse MASK_VALUE).
