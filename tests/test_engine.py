@@ -228,3 +228,23 @@ def test_native_and_xla_cpu_kernels_give_the_same_outputs(tiny_llama_dir, refere
         assert "native" in runs
     for tokens in runs.values():
         assert tokens == want
+
+
+def test_bf16_native_cpu_kernels_give_xla_s_bf16_tokens(tiny_llama_dir, reference):
+    # bf16 weights and pools through the native kernels (f32 arithmetic on bf16 values) and
+    # through XLA's bf16 code: bf16 rounding may part the two where two logits nearly tie,
+    # but no more than one request of the eight here may differ.
+    from batchjax.kernels import native
+
+    if not native.cpu_has_avx2_fma():
+        pytest.skip("the native kernels need x86-64 AVX2 and FMA")
+    prompts, _ = reference
+    runs = {}
+    for kernels in ("xla", "native"):
+        engine = Engine(str(tiny_llama_dir), dtype="bfloat16", page_size=4, kv_budget_mb=1.0,
+                        max_tokens_per_step=32, progress=False, cpu_kernels=kernels)
+        assert engine.step.cpu_kernels == kernels
+        runs[kernels] = [r.token_ids
+                         for r in engine.generate(_requests(prompts, 12), policy="batchllm")]
+    same = sum(a == b for a, b in zip(runs["xla"], runs["native"]))
+    assert same >= len(prompts) - 1, (runs["xla"], runs["native"])

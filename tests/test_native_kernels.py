@@ -26,6 +26,20 @@ def test_pack_round_trips_and_lays_columns_out_in_panels():
         pm.pack(np.zeros((4, 40), np.float32))
 
 
+def test_bf16_panels_keep_the_bits_interleaved_for_the_kernel():
+    w = jnp.asarray(np.arange(5 * 32).reshape(5, 32) / 7, jnp.bfloat16)
+    wp = pm.pack(w)
+    assert wp.shape == (2, 5, 16) and wp.dtype == jnp.uint16  # bf16 bits, half of f32's bytes
+    row = jax.lax.bitcast_convert_type(wp[1, 3], jnp.bfloat16)  # panel 1, k = 3
+    # Columns 16..31 stored 16, 24, 17, 25, ...: even slots the panel's first 8, odd its last.
+    np.testing.assert_array_equal(row[0::2], w[3, 16:24])
+    np.testing.assert_array_equal(row[1::2], w[3, 24:32])
+    assert pm.unpack(wp).dtype == jnp.bfloat16
+    np.testing.assert_array_equal(pm.unpack(wp), w)
+    with pytest.raises(TypeError, match="f32 or bf16"):
+        pm.pack(np.zeros((4, 16), np.float16))
+
+
 @native
 def test_the_kernels_build_on_a_cpu_that_can_run_them():
     # Where the CPU qualifies, a failed build is a bug, not a reason to skip.
@@ -51,6 +65,24 @@ def test_native_matmul_matches_the_jnp_product(m, k, n):
 
 
 @native
+@pytest.mark.parametrize("m,k,n", [(1, 8, 16), (7, 576, 960), (13, 33, 160), (49, 24, 32)])
+def test_native_bf16_matmul_matches_the_f32_product_of_the_bf16_values(m, k, n):
+    rng = np.random.default_rng(m * 1000 + n)
+    w = jnp.asarray(rng.standard_normal((2, k, n)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
+    wp = pm.pack(w)
+    for layer in range(2):
+        got = jax.jit(pm.packed_matmul)(x, wp, layer)
+        assert got.dtype == jnp.bfloat16
+        # Exact f32 products of the bf16 values, then rounded to bf16: the two sums differ
+        # in order only, so at most by one bf16 step.
+        want = jnp.dot(x.astype(jnp.float32), w[layer].astype(jnp.float32),
+                       precision=jax.lax.Precision.HIGHEST)
+        np.testing.assert_allclose(np.asarray(got, np.float32), want,
+                                   rtol=2**-7, atol=1e-5 * np.sqrt(k))
+
+
+@native
 def test_native_matmul_in_a_scan_reads_each_layer_of_the_stacked_operand():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((4, 32, 32)).astype(np.float32) / 6
@@ -72,8 +104,10 @@ def test_native_matmul_refuses_a_layer_out_of_range_and_wrong_dtypes():
     wp = pm.pack(np.ones((2, 8, 16), np.float32))
     with pytest.raises(Exception, match="layer index out of range"):
         jax.block_until_ready(jax.jit(pm.packed_matmul)(jnp.ones((2, 8)), wp, 2))
-    with pytest.raises(TypeError, match="f32 only"):
-        pm.packed_matmul(jnp.ones((2, 8), jnp.bfloat16), wp, 0)
+    with pytest.raises(TypeError, match="f32 or bf16 rows"):
+        pm.packed_matmul(jnp.ones((2, 8), jnp.float16), wp, 0)
+    with pytest.raises(TypeError, match="panels"):
+        pm.packed_matmul(jnp.ones((2, 8)), wp.astype(jnp.bfloat16), 0)  # not from `pack`
 
 
 def test_turning_the_kernels_off_is_reported(monkeypatch):
@@ -91,13 +125,15 @@ def test_turning_the_kernels_off_is_reported(monkeypatch):
 
 def test_choose_cpu_kernels_keeps_xla_where_the_kernels_do_not_apply():
     assert step_module.choose_cpu_kernels("xla", jnp.float32) == "xla"
-    assert step_module.choose_cpu_kernels("auto", jnp.bfloat16) == "xla"
-    with pytest.raises(ValueError, match="float32 only"):
-        step_module.choose_cpu_kernels("native", jnp.bfloat16)
+    assert step_module.choose_cpu_kernels("xla", jnp.bfloat16) == "xla"
+    assert step_module.choose_cpu_kernels("auto", jnp.float16) == "xla"
+    with pytest.raises(ValueError, match="float32 and bfloat16, not float16"):
+        step_module.choose_cpu_kernels("native", jnp.float16)
     with pytest.raises(ValueError, match="unknown cpu_kernels"):
         step_module.choose_cpu_kernels("fast", jnp.float32)
     want = "native" if HAS_CPU else "xla"
     assert step_module.choose_cpu_kernels("auto", jnp.float32) == want
+    assert step_module.choose_cpu_kernels("auto", jnp.bfloat16) == want
 
 
 @native
@@ -117,6 +153,19 @@ def test_model_step_packs_every_dense_kernel_and_leaves_placeholders(tiny_llama_
     # The caller's model keeps its weights.
     assert model.layers[0].mlp.down_proj.kernel[...].size > 0
     assert isinstance(model.layers[0].mlp.down_proj.kernel, nnx.Param)
+
+
+@native
+def test_model_step_packs_bf16_weights_as_bf16(tiny_llama_dir):
+    from batchjax.models.registry import load_model
+
+    model = load_model(str(tiny_llama_dir), dtype=jnp.bfloat16).model
+    step = step_module.ModelStep(model)
+    assert step.cpu_kernels == "native"
+    packed = step.params["packed"]
+    assert all(wp.dtype == jnp.uint16 for wp in packed.values())  # 2 bytes a weight
+    np.testing.assert_array_equal(pm.unpack(packed["gate_up_proj"])[1][:, :128],
+                                  model.layers[1].mlp.gate_proj.kernel[...])
 
 
 def _paged_problem(rng, rows, nq, hq, hkv, d, page, pages_per_row, layers=2, num_pages=40):
@@ -152,6 +201,31 @@ def test_native_paged_rows_attention_matches_the_jnp_reference(rows, nq, hq, hkv
     assert np.all(np.asarray(got_o)[-1] == 0) and np.all(np.asarray(got_l)[-1] == xla.MASK_VALUE)
 
 
+# bf16 pools: head sizes of one and of several 16-value loads, value tiles of 16 columns and
+# a rest; GQA remainders; decode rows and prefix blocks; pools as the engine keeps them (bf16
+# bits in uint16) and as plain bf16.
+@native
+@pytest.mark.parametrize("rows,nq,hq,hkv,d,page,ppr", [
+    (5, 1, 9, 3, 64, 16, 6), (3, 16, 9, 3, 48, 6, 5), (4, 2, 4, 2, 16, 7, 6)])
+def test_native_paged_rows_attention_over_bf16_pools(rows, nq, hq, hkv, d, page, ppr):
+    rng = np.random.default_rng(rows * 100 + page)
+    q, k, v, table = _paged_problem(rng, rows, nq, hq, hkv, d, page, ppr)
+    q, k, v = (a.astype(jnp.bfloat16) for a in (jnp.asarray(q), k, v))
+    kv_len = rng.integers(1, page * ppr + 1, size=rows).astype(np.int32)
+    kv_len[0], kv_len[-1] = page * ppr, 0
+    bits = [jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (k, v)]
+    for layer in (0, 1):
+        # The kernel's arithmetic is f32, so its reference is f32 over the same bf16 values
+        # (XLA's bf16 path rounds the probabilities to bf16 first and is 1e-3 away).
+        want_o, want_l = xla.paged_rows_attention(
+            q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), table,
+            jnp.asarray(kv_len), layer)
+        for pools in (bits, (k, v)):
+            got_o, got_l = jax.jit(pa.paged_rows_attention)(q, *pools, table, kv_len, layer)
+            np.testing.assert_allclose(got_o, want_o, rtol=2e-5, atol=2e-5)
+            np.testing.assert_allclose(got_l, want_l, rtol=2e-5, atol=2e-5)
+
+
 @native
 def test_native_paged_rows_attention_without_a_layer_and_through_the_switch():
     rng = np.random.default_rng(7)
@@ -172,4 +246,7 @@ def test_native_paged_rows_attention_refuses_a_page_outside_the_pool():
         jax.block_until_ready(jax.jit(pa.paged_rows_attention)(
             q, k, v, table, np.array([3, 8], np.int32), 0))
     assert not pa.supports(jnp.zeros((1, 1, 4, 12)), jnp.zeros((1, 4, 2, 12)))  # D % 8
-    assert not pa.supports(jnp.zeros((1, 1, 4, 8), jnp.bfloat16), jnp.zeros((1, 4, 2, 8)))
+    # bf16 pools are read 16 values at a time; f16 ones not at all.
+    assert pa.supports(jnp.zeros((1, 1, 4, 16), jnp.bfloat16), jnp.zeros((1, 4, 2, 16), jnp.uint16))
+    assert not pa.supports(jnp.zeros((1, 1, 4, 8), jnp.bfloat16), jnp.zeros((1, 4, 2, 8), jnp.uint16))
+    assert not pa.supports(jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, 4, 2, 16), jnp.float16))

@@ -50,8 +50,8 @@ def choose_cpu_kernels(name: str, dtype) -> str:
         return "xla"
     if jax.default_backend() != "cpu":
         reason = f"the native kernels are for CPUs, not {jax.default_backend()}"
-    elif jnp.dtype(dtype) != jnp.float32:
-        reason = f"the native kernels are float32 only, not {jnp.dtype(dtype).name}"
+    elif jnp.dtype(dtype) not in (jnp.float32, jnp.bfloat16):
+        reason = f"the native kernels are for float32 and bfloat16, not {jnp.dtype(dtype).name}"
     else:
         reason = native.unavailable_reason()
     if reason is None:

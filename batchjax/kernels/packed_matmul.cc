@@ -1,7 +1,11 @@
-// y[M, N] = x[M, K] @ W[layer] for f32 weights packed in 16-column panels, on x86-64 AVX2 + FMA.
+// y[M, N] = x[M, K] @ W[layer] for weights packed in 16-column panels, on x86-64 AVX2 + FMA:
+// f32 weights, or bf16 weights (as uint16 bit patterns) converted to f32 as they are read; x
+// and y are f32 either way.
 //
 // The weights of every layer live in one array w[L, P, K, 16] (P = N / 16): panel p of layer l
-// holds columns 16p..16p+15, row by row, so the inner loop reads 64 contiguous bytes per k.
+// holds columns 16p..16p+15, row by row, so the inner loop reads 64 (f32) or 32 (bf16)
+// contiguous bytes per k. A bf16 panel row is stored interleaved, columns 0, 8, 1, 9, ..., 7,
+// 15, so that a shift and a mask split it into columns 0..7 and 8..15 with no shuffle.
 // The layer is an operand, so a scan over layers passes the whole stacked array by reference
 // and no per-layer slice is copied.
 //
@@ -25,8 +29,20 @@ constexpr int64_t kRows = 6;     // rows per micro-kernel: 12 accumulators of 16
 constexpr int64_t kRowBlock = 48;
 constexpr int64_t kChunkBytes = 256 * 1024;
 
-template <int MR>
-__attribute__((always_inline)) inline void Micro(const float* x, int64_t ldx, const float* w,
+// A panel row's 16 weights as two 8-lane f32 vectors (columns 0..7 and 8..15).
+inline void LoadPanelRow(const float* w, __m256& w0, __m256& w1) {
+  w0 = _mm256_loadu_ps(w);
+  w1 = _mm256_loadu_ps(w + 8);
+}
+
+inline void LoadPanelRow(const uint16_t* w, __m256& w0, __m256& w1) {
+  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  w0 = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
+  w1 = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(-65536)));
+}
+
+template <int MR, class W>
+__attribute__((always_inline)) inline void Micro(const float* x, int64_t ldx, const W* w,
                                                  int64_t k_dim, float* y, int64_t ldy) {
   __m256 acc0[MR], acc1[MR];
 #pragma GCC unroll 8
@@ -35,8 +51,8 @@ __attribute__((always_inline)) inline void Micro(const float* x, int64_t ldx, co
     acc1[m] = _mm256_setzero_ps();
   }
   for (int64_t k = 0; k < k_dim; ++k) {
-    const __m256 w0 = _mm256_loadu_ps(w + k * kPanel);
-    const __m256 w1 = _mm256_loadu_ps(w + k * kPanel + 8);
+    __m256 w0, w1;
+    LoadPanelRow(w + k * kPanel, w0, w1);
 #pragma GCC unroll 8
     for (int m = 0; m < MR; ++m) {
       const __m256 b = _mm256_broadcast_ss(x + m * ldx + k);
@@ -51,21 +67,23 @@ __attribute__((always_inline)) inline void Micro(const float* x, int64_t ldx, co
   }
 }
 
+template <class W>
 struct Problem {
   const float* x;
-  const float* w;  // this layer's panels [P, K, 16]
+  const W* w;  // this layer's panels [P, K, 16]
   float* y;
   int64_t m_dim, k_dim, n_dim;
   int64_t row_blocks, chunk_panels, chunks;
 };
 
-void RunItem(const Problem& p, int64_t item) {
+template <class W>
+void RunItem(const Problem<W>& p, int64_t item) {
   const int64_t rb = item / p.chunks, chunk = item % p.chunks;
   const int64_t r0 = rb * kRowBlock, r1 = std::min(p.m_dim, r0 + kRowBlock);
   const int64_t p0 = chunk * p.chunk_panels;
   const int64_t p1 = std::min(p.n_dim / kPanel, p0 + p.chunk_panels);
   for (int64_t panel = p0; panel < p1; ++panel) {
-    const float* w = p.w + panel * p.k_dim * kPanel;
+    const W* w = p.w + panel * p.k_dim * kPanel;
     float* y = p.y + panel * kPanel;
     int64_t r = r0;
     for (; r + kRows <= r1; r += kRows) {
@@ -84,9 +102,9 @@ void RunItem(const Problem& p, int64_t item) {
   }
 }
 
-ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                           ffi::Buffer<ffi::F32> w, ffi::Buffer<ffi::S32> layer,
-                           ffi::ResultBuffer<ffi::F32> y) {
+template <class W, ffi::DataType kWeightType>
+ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kWeightType> w,
+                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 4 || wd[3] != kPanel || wd[2] != xd[1]) {
@@ -99,9 +117,9 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   }
   if (m_dim == 0 || panels == 0) return ffi::Error::Success();
 
-  Problem p;
+  Problem<W> p;
   p.x = x.typed_data();
-  p.w = w.typed_data() + l * panels * k_dim * kPanel;
+  p.w = reinterpret_cast<const W*>(w.typed_data()) + l * panels * k_dim * kPanel;
   p.y = y->typed_data();
   p.m_dim = m_dim;
   p.k_dim = k_dim;
@@ -109,7 +127,7 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   p.row_blocks = (m_dim + kRowBlock - 1) / kRowBlock;
   const int64_t threads = batchjax::NumThreads(pool);
   // Panels per item: as many as fit the chunk budget, but at least 4 items per thread.
-  int64_t chunk = std::max<int64_t>(1, kChunkBytes / (k_dim * kPanel * 4));
+  int64_t chunk = std::max<int64_t>(1, kChunkBytes / (k_dim * kPanel * sizeof(W)));
   chunk = std::max<int64_t>(1, std::min(chunk, panels * p.row_blocks / (4 * threads)));
   p.chunk_panels = chunk;
   p.chunks = (panels + chunk - 1) / chunk;
@@ -119,12 +137,19 @@ ffi::Error PackedMatmulF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+template <ffi::DataType kWeightType>
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<kWeightType>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPackedMatmulF32, PackedMatmulF32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPackedMatmulF32, (PackedMatmul<float, ffi::F32>),
+                              Binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPackedMatmulBF16, (PackedMatmul<uint16_t, ffi::U16>),
+                              Binding<ffi::U16>());

@@ -1,4 +1,5 @@
-// Paged attention of rows of queries over their own pages, on x86-64 AVX2 + FMA, for f32 pools.
+// Paged attention of rows of queries over their own pages, on x86-64 AVX2 + FMA, for f32 pools
+// and for bf16 pools (kept as uint16 bit patterns; the arithmetic is f32 either way).
 //
 // Row n's Q queries (all query heads) attend to the first kv_len[n] keys of its page table,
 // read in place from the stacked pool k[L, N, page, Hkv, D] of layer `layer`: no gathered copy
@@ -9,6 +10,10 @@
 // Rows are shared between the calling thread and XLA's intra-op pool (parallel.h). Returns
 // out [R, Q, Hq, D] and lse [R, Q, Hq]; rows with no key give out 0 and lse -1e30, as the jnp
 // reference does.
+//
+// bf16 pools are read 16 values at a time and split into two 8-lane f32 vectors, the even and
+// the odd columns (a shift and a mask, no shuffle); the row's scaled queries and its running
+// output are kept in that same column order (`Slot`) and put back in order at the end.
 
 #include <immintrin.h>
 
@@ -67,10 +72,37 @@ inline float HorizontalMax(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-inline float Score1(const float* q, const float* k, int64_t d) {
+// How a pool's element type is read: Load fills kVecs 8-lane f32 vectors from 8 * kVecs
+// consecutive values; Slot(c) is where column c of a row's queries and output is kept so that
+// lane i of vector j holds the column the load put there.
+struct F32Pool {
+  using T = float;
+  static constexpr int kVecs = 1;
+  static inline void Load(const float* p, __m256* v) { v[0] = _mm256_loadu_ps(p); }
+  static int64_t Slot(int64_t c) { return c; }
+};
+
+struct BF16Pool {
+  using T = uint16_t;  // the bits of a bf16, which are the top half of an f32's
+  static constexpr int kVecs = 2;
+  static inline void Load(const uint16_t* p, __m256* v) {
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));  // columns 0, 2, ..., 14
+    v[1] = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(-65536)));  // 1, ..., 15
+  }
+  static int64_t Slot(int64_t c) { return (c & ~15) + (c & 1) * 8 + ((c & 15) >> 1); }
+};
+
+template <class Pool>
+inline float Score1(const float* q, const typename Pool::T* k, int64_t d) {
   __m256 a = _mm256_setzero_ps();
-  for (int64_t c = 0; c < d; c += 8) {
-    a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c), _mm256_loadu_ps(k + c), a);
+  for (int64_t c = 0; c < d; c += 8 * Pool::kVecs) {
+    __m256 kc[Pool::kVecs];
+    Pool::Load(k + c, kc);
+#pragma GCC unroll 2
+    for (int h = 0; h < Pool::kVecs; ++h) {
+      a = _mm256_fmadd_ps(_mm256_loadu_ps(q + c + 8 * h), kc[h], a);
+    }
   }
   return HorizontalSum(a);
 }
@@ -82,7 +114,7 @@ struct Prefetcher {
   const char* v = nullptr;
   int64_t line = 0, lines = 0, per_step = 0;
 
-  void Start(const float* k_page, const float* v_page, int64_t page_lines, int64_t steps) {
+  void Start(const void* k_page, const void* v_page, int64_t page_lines, int64_t steps) {
     k = reinterpret_cast<const char*>(k_page);
     v = reinterpret_cast<const char*>(v_page);
     line = 0;
@@ -104,23 +136,27 @@ struct Prefetcher {
 constexpr int kTileRows = 3;
 
 // s[r * kMaxPage + u] = q[r] . k[u * k_stride] for MR query rows and 4 keys.
-template <int MR>
-inline void ScoresTile(const float* q, int64_t d, const float* k, int64_t k_stride, float* s) {
+template <int MR, class Pool>
+inline void ScoresTile(const float* q, int64_t d, const typename Pool::T* k, int64_t k_stride,
+                       float* s) {
   __m256 a[MR][4];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) {
 #pragma GCC unroll 4
     for (int u = 0; u < 4; ++u) a[r][u] = _mm256_setzero_ps();
   }
-  for (int64_t c = 0; c < d; c += 8) {
-    __m256 kc[4];
+  for (int64_t c = 0; c < d; c += 8 * Pool::kVecs) {
+    __m256 kc[4][Pool::kVecs];
 #pragma GCC unroll 4
-    for (int u = 0; u < 4; ++u) kc[u] = _mm256_loadu_ps(k + u * k_stride + c);
+    for (int u = 0; u < 4; ++u) Pool::Load(k + u * k_stride + c, kc[u]);
 #pragma GCC unroll 4
     for (int r = 0; r < MR; ++r) {
-      const __m256 qc = _mm256_loadu_ps(q + r * d + c);
+#pragma GCC unroll 2
+      for (int h = 0; h < Pool::kVecs; ++h) {
+        const __m256 qc = _mm256_loadu_ps(q + r * d + c + 8 * h);
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) a[r][u] = _mm256_fmadd_ps(qc, kc[u], a[r][u]);
+        for (int u = 0; u < 4; ++u) a[r][u] = _mm256_fmadd_ps(qc, kc[u][h], a[r][u]);
+      }
     }
   }
 #pragma GCC unroll 4
@@ -135,24 +171,27 @@ inline void ScoresTile(const float* q, int64_t d, const float* k, int64_t k_stri
 
 // Scores of MR query rows against a page's first `keys` keys: 4 at a time where the page has
 // 4 slots left (a slot past `keys` is masked by the caller), then one by one.
-template <int MR>
-inline void ScoreRows(const float* q, int64_t d, const float* k, int64_t k_stride, int64_t keys,
-                      int64_t page, float* s, Prefetcher& prefetch) {
+template <int MR, class Pool>
+inline void ScoreRows(const float* q, int64_t d, const typename Pool::T* k, int64_t k_stride,
+                      int64_t keys, int64_t page, float* s, Prefetcher& prefetch) {
   int64_t t = 0;
   for (; t < keys && t + 4 <= page; t += 4) {
     prefetch.Step();
-    ScoresTile<MR>(q, d, k + t * k_stride, k_stride, s + t);
+    ScoresTile<MR, Pool>(q, d, k + t * k_stride, k_stride, s + t);
   }
   for (; t < keys; ++t) {
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) s[r * kMaxPage + t] = Score1(q + r * d, k + t * k_stride, d);
+    for (int r = 0; r < MR; ++r) {
+      s[r * kMaxPage + t] = Score1<Pool>(q + r * d, k + t * k_stride, d);
+    }
   }
 }
 
-// acc[r] += sum_t p[r][t] * v[t] for MR query rows over NC chunks of 8 columns from column c.
-template <int MR, int NC>
-inline void ValuesTile(float* acc, int64_t d, int64_t c, const float* p, const float* v,
-                       int64_t v_stride, int64_t keys) {
+// acc[r] += sum_t p[r][t] * v[t] for MR query rows over NC vectors of 8 slots from slot c.
+template <int MR, int NC, class Pool>
+inline void ValuesTile(float* acc, int64_t d, int64_t c, const float* p,
+                       const typename Pool::T* v, int64_t v_stride, int64_t keys) {
+  static_assert(NC % Pool::kVecs == 0, "whole loads only");
   __m256 a[MR][NC];
 #pragma GCC unroll 4
   for (int r = 0; r < MR; ++r) {
@@ -160,13 +199,27 @@ inline void ValuesTile(float* acc, int64_t d, int64_t c, const float* p, const f
     for (int u = 0; u < NC; ++u) a[r][u] = _mm256_loadu_ps(acc + r * d + c + 8 * u);
   }
   for (int64_t t = 0; t < keys; ++t) {
-    const float* vt = v + t * v_stride + c;
+    const typename Pool::T* vt = v + t * v_stride + c;
+    if constexpr (Pool::kVecs == 1) {
+      // f32: each product reads its value from memory, which keeps 12 sums in registers.
 #pragma GCC unroll 4
-    for (int r = 0; r < MR; ++r) {
-      const __m256 pr = _mm256_broadcast_ss(p + r * kMaxPage + t);
+      for (int r = 0; r < MR; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(p + r * kMaxPage + t);
 #pragma GCC unroll 4
-      for (int u = 0; u < NC; ++u) {
-        a[r][u] = _mm256_fmadd_ps(pr, _mm256_loadu_ps(vt + 8 * u), a[r][u]);
+        for (int u = 0; u < NC; ++u) {
+          a[r][u] = _mm256_fmadd_ps(pr, _mm256_loadu_ps(vt + 8 * u), a[r][u]);
+        }
+      }
+    } else {
+      // Converted once per key, used by every row.
+      __m256 vc[NC];
+#pragma GCC unroll 4
+      for (int u = 0; u < NC; u += Pool::kVecs) Pool::Load(vt + 8 * u, vc + u);
+#pragma GCC unroll 4
+      for (int r = 0; r < MR; ++r) {
+        const __m256 pr = _mm256_broadcast_ss(p + r * kMaxPage + t);
+#pragma GCC unroll 4
+        for (int u = 0; u < NC; ++u) a[r][u] = _mm256_fmadd_ps(pr, vc[u], a[r][u]);
       }
     }
   }
@@ -177,12 +230,20 @@ inline void ValuesTile(float* acc, int64_t d, int64_t c, const float* p, const f
   }
 }
 
-template <int MR>
-inline void AccumulateValues(float* acc, int64_t d, const float* p, const float* v,
+// Vectors per value tile: 3 rows x 4 f32 vectors leave registers for the broadcast; bf16
+// values converted once per key need registers of their own, so 3 rows x 2.
+template <class Pool>
+constexpr int kValueVecs = Pool::kVecs == 1 ? 4 : 2;
+
+template <int MR, class Pool>
+inline void AccumulateValues(float* acc, int64_t d, const float* p, const typename Pool::T* v,
                              int64_t v_stride, int64_t keys) {
+  constexpr int kWide = kValueVecs<Pool>, kNarrow = Pool::kVecs;
   int64_t c = 0;
-  for (; c + 32 <= d; c += 32) ValuesTile<MR, 4>(acc, d, c, p, v, v_stride, keys);
-  for (; c < d; c += 8) ValuesTile<MR, 1>(acc, d, c, p, v, v_stride, keys);
+  for (; c + 8 * kWide <= d; c += 8 * kWide) {
+    ValuesTile<MR, kWide, Pool>(acc, d, c, p, v, v_stride, keys);
+  }
+  for (; c < d; c += 8 * kNarrow) ValuesTile<MR, kNarrow, Pool>(acc, d, c, p, v, v_stride, keys);
 }
 
 // Runs f<MR>() for a tile of rows rows (1 <= rows <= kTileRows).
@@ -196,10 +257,12 @@ inline void ForTile(int64_t rows, F&& f) {
   }
 }
 
+template <class Pool>
 struct Problem {
+  using T = typename Pool::T;
   const float* q;  // [R, Q, Hq, D]
-  const float* k;  // this layer's pool [N, page, Hkv, D]
-  const float* v;
+  const T* k;      // this layer's pool [N, page, Hkv, D]
+  const T* v;
   const int32_t* table;   // [R, P]
   const int32_t* kv_len;  // [R]
   float* out;             // [R, Q, Hq, D]
@@ -209,12 +272,14 @@ struct Problem {
 };
 
 // Scratch of one row: scaled queries, scores of one page, running max / sum / output, each
-// indexed by query row (KV head, query, head within the KV head's group).
+// indexed by query row (KV head, query, head within the KV head's group); queries and output
+// in the pool's column order (`Slot`).
 struct Scratch {
   std::vector<float> q, s, m, l, acc;
 };
 
-void RunItem(Problem& p, int64_t n, Scratch& w) {
+template <class Pool>
+void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
   const int64_t g = p.hq / p.hkv, per_head = p.nq * g, nr = p.hkv * per_head;
   const int64_t d = p.d, ps = p.page, key_stride = p.hkv * d, page_floats = ps * key_stride;
   const int64_t len = std::max<int32_t>(0, p.kv_len[n]);
@@ -229,7 +294,7 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
       for (int64_t j = 0; j < g; ++j) {
         const float* src = p.q + ((n * p.nq + i) * p.hq + h * g + j) * d;
         float* dst = w.q.data() + ((h * p.nq + i) * g + j) * d;
-        for (int64_t c = 0; c < d; ++c) dst[c] = src[c] * scale;
+        for (int64_t c = 0; c < d; ++c) dst[Pool::Slot(c)] = src[c] * scale;
       }
     }
   }
@@ -239,7 +304,7 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
   // so its reads overlap this page's arithmetic: the hardware's own prefetching does not
   // cross from one page to the next, and prefetching a whole page in one burst gained nothing.
   const int64_t score_steps = p.hkv * ((per_head + kTileRows - 1) / kTileRows) * (ps / 4);
-  const int64_t page_lines = page_floats * static_cast<int64_t>(sizeof(float)) / 64;
+  const int64_t page_lines = page_floats * static_cast<int64_t>(sizeof(typename Pool::T)) / 64;
   Prefetcher prefetch;
   for (int64_t j = 0; j < used; ++j) {
     const int64_t page = table[j];
@@ -249,8 +314,8 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
     }
     const int64_t keys = std::min(ps, len - j * ps);
     const int64_t keys8 = (keys + 7) / 8 * 8;
-    const float* kb = p.k + page * page_floats;
-    const float* vb = p.v + page * page_floats;
+    const typename Pool::T* kb = p.k + page * page_floats;
+    const typename Pool::T* vb = p.v + page * page_floats;
     const int64_t next = j + kPrefetchPages < used ? table[j + kPrefetchPages] : -1;
     const bool ahead = next >= 0 && next < p.num_pages;
     prefetch.Start(ahead ? p.k + next * page_floats : nullptr,
@@ -261,7 +326,7 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
       // Scores, kTileRows of the head's query rows at a time; slots past `keys` masked.
       for (int64_t r = first; r < end; r += kTileRows) {
         ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
-          ScoreRows<decltype(mr)::value>(w.q.data() + r * d, d, kb + h * d, key_stride, keys,
+          ScoreRows<decltype(mr)::value, Pool>(w.q.data() + r * d, d, kb + h * d, key_stride, keys,
                                          ps, w.s.data() + r * kMaxPage, prefetch);
         });
       }
@@ -293,7 +358,7 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
       // Values: acc[r] += sum_t p[r, t] v[t], kTileRows of the head's query rows at a time.
       for (int64_t r = first; r < end; r += kTileRows) {
         ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
-          AccumulateValues<decltype(mr)::value>(w.acc.data() + r * d, d,
+          AccumulateValues<decltype(mr)::value, Pool>(w.acc.data() + r * d, d,
                                                 w.s.data() + r * kMaxPage, vb + h * d,
                                                 key_stride, keys);
         });
@@ -311,35 +376,37 @@ void RunItem(Problem& p, int64_t n, Scratch& w) {
           continue;
         }
         const float inv = 1.0f / w.l[r];
-        for (int64_t c = 0; c < d; ++c) o[c] = w.acc[r * d + c] * inv;
+        for (int64_t c = 0; c < d; ++c) o[c] = w.acc[r * d + Pool::Slot(c)] * inv;
         p.lse[head] = w.m[r] + std::log(w.l[r]);
       }
     }
   }
 }
 
-ffi::Error PagedRowsAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                                 ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                                 ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> kv_len,
-                                 ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
-                                 ffi::ResultBuffer<ffi::F32> lse) {
+template <class Pool, ffi::DataType kPoolType>
+ffi::Error PagedRowsAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                              ffi::Buffer<kPoolType> k, ffi::Buffer<kPoolType> v,
+                              ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> kv_len,
+                              ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
+                              ffi::ResultBuffer<ffi::F32> lse) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions();
   if (qd.size() != 4 || kd.size() != 5 || td.size() != 2 || td[0] != qd[0] ||
-      kd[4] != qd[3] || qd[2] % kd[3] != 0 || qd[3] % 8 != 0 || kd[2] > kMaxPage ||
-      v.element_count() != k.element_count() || kv_len.element_count() != qd[0]) {
+      kd[4] != qd[3] || qd[2] % kd[3] != 0 || qd[3] % (8 * Pool::kVecs) != 0 ||
+      kd[2] > kMaxPage || v.element_count() != k.element_count() ||
+      kv_len.element_count() != qd[0]) {
     return ffi::Error::InvalidArgument(
         "paged_rows_attention: want q[R, Q, Hq, D], pools[L, N, page<=256, Hkv, D], "
-        "table[R, P], kv_len[R], D % 8 == 0, Hq % Hkv == 0");
+        "table[R, P], kv_len[R], D % 8 == 0 (f32) or D % 16 == 0 (bf16), Hq % Hkv == 0");
   }
   const int64_t l = static_cast<int64_t>(*layer.typed_data());
   if (l < 0 || l >= kd[0]) {
     return ffi::Error::InvalidArgument("paged_rows_attention: layer index out of range");
   }
-  Problem p;
+  Problem<Pool> p;
   const int64_t layer_size = kd[1] * kd[2] * kd[3] * kd[4];
   p.q = q.typed_data();
-  p.k = k.typed_data() + l * layer_size;
-  p.v = v.typed_data() + l * layer_size;
+  p.k = reinterpret_cast<const typename Pool::T*>(k.typed_data()) + l * layer_size;
+  p.v = reinterpret_cast<const typename Pool::T*>(v.typed_data()) + l * layer_size;
   p.table = table.typed_data();
   p.kv_len = kv_len.typed_data();
   p.out = out->typed_data();
@@ -361,16 +428,23 @@ ffi::Error PagedRowsAttentionF32(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   return ffi::Error::Success();
 }
 
+template <ffi::DataType kPoolType>
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .template Ctx<ffi::ThreadPool>()
+      .template Arg<ffi::Buffer<ffi::F32>>()
+      .template Arg<ffi::Buffer<kPoolType>>()
+      .template Arg<ffi::Buffer<kPoolType>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>()
+      .template Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPagedRowsAttentionF32, PagedRowsAttentionF32,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPagedRowsAttentionF32,
+                              (PagedRowsAttention<F32Pool, ffi::F32>), Binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPagedRowsAttentionBF16,
+                              (PagedRowsAttention<BF16Pool, ffi::U16>), Binding<ffi::U16>());

@@ -14,33 +14,54 @@ import jax.numpy as jnp
 
 from batchjax.kernels import native
 
-_TARGET = "batchjax_paged_rows_attention_f32"
+_TARGETS = {jnp.dtype(jnp.float32): "batchjax_paged_rows_attention_f32",
+            jnp.dtype(jnp.uint16): "batchjax_paged_rows_attention_bf16"}
 MAX_PAGE_SIZE = 256
 
 
+def _head_multiple(pool_dtype) -> int | None:
+    """Head sizes the kernel takes are multiples of this; None: pools it does not read.
+
+    f32 pools are read 8 values at a time; bf16 ones (bf16, or the uint16 bit patterns
+    `batchjax.engine.page_pool` keeps them as) 16 at a time."""
+    dtype = jnp.dtype(pool_dtype)
+    if dtype == jnp.float32:
+        return 8
+    if dtype in (jnp.bfloat16, jnp.uint16):
+        return 16
+    return None
+
+
 def supports(q: jax.Array, k_pages: jax.Array) -> bool:
-    """Whether the kernel takes these operands (f32, head size a multiple of 8, GQA)."""
+    """Whether the kernel takes these operands (f32 or bf16 queries; f32 or bf16 pools, the
+    head size a multiple of 8 or 16; GQA)."""
     hq, d = q.shape[-2:]
     page_size, hkv, dk = k_pages.shape[-3:]
-    return (q.dtype == jnp.float32 and k_pages.dtype == jnp.float32 and d % 8 == 0
-            and dk == d and hq % hkv == 0 and page_size <= MAX_PAGE_SIZE)
+    multiple = _head_multiple(k_pages.dtype)
+    return (q.dtype in (jnp.float32, jnp.bfloat16) and multiple is not None
+            and d % multiple == 0 and dk == d and hq % hkv == 0
+            and page_size <= MAX_PAGE_SIZE)
 
 
 def paged_rows_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
     kv_len: jax.Array, layer=None,
 ) -> tuple[jax.Array, jax.Array]:
-    """q: [R, Q, Hq, D] f32; pools [L, N, page, Hkv, D] f32 with `layer`, else [N, page, Hkv,
-    D]; page_table: [R, P]; kv_len: [R] -> out [R, Q, Hq, D] f32, lse [R, Q, Hq] f32."""
+    """q: [R, Q, Hq, D] f32 or bf16; pools [L, N, page, Hkv, D] (f32, bf16 or bf16 bits as
+    uint16) with `layer`, else [N, page, Hkv, D]; page_table: [R, P]; kv_len: [R] -> out
+    [R, Q, Hq, D] f32, lse [R, Q, Hq] f32. The arithmetic is f32 whatever the pools hold."""
     native.require()
     if not supports(q, k_pages):
         raise ValueError(f"unsupported operands q{q.shape} {q.dtype}, "
                          f"pools{k_pages.shape} {k_pages.dtype}")
     if layer is None:
         k_pages, v_pages, layer = k_pages[None], v_pages[None], 0
+    if k_pages.dtype == jnp.bfloat16:
+        k_pages = jax.lax.bitcast_convert_type(k_pages, jnp.uint16)
+        v_pages = jax.lax.bitcast_convert_type(v_pages, jnp.uint16)
     rows, nq, hq, d = q.shape
     out = (jax.ShapeDtypeStruct((rows, nq, hq, d), jnp.float32),
            jax.ShapeDtypeStruct((rows, nq, hq), jnp.float32))
-    return jax.ffi.ffi_call(_TARGET, out)(
-        q, k_pages, v_pages, page_table.astype(jnp.int32), kv_len.astype(jnp.int32),
+    return jax.ffi.ffi_call(_TARGETS[k_pages.dtype], out)(
+        q.astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32), kv_len.astype(jnp.int32),
         jnp.asarray(layer, jnp.int32).reshape(()))
