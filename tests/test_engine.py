@@ -230,14 +230,24 @@ def test_native_and_xla_cpu_kernels_give_the_same_outputs(tiny_llama_dir, refere
         assert tokens == want
 
 
-def test_bf16_native_cpu_kernels_give_xla_s_bf16_tokens(tiny_llama_dir, reference):
+def test_bf16_native_cpu_kernels_give_xla_s_bf16_tokens(tiny_llama_dir, reference,
+                                                       monkeypatch):
     # bf16 weights and pools through the native kernels (f32 arithmetic on bf16 values) and
     # through XLA's bf16 code: bf16 rounding may part the two where two logits nearly tie,
     # but no more than one request of the eight here may differ.
+    from batchjax.attention import xla
     from batchjax.kernels import native
 
     if not native.cpu_has_avx2_fma():
         pytest.skip("the native kernels need x86-64 AVX2 and FMA")
+    pool_dtypes = []  # the pools the native attention was traced with
+    kernel = xla.native_paged.paged_rows_attention
+
+    def recording(q, k_pages, *args):
+        pool_dtypes.append(k_pages.dtype)
+        return kernel(q, k_pages, *args)
+
+    monkeypatch.setattr(xla.native_paged, "paged_rows_attention", recording)
     prompts, _ = reference
     runs = {}
     for kernels in ("xla", "native"):
@@ -246,5 +256,7 @@ def test_bf16_native_cpu_kernels_give_xla_s_bf16_tokens(tiny_llama_dir, referenc
         assert engine.step.cpu_kernels == kernels
         runs[kernels] = [r.token_ids
                          for r in engine.generate(_requests(prompts, 12), policy="batchllm")]
+    # Only the native run reached the kernel, with the pools' bf16 bits.
+    assert pool_dtypes and set(pool_dtypes) == {jnp.dtype(jnp.uint16)}
     same = sum(a == b for a, b in zip(runs["xla"], runs["native"]))
     assert same >= len(prompts) - 1, (runs["xla"], runs["native"])
