@@ -202,8 +202,8 @@ def test_native_paged_rows_attention_matches_the_jnp_reference(rows, nq, hq, hkv
 
 
 # bf16 pools: head sizes of one and of several 16-value loads, value tiles of 16 columns and
-# a rest; GQA remainders; decode rows and prefix blocks; pools as the engine keeps them (bf16
-# bits in uint16) and as plain bf16.
+# a rest; GQA remainders; decode rows (pages read as bf16) and rows of several queries (pages
+# widened to f32 once); pools as the engine keeps them (bf16 bits in uint16) and as plain bf16.
 @native
 @pytest.mark.parametrize("rows,nq,hq,hkv,d,page,ppr", [
     (5, 1, 9, 3, 64, 16, 6), (3, 16, 9, 3, 48, 6, 5), (4, 2, 4, 2, 16, 7, 6)])

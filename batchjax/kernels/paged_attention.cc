@@ -275,8 +275,24 @@ struct Problem {
 // indexed by query row (KV head, query, head within the KV head's group); queries and output
 // in the pool's column order (`Slot`).
 struct Scratch {
-  std::vector<float> q, s, m, l, acc;
+  std::vector<float> q, s, m, l, acc, k, v;
 };
+
+template <class T>
+struct Tag {
+  using type = T;
+};
+
+// A page of n values widened to f32 in the order Load leaves them (`Slot` within each head).
+template <class Pool>
+void Widen(const typename Pool::T* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; i += 8 * Pool::kVecs) {
+    __m256 v[Pool::kVecs];
+    Pool::Load(src + i, v);
+#pragma GCC unroll 2
+    for (int h = 0; h < Pool::kVecs; ++h) _mm256_storeu_ps(dst + i + 8 * h, v[h]);
+  }
+}
 
 template <class Pool>
 void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
@@ -305,6 +321,13 @@ void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
   // cross from one page to the next, and prefetching a whole page in one burst gained nothing.
   const int64_t score_steps = p.hkv * ((per_head + kTileRows - 1) / kTileRows) * (ps / 4);
   const int64_t page_lines = page_floats * static_cast<int64_t>(sizeof(typename Pool::T)) / 64;
+  // A bf16 page that more than one tile of a KV head's query rows reads (rows of several
+  // queries) is widened to f32 once, not once per tile.
+  const bool widen = Pool::kVecs > 1 && per_head > kTileRows;
+  if (widen) {
+    w.k.resize(page_floats);
+    w.v.resize(page_floats);
+  }
   Prefetcher prefetch;
   for (int64_t j = 0; j < used; ++j) {
     const int64_t page = table[j];
@@ -321,48 +344,59 @@ void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
     prefetch.Start(ahead ? p.k + next * page_floats : nullptr,
                    ahead ? p.v + next * page_floats : nullptr, page_lines,
                    std::max<int64_t>(1, score_steps));
-    for (int64_t h = 0; h < p.hkv; ++h) {
-      const int64_t first = h * per_head, end = first + per_head;
-      // Scores, kTileRows of the head's query rows at a time; slots past `keys` masked.
-      for (int64_t r = first; r < end; r += kTileRows) {
-        ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
-          ScoreRows<decltype(mr)::value, Pool>(w.q.data() + r * d, d, kb + h * d, key_stride, keys,
-                                         ps, w.s.data() + r * kMaxPage, prefetch);
-        });
-      }
-      for (int64_t r = first; r < end; ++r) {
-        float* s = w.s.data() + r * kMaxPage;
-        for (int64_t t = keys; t < keys8; ++t) s[t] = kMaskValue;
-        // Online softmax: new max, rescale what came before, probabilities in place.
-        __m256 mx8 = _mm256_set1_ps(w.m[r]);
-        for (int64_t t = 0; t < keys8; t += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + t));
-        const float mx = HorizontalMax(mx8);
-        const float rescale = std::exp(w.m[r] - mx);
-        const __m256 mv = _mm256_set1_ps(mx);
-        __m256 sum = _mm256_setzero_ps();
-        for (int64_t t = 0; t < keys8; t += 8) {
-          const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
-          _mm256_storeu_ps(s + t, e);
-          sum = _mm256_add_ps(sum, e);
+    // Every KV head's query rows against this page, read as P from kb and vb.
+    auto heads = [&](auto tag, const auto* kb, const auto* vb) {
+      using P = typename decltype(tag)::type;
+      for (int64_t h = 0; h < p.hkv; ++h) {
+        const int64_t first = h * per_head, end = first + per_head;
+        // Scores, kTileRows of the head's query rows at a time; slots past `keys` masked.
+        for (int64_t r = first; r < end; r += kTileRows) {
+          ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
+            ScoreRows<decltype(mr)::value, P>(w.q.data() + r * d, d, kb + h * d, key_stride, keys,
+                                           ps, w.s.data() + r * kMaxPage, prefetch);
+          });
         }
-        w.l[r] = w.l[r] * rescale + HorizontalSum(sum);
-        w.m[r] = mx;
-        if (rescale != 1.0f) {
-          float* acc = w.acc.data() + r * d;
-          const __m256 rs = _mm256_set1_ps(rescale);
-          for (int64_t c = 0; c < d; c += 8) {
-            _mm256_storeu_ps(acc + c, _mm256_mul_ps(_mm256_loadu_ps(acc + c), rs));
+        for (int64_t r = first; r < end; ++r) {
+          float* s = w.s.data() + r * kMaxPage;
+          for (int64_t t = keys; t < keys8; ++t) s[t] = kMaskValue;
+          // Online softmax: new max, rescale what came before, probabilities in place.
+          __m256 mx8 = _mm256_set1_ps(w.m[r]);
+          for (int64_t t = 0; t < keys8; t += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + t));
+          const float mx = HorizontalMax(mx8);
+          const float rescale = std::exp(w.m[r] - mx);
+          const __m256 mv = _mm256_set1_ps(mx);
+          __m256 sum = _mm256_setzero_ps();
+          for (int64_t t = 0; t < keys8; t += 8) {
+            const __m256 e = Exp8(_mm256_sub_ps(_mm256_loadu_ps(s + t), mv));
+            _mm256_storeu_ps(s + t, e);
+            sum = _mm256_add_ps(sum, e);
+          }
+          w.l[r] = w.l[r] * rescale + HorizontalSum(sum);
+          w.m[r] = mx;
+          if (rescale != 1.0f) {
+            float* acc = w.acc.data() + r * d;
+            const __m256 rs = _mm256_set1_ps(rescale);
+            for (int64_t c = 0; c < d; c += 8) {
+              _mm256_storeu_ps(acc + c, _mm256_mul_ps(_mm256_loadu_ps(acc + c), rs));
+            }
           }
         }
+        // Values: acc[r] += sum_t p[r, t] v[t], kTileRows of the head's query rows at a time.
+        for (int64_t r = first; r < end; r += kTileRows) {
+          ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
+            AccumulateValues<decltype(mr)::value, P>(w.acc.data() + r * d, d,
+                                                  w.s.data() + r * kMaxPage, vb + h * d,
+                                                  key_stride, keys);
+          });
+        }
       }
-      // Values: acc[r] += sum_t p[r, t] v[t], kTileRows of the head's query rows at a time.
-      for (int64_t r = first; r < end; r += kTileRows) {
-        ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
-          AccumulateValues<decltype(mr)::value, Pool>(w.acc.data() + r * d, d,
-                                                w.s.data() + r * kMaxPage, vb + h * d,
-                                                key_stride, keys);
-        });
-      }
+    };
+    if (widen) {
+      Widen<Pool>(kb, page_floats, w.k.data());
+      Widen<Pool>(vb, page_floats, w.v.data());
+      heads(Tag<F32Pool>(), w.k.data(), w.v.data());
+    } else {
+      heads(Tag<Pool>(), kb, vb);
     }
   }
   for (int64_t h = 0; h < p.hkv; ++h) {
