@@ -344,16 +344,16 @@ void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
     prefetch.Start(ahead ? p.k + next * page_floats : nullptr,
                    ahead ? p.v + next * page_floats : nullptr, page_lines,
                    std::max<int64_t>(1, score_steps));
-    // Every KV head's query rows against this page, read as P from kb and vb.
-    auto heads = [&](auto tag, const auto* kb, const auto* vb) {
+    // Every KV head's query rows against this page, read as P from k_page and v_page.
+    auto heads = [&](auto tag, const auto* k_page, const auto* v_page) {
       using P = typename decltype(tag)::type;
       for (int64_t h = 0; h < p.hkv; ++h) {
         const int64_t first = h * per_head, end = first + per_head;
         // Scores, kTileRows of the head's query rows at a time; slots past `keys` masked.
         for (int64_t r = first; r < end; r += kTileRows) {
           ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
-            ScoreRows<decltype(mr)::value, P>(w.q.data() + r * d, d, kb + h * d, key_stride, keys,
-                                           ps, w.s.data() + r * kMaxPage, prefetch);
+            ScoreRows<decltype(mr)::value, P>(w.q.data() + r * d, d, k_page + h * d, key_stride,
+                                              keys, ps, w.s.data() + r * kMaxPage, prefetch);
           });
         }
         for (int64_t r = first; r < end; ++r) {
@@ -385,8 +385,8 @@ void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
         for (int64_t r = first; r < end; r += kTileRows) {
           ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
             AccumulateValues<decltype(mr)::value, P>(w.acc.data() + r * d, d,
-                                                  w.s.data() + r * kMaxPage, vb + h * d,
-                                                  key_stride, keys);
+                                                     w.s.data() + r * kMaxPage, v_page + h * d,
+                                                     key_stride, keys);
           });
         }
       }
