@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "bf16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -35,10 +36,9 @@ inline void LoadPanelRow(const float* w, __m256& w0, __m256& w1) {
   w1 = _mm256_loadu_ps(w + 8);
 }
 
+// bf16 panel rows are stored interleaved, so the even values are columns 0..7.
 inline void LoadPanelRow(const uint16_t* w, __m256& w0, __m256& w1) {
-  const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
-  w0 = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));
-  w1 = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(-65536)));
+  batchjax::WidenBF16x16(w, w0, w1);
 }
 
 template <int MR, class W>

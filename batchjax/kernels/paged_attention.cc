@@ -24,6 +24,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "bf16.h"
 #include "parallel.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -86,9 +87,7 @@ struct BF16Pool {
   using T = uint16_t;  // the bits of a bf16, which are the top half of an f32's
   static constexpr int kVecs = 2;
   static inline void Load(const uint16_t* p, __m256* v) {
-    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-    v[0] = _mm256_castsi256_ps(_mm256_slli_epi32(x, 16));  // columns 0, 2, ..., 14
-    v[1] = _mm256_castsi256_ps(_mm256_and_si256(x, _mm256_set1_epi32(-65536)));  // 1, ..., 15
+    batchjax::WidenBF16x16(p, v[0], v[1]);  // columns 0, 2, ..., 14, then 1, 3, ..., 15
   }
   static int64_t Slot(int64_t c) { return (c & ~15) + (c & 1) * 8 + ((c & 15) >> 1); }
 };

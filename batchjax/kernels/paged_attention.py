@@ -19,17 +19,11 @@ _TARGETS = {jnp.dtype(jnp.float32): "batchjax_paged_rows_attention_f32",
 MAX_PAGE_SIZE = 256
 
 
-def _head_multiple(pool_dtype) -> int | None:
-    """Head sizes the kernel takes are multiples of this; None: pools it does not read.
-
-    f32 pools are read 8 values at a time; bf16 ones (bf16, or the uint16 bit patterns
-    `batchjax.engine.page_pool` keeps them as) 16 at a time."""
-    dtype = jnp.dtype(pool_dtype)
-    if dtype == jnp.float32:
-        return 8
-    if dtype in (jnp.bfloat16, jnp.uint16):
-        return 16
-    return None
+# Head sizes the kernel takes are multiples of these, by pool dtype: f32 pools are read 8
+# values at a time; bf16 ones (bf16, or the uint16 bit patterns `batchjax.engine.page_pool`
+# keeps them as) 16 at a time. Other pools it does not read.
+_HEAD_MULTIPLE = {jnp.dtype(jnp.float32): 8, jnp.dtype(jnp.bfloat16): 16,
+                  jnp.dtype(jnp.uint16): 16}
 
 
 def supports(q: jax.Array, k_pages: jax.Array) -> bool:
@@ -37,7 +31,7 @@ def supports(q: jax.Array, k_pages: jax.Array) -> bool:
     head size a multiple of 8 or 16; GQA)."""
     hq, d = q.shape[-2:]
     page_size, hkv, dk = k_pages.shape[-3:]
-    multiple = _head_multiple(k_pages.dtype)
+    multiple = _HEAD_MULTIPLE.get(jnp.dtype(k_pages.dtype))
     return (q.dtype in (jnp.float32, jnp.bfloat16) and multiple is not None
             and d % multiple == 0 and dk == d and hq % hkv == 0
             and page_size <= MAX_PAGE_SIZE)
@@ -63,5 +57,5 @@ def paged_rows_attention(
     out = (jax.ShapeDtypeStruct((rows, nq, hq, d), jnp.float32),
            jax.ShapeDtypeStruct((rows, nq, hq), jnp.float32))
     return jax.ffi.ffi_call(_TARGETS[k_pages.dtype], out)(
-        q.astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32), kv_len.astype(jnp.int32),
-        jnp.asarray(layer, jnp.int32).reshape(()))
+        q.astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32),
+        kv_len.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(()))
