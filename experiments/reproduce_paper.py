@@ -21,7 +21,7 @@ _DEVICE = flags.DEFINE_string("device", "a100-80gb", "Simulated device.")
 _MODELS = flags.DEFINE_list("models", ["llama-3.1-8b", "qwen-2.5-7b", "qwen-2.5-14b"],
                             "Model shapes.")
 _NUM_REQUESTS = flags.DEFINE_integer("num_requests", 6400, "Requests per microbenchmark.")
-_SWEEP_REQUESTS = flags.DEFINE_integer("sweep_requests", 1024,
+_SWEEP_REQUESTS = flags.DEFINE_integer("sweep_requests", 6400,
                                        "Requests per point of the long-prefix sweep.")
 _INDUSTRY_REQUESTS = flags.DEFINE_integer("industry_requests", 8000, "Industry-like requests.")
 _WORKERS = flags.DEFINE_integer("workers", os.cpu_count() or 1, "Parallel simulations.")
