@@ -26,11 +26,14 @@ _ROWS = (
     ("peak_kv_pages", "peak KV pages", "{:,}"),
     ("kv_budget_pages", "KV budget pages", "{:,}"),
     ("num_compiled_shapes", "compiled shapes", "{:,}"),
+    ("compiling_steps", "steps that compiled a shape", "{:,}"),
     ("plan_s", "planning time (s)", "{:.3f}"),
     ("wall_s", "wall time (s)", "{:.2f}"),
     ("simulated_s", "simulated time (s, estimate)", "{:.2f}"),
     ("output_tokens_per_s", "output tokens/s", "{:,.1f}"),
     ("total_tokens_per_s", "total tokens/s", "{:,.1f}"),
+    ("prefill_gflops_per_s", "model GFLOP/s, prefill steps", "{:,.1f}"),
+    ("decode_gflops_per_s", "model GFLOP/s, decode steps", "{:,.1f}"),
 )
 
 

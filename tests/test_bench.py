@@ -24,13 +24,14 @@ def peer_modules(monkeypatch):
     return peer_io, hf_runner
 
 
-def _fake_outcome(system, dtype, wall_by_rep, token_ids, computed=None, prompt_tokens=100):
+def _fake_outcome(system, dtype, wall_by_rep, token_ids, computed=None, prompt_tokens=100,
+                  **extra):
     runs = []
     for rep, wall in enumerate(wall_by_rep):
         run = {"workload": "w", "rep": rep, "wall_s": wall, "num_requests": len(token_ids),
                "prompt_tokens": prompt_tokens, "output_tokens": 8,
                "computed_prefill_tokens": computed, "output_tokens_per_s": 8 / wall,
-               "total_tokens_per_s": (prompt_tokens + 8) / wall}
+               "total_tokens_per_s": (prompt_tokens + 8) / wall, **extra}
         if rep == 0:
             run["token_ids"] = token_ids
         else:
@@ -99,10 +100,18 @@ def test_an_absent_interpreter_or_package_is_a_reason_not_a_crash(tmp_path):
     assert outcome.status == "missing" and outcome.report is None
 
 
+def test_utilisation_divides_model_flops_per_second_by_the_roofline():
+    metrics = {"wall_s": 2.0, "model_flops": 8e9, "prefill_gflops_per_s": 6.0,
+               "decode_gflops_per_s": None}
+    assert engine_arm.utilisation(metrics, 10.0) == {
+        "mfu": pytest.approx(0.4), "mfu_prefill": pytest.approx(0.6), "mfu_decode": None}
+
+
 def test_table_json_and_charts_report_ratios_agreement_and_missing_systems(tmp_path):
     tokens = {"r0": [1, 2], "r1": [3, 4]}
     outcomes = [
-        _fake_outcome("batchjax batchllm", "float32", [1.0, 1.1, 0.9], tokens, computed=40),
+        _fake_outcome("batchjax batchllm", "float32", [1.0, 1.1, 0.9], tokens, computed=40,
+                      mfu_prefill=0.8, mfu_decode=0.45),
         _fake_outcome(report.REFERENCE_SYSTEM, "float32", [2.0, 2.0, 2.0],
                       {"r0": [1, 2], "r1": [3, 5]}, computed=70),
         PeerOutcome("transformers", "float32", "missing", "interpreter /x not found", None, None),
@@ -115,6 +124,12 @@ def test_table_json_and_charts_report_ratios_agreement_and_missing_systems(tmp_p
     assert ours.saving_ratio == pytest.approx(0.6)
     assert ours.output_tokens_per_s_spread == pytest.approx((8 / 0.9 - 8 / 1.1) / 8)
     assert rows[report.REFERENCE_SYSTEM].agreement == 0.5
+    assert (ours.mfu_prefill, ours.mfu_decode) == (0.8, 0.45)
+    assert rows[report.REFERENCE_SYSTEM].mfu_prefill is None
+    table_rows = {line.split(" | ")[1]: line for line in written["table"].splitlines()
+                  if line.startswith("| w |")}
+    assert table_rows["batchjax batchllm"].endswith("| 80% / 45% |")
+    assert table_rows[report.REFERENCE_SYSTEM].endswith("| - / - |")
     assert "transformers (float32): **missing**: interpreter /x not found" in written["table"]
     raw = json.loads((tmp_path / "results.json").read_text())
     assert {s["status"] for s in raw["systems"]} == {"ok", "missing"}
@@ -144,6 +159,9 @@ def test_smoke_suite_runs_every_policy_and_transformers_and_reports_vllm_missing
         assert r["reps"] == 2 and r["output_tokens_per_s"] > 0
         # f32 greedy on identical weights: every system decodes the same tokens.
         assert r["agreement"] == 1.0, r
+        ours = r["system"].startswith("batchjax")
+        for key in ("mfu_prefill", "mfu_decode"):
+            assert (r[key] is not None and r[key] > 0) if ours else r[key] is None, r
     shared = [r for r in rows if r["system"] == "batchjax batchllm"
               and r["workload"].startswith("micro")]
     assert shared[0]["saving_ratio"] > 0.5

@@ -70,6 +70,31 @@ def test_shared_prefix_is_computed_once(engine, reference):
     assert engine.last_metrics["computed_prefill_tokens"] == sum(len(p) for p in prompts)
 
 
+def test_steps_are_timed_and_counted_by_phase(tiny_llama_dir, reference):
+    prompts, _ = reference
+    fresh = Engine(str(tiny_llama_dir), page_size=4, kv_budget_mb=1.0, max_tokens_per_step=32,
+                   progress=False)
+    fresh.generate(_requests(prompts, 6), policy="batchllm")
+    m = fresh.last_metrics
+    # Every step of a fresh engine's first run that compiled is counted apart from the phases.
+    assert m["compiling_steps"] == m["new_compiled_shapes"] > 0 and m["compiling_s"] > 0
+    assert m["prefill_steps"] + m["decode_steps"] + m["compiling_steps"] == m["num_steps"]
+    fresh.generate(_requests(prompts, 6), policy="batchllm")
+    m = fresh.last_metrics
+    assert m["compiling_steps"] == 0
+    assert m["prefill_steps"] > 0 and m["decode_steps"] > 0
+    assert m["prefill_steps"] + m["decode_steps"] == m["num_steps"]
+    assert m["prefill_flops"] + m["decode_flops"] == pytest.approx(m["model_flops"])
+    assert 0 < m["prefill_s"] + m["decode_s"] <= m["wall_s"]
+    assert m["decode_gflops_per_s"] == pytest.approx(m["decode_flops"] / m["decode_s"] / 1e9)
+    # One output token is sampled by the last prompt chunk: no step is decode-only.
+    for _ in range(2):  # the second run compiles nothing
+        fresh.generate(_requests(prompts, 1), policy="batchllm")
+    m = fresh.last_metrics
+    assert m["decode_steps"] == 0 and m["decode_s"] == 0 and m["decode_gflops_per_s"] is None
+    assert m["prefill_flops"] == pytest.approx(m["model_flops"]) and m["prefill_flops"] > 0
+
+
 def test_nothing_compiles_after_warmup(engine, reference):
     prompts, _ = reference
     engine.generate(_requests(prompts, 6), policy="batchllm")  # warm-up

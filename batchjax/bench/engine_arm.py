@@ -21,6 +21,18 @@ def request_dicts(workload: Workload) -> list[dict[str, Any]]:
     ]
 
 
+def utilisation(metrics: dict[str, Any], roofline_gflops: float) -> dict[str, float | None]:
+    """Model FLOP utilisation of a run against a matmul rate: over the whole run, and over its
+    prefill steps (any prompt tokens) and decode-only steps, each timed whole."""
+    def mfu(gflops_per_s: float | None) -> float | None:
+        return None if gflops_per_s is None else gflops_per_s / roofline_gflops
+
+    wall = metrics["wall_s"]
+    return {"mfu": mfu(metrics["model_flops"] / 1e9 / wall if wall > 0 else None),
+            "mfu_prefill": mfu(metrics.get("prefill_gflops_per_s")),
+            "mfu_decode": mfu(metrics.get("decode_gflops_per_s"))}
+
+
 def system_name(policy: str) -> str:
     return f"batchjax {policy}"
 
@@ -44,6 +56,7 @@ def run_batchjax(
     """
     import jax.numpy as jnp
 
+    from batchjax.bench.roofline import matmul_gflops
     from batchjax.engine.engine import Engine
     from batchjax.engine.page_pool import kv_bytes_per_page
 
@@ -63,6 +76,8 @@ def run_batchjax(
         if warmup:
             for policy in policies:
                 engine.generate(requests, policy=policy)
+        # Utilisation is against the f32 matmul rate measured now, beside this workload's runs.
+        roofline = matmul_gflops(2048, 5)
         first: dict[str, dict[str, list[int]]] = {}
         # Repetition-major: each repetition runs every policy in turn, so a slow drift of the
         # machine (or the first timed run after the warm-ups) weighs on every policy alike.
@@ -78,7 +93,8 @@ def run_batchjax(
                 run.update(workload=workload.name, rep=rep, num_requests=len(results),
                            prompt_tokens=metrics["logical_prefill_tokens"],
                            peak_kv_bytes=int(metrics["peak_kv_pages"]) * page_bytes,
-                           load_average_1m=os.getloadavg()[0])
+                           load_average_1m=os.getloadavg()[0], matmul_gflops=roofline,
+                           **utilisation(metrics, roofline))
                 if policy not in first:
                     run["token_ids"] = token_ids
                     first[policy] = token_ids

@@ -40,6 +40,10 @@ class SummaryRow:
     ratio_to_reference: float | None  # output tokens/s over REFERENCE_SYSTEM's, same run
     agreement: float | None  # fraction of requests whose token ids equal AGREEMENT_SYSTEM's
     same_tokens_across_reps: bool
+    # batchjax only: model FLOP utilisation (median) against the matmul rate of the same run,
+    # in prefill steps and in decode-only steps.
+    mfu_prefill: float | None = None
+    mfu_decode: float | None = None
 
 
 def _median(values: Iterable[float]) -> float:
@@ -53,6 +57,11 @@ def _saving(run: dict[str, Any]) -> float | None:
     if computed is None or not run.get("prompt_tokens"):
         return None
     return 1.0 - computed / run["prompt_tokens"]
+
+
+def _median_of(runs: Sequence[dict[str, Any]], key: str) -> float | None:
+    values = [r[key] for r in runs if r.get(key) is not None]
+    return _median(values) if values else None
 
 
 def _first_tokens(runs: Sequence[dict[str, Any]]) -> dict[str, list[int]] | None:
@@ -105,6 +114,8 @@ def summarize(outcomes: Sequence[PeerOutcome]) -> list[SummaryRow]:
             agreement=(agreement_fraction(anchor, mine)
                        if anchor is not None and mine is not None else None),
             same_tokens_across_reps=all(r.get("same_tokens_as_first_rep", True) for r in runs),
+            mfu_prefill=_median_of(runs, "mfu_prefill"),
+            mfu_decode=_median_of(runs, "mfu_decode"),
         ))
     return rows
 
@@ -116,15 +127,16 @@ def _fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
 def markdown_table(rows: Sequence[SummaryRow], outcomes: Sequence[PeerOutcome]) -> str:
     """The results table, then every system that is missing or failed, with the reason."""
     header = ("| workload | system | dtype | output tok/s (spread) | total tok/s | saving | "
-              "peak KV MiB | wall s | x vLLM PC+CP | agree w/ batchllm |")
-    lines = [header, "|" + " --- |" * 10]
+              "peak KV MiB | wall s | x vLLM PC+CP | agree w/ batchllm | MFU prefill / decode |")
+    lines = [header, "|" + " --- |" * 11]
     for r in rows:
         lines.append(
             f"| {r.workload} | {r.system} | {r.dtype} "
             f"| {r.output_tokens_per_s:.1f} ({r.output_tokens_per_s_spread:.0%}) "
             f"| {r.total_tokens_per_s:.1f} | {_fmt(r.saving_ratio, '.1%')} "
             f"| {_fmt(r.peak_kv_mib, '.1f')} | {r.wall_s:.2f} "
-            f"| {_fmt(r.ratio_to_reference, '.2f')} | {_fmt(r.agreement, '.0%')} |"
+            f"| {_fmt(r.ratio_to_reference, '.2f')} | {_fmt(r.agreement, '.0%')} "
+            f"| {_fmt(r.mfu_prefill, '.0%', '-')} / {_fmt(r.mfu_decode, '.0%', '-')} |"
         )
     absent = [o for o in outcomes if o.status != "ok"]
     if absent:

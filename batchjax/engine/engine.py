@@ -218,6 +218,16 @@ class Engine:
             failed_requests=sum(1 for r in done.values() if r.error is not None),
             model_tokens=stats.model_tokens,
             model_flops=stats.model_flops,  # divide by wall_s and a roofline for utilisation
+            prefill_steps=stats.prefill_steps,
+            prefill_s=stats.prefill_s,
+            prefill_flops=stats.prefill_flops,
+            decode_steps=stats.decode_steps,
+            decode_s=stats.decode_s,
+            decode_flops=stats.decode_flops,
+            compiling_steps=stats.compiling_steps,
+            compiling_s=stats.compiling_s,
+            prefill_gflops_per_s=_rate(stats.prefill_flops / 1e9, stats.prefill_s),
+            decode_gflops_per_s=_rate(stats.decode_flops / 1e9, stats.decode_s),
             padded_tokens=stats.padded_tokens,
             attention=o.attention,
             cpu_kernels=self.step.cpu_kernels,
@@ -233,6 +243,7 @@ class Engine:
                    desc="generate", dynamic_ncols=True)
         t_start = time.perf_counter()
         while batcher.has_work():
+            t_step = time.perf_counter()
             plan = batcher.next_step()
             for c in plan.chunks:
                 if c.seq_id >= 0 and live[c.seq_id].cached_prompt_tokens is None:
@@ -240,9 +251,11 @@ class Engine:
             batch = build_step_batch(plan, page_size, self.buckets,
                                      ragged=self.options.attention == "pallas")
             rows = self._sampling_rows(batch, live)
+            compiled = self.step.num_compiled_shapes
             tokens, self.kv = self.step(self.kv, batch, rows, greedy)
             stats.model_tokens += batch.num_tokens
-            stats.model_flops += step_flops(self.config, plan, len(batch.sample_seq_ids))
+            flops = step_flops(self.config, plan, len(batch.sample_seq_ids))
+            stats.model_flops += flops
             stats.padded_tokens += batch.token_ids.shape[0]
             sampled = []
             for seq, tok in zip(batch.sample_seq_ids, tokens[: len(batch.sample_seq_ids)]):
@@ -258,6 +271,11 @@ class Engine:
                     if on_result is not None:
                         on_result(result)
             batcher.complete(plan, sampled)
+            # The whole step, planning and sampling included, under the phase it belongs to;
+            # a step that compiled a new shape is counted apart.
+            stats.add_step(all(c.is_decode for c in plan.chunks),
+                           self.step.num_compiled_shapes > compiled, flops,
+                           time.perf_counter() - t_step)
             elapsed = time.perf_counter() - t_start
             bar.set_postfix(out_tok_s=f"{stats.output_tokens / max(elapsed, 1e-9):.1f}",
                             step=plan.step_index, refresh=False)
@@ -278,6 +296,10 @@ class Engine:
         return temperature, top_k, top_p, min_p, seeds, batch.sample_positions
 
 
+def _rate(amount: float, seconds: float) -> float | None:
+    return amount / seconds if seconds > 0 else None
+
+
 @dataclasses.dataclass
 class _RunStats:
     output_tokens: int = 0
@@ -285,6 +307,29 @@ class _RunStats:
     model_tokens: int = 0
     padded_tokens: int = 0
     model_flops: float = 0.0
+    # Steps that compute prompt tokens (alone or mixed with decode rows), decode-only ones,
+    # and the steps of either kind that compiled a new shape first.
+    prefill_steps: int = 0
+    prefill_s: float = 0.0
+    prefill_flops: float = 0.0
+    decode_steps: int = 0
+    decode_s: float = 0.0
+    decode_flops: float = 0.0
+    compiling_steps: int = 0
+    compiling_s: float = 0.0
+
+    def add_step(self, decode_only: bool, compiled: bool, flops: float, seconds: float) -> None:
+        if compiled:
+            self.compiling_steps += 1
+            self.compiling_s += seconds
+        elif decode_only:
+            self.decode_steps += 1
+            self.decode_s += seconds
+            self.decode_flops += flops
+        else:
+            self.prefill_steps += 1
+            self.prefill_s += seconds
+            self.prefill_flops += flops
 
 
 def generate(requests: Iterable[str | dict | Request], model: str = "smollm2-135m", *,
