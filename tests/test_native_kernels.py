@@ -227,6 +227,27 @@ def test_native_paged_rows_attention_over_bf16_pools(rows, nq, hq, hkv, d, page,
 
 
 @native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_a_lone_prefix_block_is_cut_into_parts_that_change_no_bit(dtype):
+    # One row (a step's single prefix block of 16 queries) is cut into parts of score tiles,
+    # some starting mid-way through a KV head's query rows; eight copies of it are not cut.
+    rng = np.random.default_rng(11)
+    q, k, v, table = _paged_problem(rng, 1, 16, 9, 3, 64, 16, 6)
+    q, k, v = (a.astype(dtype) for a in (jnp.asarray(q), k, v))
+    kv_len = np.array([83], np.int32)
+    alone = jax.jit(pa.paged_rows_attention)(q, k, v, table, kv_len, 1)
+    copies = jax.jit(pa.paged_rows_attention)(
+        jnp.tile(q, (8, 1, 1, 1)), k, v, jnp.tile(table, (8, 1)), np.tile(kv_len, 8), 1)
+    for got, many in zip(alone, copies):
+        np.testing.assert_array_equal(np.asarray(got)[0], np.asarray(many)[0])
+        np.testing.assert_array_equal(np.asarray(many)[0], np.asarray(many)[7])
+    want = xla.paged_rows_attention(q.astype(jnp.float32), k.astype(jnp.float32),
+                                    v.astype(jnp.float32), table, jnp.asarray(kv_len), 1)
+    for got, w in zip(alone, want):
+        np.testing.assert_allclose(got, w, rtol=2e-5, atol=2e-5)
+
+
+@native
 def test_native_paged_rows_attention_without_a_layer_and_through_the_switch():
     rng = np.random.default_rng(7)
     q, k, v, table = _paged_problem(rng, 3, 1, 6, 2, 16, 4, 5, layers=1)

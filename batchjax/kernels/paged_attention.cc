@@ -293,8 +293,9 @@ void Widen(const typename Pool::T* src, int64_t n, float* dst) {
   }
 }
 
+// Query rows [r0, r1) of row n (indexed as in Scratch): one work item.
 template <class Pool>
-void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
+void RunItem(Problem<Pool>& p, int64_t n, int64_t r0, int64_t r1, Scratch& w) {
   const int64_t g = p.hq / p.hkv, per_head = p.nq * g, nr = p.hkv * per_head;
   const int64_t d = p.d, ps = p.page, key_stride = p.hkv * d, page_floats = ps * key_stride;
   const int64_t len = std::max<int32_t>(0, p.kv_len[n]);
@@ -307,18 +308,27 @@ void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
   for (int64_t h = 0; h < p.hkv; ++h) {
     for (int64_t i = 0; i < p.nq; ++i) {
       for (int64_t j = 0; j < g; ++j) {
+        const int64_t r = (h * p.nq + i) * g + j;
+        if (r < r0 || r >= r1) continue;
         const float* src = p.q + ((n * p.nq + i) * p.hq + h * g + j) * d;
-        float* dst = w.q.data() + ((h * p.nq + i) * g + j) * d;
+        float* dst = w.q.data() + r * d;
         for (int64_t c = 0; c < d; ++c) dst[Pool::Slot(c)] = src[c] * scale;
       }
     }
+  }
+  // The KV heads whose query rows this item holds, and its score tiles per page.
+  const int64_t h0 = r0 / per_head, h1 = (r1 + per_head - 1) / per_head;
+  int64_t tiles = 0;
+  for (int64_t h = h0; h < h1; ++h) {
+    const int64_t rows = std::min(r1, (h + 1) * per_head) - std::max(r0, h * per_head);
+    tiles += (rows + kTileRows - 1) / kTileRows;
   }
   const int64_t used = std::min<int64_t>((len + ps - 1) / ps, p.pages_per_row);
   const int32_t* table = p.table + n * p.pages_per_row;
   // The page kPrefetchPages ahead is pulled toward the cache over this page's score tiles,
   // so its reads overlap this page's arithmetic: the hardware's own prefetching does not
   // cross from one page to the next, and prefetching a whole page in one burst gained nothing.
-  const int64_t score_steps = p.hkv * ((per_head + kTileRows - 1) / kTileRows) * (ps / 4);
+  const int64_t score_steps = tiles * (ps / 4);
   const int64_t page_lines = page_floats * static_cast<int64_t>(sizeof(typename Pool::T)) / 64;
   // A bf16 page that more than one tile of a KV head's query rows reads (rows of several
   // queries) is widened to f32 once, not once per tile.
@@ -346,8 +356,8 @@ void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
     // Every KV head's query rows against this page, read as P from k_page and v_page.
     auto heads = [&](auto tag, const auto* k_page, const auto* v_page) {
       using P = typename decltype(tag)::type;
-      for (int64_t h = 0; h < p.hkv; ++h) {
-        const int64_t first = h * per_head, end = first + per_head;
+      for (int64_t h = h0; h < h1; ++h) {
+        const int64_t first = std::max(r0, h * per_head), end = std::min(r1, (h + 1) * per_head);
         // Scores, kTileRows of the head's query rows at a time; slots past `keys` masked.
         for (int64_t r = first; r < end; r += kTileRows) {
           ForTile(std::min<int64_t>(kTileRows, end - r), [&](auto mr) {
@@ -402,6 +412,7 @@ void RunItem(Problem<Pool>& p, int64_t n, Scratch& w) {
     for (int64_t i = 0; i < p.nq; ++i) {
       for (int64_t j = 0; j < g; ++j) {
         const int64_t r = (h * p.nq + i) * g + j, head = (n * p.nq + i) * p.hq + h * g + j;
+        if (r < r0 || r >= r1) continue;
         float* o = p.out + head * d;
         if (len == 0) {
           std::fill(o, o + d, 0.0f);
@@ -452,8 +463,24 @@ ffi::Error PagedRowsAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.page = kd[2];
   p.hkv = kd[3];
   p.pages_per_row = td[1];
-  batchjax::ParallelFor(pool, p.rows, [&p] {
-    return [&p, scratch = Scratch()](int64_t row) mutable { RunItem(p, row, scratch); };
+  // Fewer rows than twice the threads (a step's one or two prefix blocks) are cut into parts
+  // of whole score tiles, so that every thread has work: a part reads the pages of its own
+  // KV heads only, at the cost of reading a head's pages once per part that holds its rows.
+  const int64_t per_head = p.nq * (p.hq / p.hkv);
+  const int64_t tiles_per_head = (per_head + kTileRows - 1) / kTileRows;
+  const int64_t units = p.hkv * tiles_per_head;
+  const int64_t threads = batchjax::NumThreads(pool);
+  const int64_t parts = std::min(units, std::max<int64_t>(1, (2 * threads + p.rows - 1) / p.rows));
+  auto unit_row = [=](int64_t u) {  // first query row of score tile u (head-major)
+    return u >= units ? units / tiles_per_head * per_head
+                      : (u / tiles_per_head) * per_head + (u % tiles_per_head) * kTileRows;
+  };
+  batchjax::ParallelFor(pool, p.rows * parts, [&p, parts, units, unit_row] {
+    return [&p, parts, units, unit_row, scratch = Scratch()](int64_t item) mutable {
+      const int64_t n = item / parts, part = item % parts;
+      RunItem(p, n, unit_row(part * units / parts), unit_row((part + 1) * units / parts),
+              scratch);
+    };
   });
   if (p.bad_page.load()) {
     return ffi::Error::InvalidArgument("paged_rows_attention: page index out of range");
