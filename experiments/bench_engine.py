@@ -16,6 +16,7 @@ step's useful matmul FLOPs per second over the GFLOP/s of a large `jnp.dot` time
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 from absl import app, flags
@@ -31,6 +32,7 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed repetitions (median reporte
 _JSON = flags.DEFINE_string("json_out", None, "Also write the figures here as JSON.")
 _KERNELS = flags.DEFINE_enum("cpu_kernels", "auto", ["auto", "native", "xla"],
                              "Native CPU kernels or XLA's code (see batchjax.kernels).")
+_ONLY = flags.DEFINE_list("only", [], "Time only the steps whose names contain one of these.")
 
 PAGE = 16
 
@@ -64,6 +66,7 @@ def step_plans() -> dict[str, StepPlan]:
                   for i in range(16))
     return {"prefill 512 (context 576)": prefill,
             "suffix prefill 8 x 64 over shared prefix 1024": suffix,
+            "decode 16 over shared prefix 1024 (1 x 16)": decode_shared(1),
             "decode 64 over shared prefix 1024 (4 x 16)": decode_shared(4),
             "decode 64 over shared prefix 1024 (16 x 4)": decode_shared(16, 4),
             "decode 256 over shared prefix 1024 (16 x 16)": decode_shared(16),
@@ -82,6 +85,8 @@ def main(argv):
     print(f"matmul roofline: {roofline:.1f} GFLOP/s ({_DTYPE.value} weights, f32 matmul); "
           f"cpu kernels: {engine.step.cpu_kernels}")
     for name, plan in step_plans().items():
+        if _ONLY.value and not any(part in name for part in _ONLY.value):
+            continue
         used = max(p for part in plan.chunks + plan.prefixes for p in part.page_table)
         if used >= engine.kv_budget_pages:  # XLA's gather would clamp, timing other pages
             raise ValueError(f"{name}: page {used} outside the pool's "
@@ -103,6 +108,7 @@ def main(argv):
         print(f"{name:<47} {seconds * 1000:8.1f} ms  {gflops:7.1f} GFLOP/s  "
               f"MFU {gflops / roofline:5.1%}")
     if _JSON.value:
+        os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
         with open(_JSON.value, "w") as f:
             json.dump(results, f, indent=2)
 
