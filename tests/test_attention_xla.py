@@ -171,6 +171,24 @@ def test_chunks_starting_their_keys_attend_within_windows_of_the_step(lens):
         assert width == 64  # aligned 64-token chunks: each tile reads only its own rows
 
 
+@pytest.mark.parametrize("lens,width,blocks", [((64, 40, 1), 64, 2), ((65, 40), 128, 2),
+                                               ((300, 64), 128, 4)])
+def test_context_blocks_take_the_narrowest_width_the_step_s_chunks_fit(lens, width, blocks):
+    """Chunks continuing their sequences (after 20 earlier own keys each) read those keys in
+    blocks of 64 queries when no such chunk is longer, else of 128 (300 tokens: 3 blocks)."""
+    rng = np.random.default_rng(sum(lens))
+    chunks, page = [], 1
+    for i, n in enumerate(lens):
+        pages = -(-(20 + n) // PAGE)
+        chunks.append(ChunkWork(i, tuple(range(n)), 20, tuple(range(page, page + pages)),
+                                None, 0, True, n == 1))
+        page += pages
+    batch = _check_against_full_context_attention(tuple(chunks), (), rng, num_pages=page + 1)
+    md = batch.metadata
+    assert md.blk_token.shape[1] == width
+    assert int(np.sum(md.blk_ctx_len > 0)) == blocks
+
+
 def test_prefix_blocks_fit_the_groups_query_counts():
     assert split_prefix_queries([4] * 16) == (4, [(0, 1)] * 16)  # degree-4 decode: no padding
     assert split_prefix_queries([16] * 4) == (16, [(0, 1)] * 4)  # degree 16: a block per group

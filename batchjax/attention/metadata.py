@@ -7,7 +7,7 @@ The step's tokens are laid out flat (`T` rows). Attention has two parts (DESIGN.
   step is cut into query tiles, each reading the window of rows its chunks reach back to
   (`chunk_window_attention`), so a chunk costs about its length squared instead of every
   query reading the chunk's whole page table. A chunk that continues its sequence adds
-  *context blocks* of `CONTEXT_BLOCK` queries against the pages its sequence held before.
+  *context blocks* of 64 or 128 queries against the pages its sequence held before.
 - prefix part: the tokens of a group are cut into blocks, each attending without a mask to
   the group's whole shared prefix: one dense `[Q x prefix_len]` product per block instead of
   a matrix-vector product per query. Each block gathers the prefix's keys afresh, so there
@@ -27,8 +27,11 @@ import dataclasses
 
 import jax
 
-# Queries per own-context block: the earlier keys of a chunk that continues its sequence.
-CONTEXT_BLOCK = 128
+# Queries per own-context block: the earlier keys of a chunk that continues its sequence. A
+# step takes the narrowest width its longest such chunk fits, or the widest (a chunk of 64
+# tokens in a block of 128 computed as many padding queries as real ones).
+CONTEXT_BLOCKS = (64, 128)
+CONTEXT_BLOCK = CONTEXT_BLOCKS[-1]
 PREFIX_SMALL_BLOCKS = (4, 16)  # queries per small prefix-part block, one size per step
 PREFIX_LARGE_BLOCK = 64  # queries per large prefix-part block
 # Estimated work of one prefix block per prefix key, in units of one query's products in a
@@ -96,7 +99,7 @@ class PagedAttentionMetadata:
     win_key_row: jax.Array  # [Tt, W] rows tile i reads, in row order, T = none ([0, 0]: none)
     # own part of multi-token chunks, the keys their sequence held before this step: blocks of
     # CONTEXT_BLOCK queries of one sequence against its earlier own pages
-    blk_token: jax.Array  # [B, CONTEXT_BLOCK] token rows, T = padding
+    blk_token: jax.Array  # [B, one of CONTEXT_BLOCKS] token rows, T = padding
     blk_page_table: jax.Array  # [B, P] own pages up to the chunk's first key
     blk_ctx_len: jax.Array  # [B] own keys before the chunk, all visible (0: padding)
     # prefix part, small blocks of Q queries of one group (Q from `split_prefix_queries`)

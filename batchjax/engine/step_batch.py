@@ -7,7 +7,7 @@ import dataclasses
 import numpy as np
 
 from batchjax.attention.metadata import (
-    CONTEXT_BLOCK,
+    CONTEXT_BLOCKS,
     PREFIX_LARGE_BLOCK,
     PagedAttentionMetadata,
     split_prefix_queries,
@@ -83,6 +83,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     # mixes decode rows (a few own pages each) with a long prefill chunk, a shared width made
     # every row read the chunk's whole table.
     row_pages_max = ctx_pages_max = 1
+    longest_ctx_chunk = max((c.num_tokens for c in chunks if c.num_tokens > 1 and c.own_start > 0),
+                            default=0)
+    ctx_block = next((w for w in CONTEXT_BLOCKS if w >= longest_ctx_chunk), CONTEXT_BLOCKS[-1])
 
     r0 = 0
     for i, c in enumerate(chunks):
@@ -107,9 +110,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
                 # ... and the keys the sequence held before, all visible, in blocks.
                 ctx_table = own_table[: -(-c.own_start // page_size)]
                 ctx_pages_max = max(ctx_pages_max, len(ctx_table))
-                for b in range(0, n, CONTEXT_BLOCK):
-                    m = min(CONTEXT_BLOCK, n - b)
-                    tok = np.full(CONTEXT_BLOCK, t_pad, np.int32)
+                for b in range(0, n, ctx_block):
+                    m = min(ctx_block, n - b)
+                    tok = np.full(ctx_block, t_pad, np.int32)
                     tok[:m] = r0 + b + np.arange(m)
                     blk_tok.append(tok)
                     blk_tab.append(ctx_table)
@@ -178,7 +181,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         row_kv_len=rows_of(rows_len, 0, r_pad),
         tok_chunk=tok_chunk,
         win_key_row=win_key_row,
-        blk_token=rows_of(blk_tok, t_pad, b_pad, width=CONTEXT_BLOCK),
+        blk_token=rows_of(blk_tok, t_pad, b_pad, width=ctx_block),
         blk_page_table=_pad_table(blk_tab, bp_pad, b_pad),
         blk_ctx_len=rows_of(blk_ctx, 0, b_pad),
         gblk_token=rows_of(gblk_tok, t_pad, g_pad, width=small_q),
