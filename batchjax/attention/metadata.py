@@ -98,7 +98,8 @@ class PagedAttentionMetadata:
     tok_chunk: jax.Array  # [T] the chunk of each row (-1: a single-query row or padding)
     win_key_row: jax.Array  # [Tt, W] rows tile i reads, in row order, T = none ([0, 0]: none)
     # own part of multi-token chunks, the keys their sequence held before this step: blocks of
-    # CONTEXT_BLOCK queries of one sequence against its earlier own pages
+    # queries (a width from CONTEXT_BLOCKS, one per step) of one sequence against its earlier
+    # own pages
     blk_token: jax.Array  # [B, one of CONTEXT_BLOCKS] token rows, T = padding
     blk_page_table: jax.Array  # [B, P] own pages up to the chunk's first key
     blk_ctx_len: jax.Array  # [B] own keys before the chunk, all visible (0: padding)
