@@ -9,7 +9,7 @@ import pytest
 
 from batchjax.attention import xla
 from batchjax.attention.metadata import (
-    CONTEXT_BLOCK,
+    CONTEXT_BLOCKS,
     PREFIX_LARGE_BLOCK,
     split_prefix_queries,
 )
@@ -132,7 +132,7 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, split, nat
     assert md.row_page_table.shape[1] == BucketTable().pages_bucket(1)
     # Context blocks read only the keys a chunk's sequence held before this step: 2 keys of
     # request 1 (one page), 6 of request 3 (two pages).
-    assert md.blk_token.shape[1] == CONTEXT_BLOCK
+    assert md.blk_token.shape[1] == CONTEXT_BLOCKS[-1]  # its 70-token chunk needs the widest
     assert md.blk_page_table.shape[1] == BucketTable().context_pages_bucket(2)
     np.testing.assert_array_equal(md.blk_ctx_len, [2, 6])
     # Every multi-token chunk's new keys come from the step itself: 75 + 45 rows of chunks

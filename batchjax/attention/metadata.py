@@ -31,7 +31,6 @@ import jax
 # step takes the narrowest width its longest such chunk fits, or the widest (a chunk of 64
 # tokens in a block of 128 computed as many padding queries as real ones).
 CONTEXT_BLOCKS = (64, 128)
-CONTEXT_BLOCK = CONTEXT_BLOCKS[-1]
 PREFIX_SMALL_BLOCKS = (4, 16)  # queries per small prefix-part block, one size per step
 PREFIX_LARGE_BLOCK = 64  # queries per large prefix-part block
 # Estimated work of one prefix block per prefix key, in units of one query's products in a
