@@ -83,6 +83,28 @@ def test_native_bf16_matmul_matches_the_f32_product_of_the_bf16_values(m, k, n):
 
 
 @native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_native_matmul_multiplies_only_the_real_rows_and_zeroes_the_padding(dtype):
+    rng = np.random.default_rng(7)
+    m, k, n = 13, 40, 48
+    w = jnp.asarray(rng.standard_normal((2, k, n)), dtype)
+    x = jnp.asarray(rng.standard_normal((m, k)), dtype)  # padding rows hold real values too
+    wp = pm.pack(w)
+    fn = jax.jit(pm.packed_matmul)  # one program for every count: `rows` is traced
+    programs = None
+    for rows in (0, 1, 6, 7, 13, 20):
+        got = np.asarray(fn(x, wp, 1, np.int32(rows)), np.float32)
+        want = np.asarray(pm.packed_matmul_reference(x, wp, 1, rows), np.float32)
+        real = min(rows, m)
+        assert not np.any(got[real:]), rows  # exactly 0, not the padding rows' products
+        np.testing.assert_allclose(got[:real], want[:real], rtol=2**-7 if dtype == jnp.bfloat16
+                                   else 1e-5, atol=1e-4 * np.sqrt(k))
+        assert np.all(got[:real] != 0)
+        programs = programs or fn._cache_size()
+        assert fn._cache_size() == programs
+
+
+@native
 def test_native_matmul_in_a_scan_reads_each_layer_of_the_stacked_operand():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((4, 32, 32)).astype(np.float32) / 6

@@ -97,8 +97,10 @@ class ModelStep:
         if attention == "xla" and self.cpu_kernels == "native":
             impl = functools.partial(impl, native=True)
 
-        def step(params, kv, token_ids, positions, logits_index, md, sampling_rows, greedy):
-            logits, kv = self._forward(params, kv, token_ids, positions, logits_index, md, impl)
+        def step(params, kv, token_ids, positions, logits_index, md, real_rows, sampling_rows,
+                 greedy):
+            logits, kv = self._forward(params, kv, token_ids, positions, logits_index, md, impl,
+                                       real_rows)
             if greedy:
                 tokens = sampling.greedy_tokens(logits)
             else:
@@ -131,8 +133,13 @@ class ModelStep:
             packed["lm_head"] = packed_matmul.pack(head[None])
             params.pop("lm_head", None)
 
-    def _forward(self, params, kv, token_ids, positions, logits_index, md, impl):
-        """token_ids, positions: [T]; logits_index: [S] -> logits [S, V] f32, stacked kv."""
+    def _forward(self, params, kv, token_ids, positions, logits_index, md, impl, real_rows):
+        """token_ids, positions: [T]; logits_index: [S] -> logits [S, V] f32, stacked kv.
+
+        real_rows: (real tokens, real sampled rows), int32 scalars; the native products skip
+        the padding rows after them (XLA's dot computes them and the step ignores them).
+        """
+        num_tokens, num_sampled = real_rows
         embed = nnx.merge(self._embed_graphdef, params["embed"])
         x = embed(token_ids)  # [T, hidden]
         angles = positions.astype(jnp.float32)[:, None] * self._inv_freq[None, :]
@@ -150,7 +157,7 @@ class ModelStep:
             def matmul(name, h):
                 if name not in packed:
                     return None
-                return packed_matmul.packed_matmul(h, packed[name], layer_idx)
+                return packed_matmul.packed_matmul(h, packed[name], layer_idx, num_tokens)
 
             x, kv = layer(x, cos, sin, layer_idx, attention, kv, matmul)
             return (x, kv), None
@@ -161,7 +168,7 @@ class ModelStep:
         x = x[logits_index]  # only sampled rows need the vocabulary-wide projection
         x = nnx.merge(self._norm_graphdef, params["norm"])(x)
         if "lm_head" in packed:
-            logits = packed_matmul.packed_matmul(x, packed["lm_head"], 0)
+            logits = packed_matmul.packed_matmul(x, packed["lm_head"], 0, num_sampled)
         elif self._head_graphdef is None:
             logits = x @ embed.embedding[...].T
         else:
@@ -176,9 +183,10 @@ class ModelStep:
                  greedy: bool):
         self.shapes_seen.add((batch.shape_key, greedy))
         md = jax.tree.map(jnp.asarray, batch.metadata)
+        real_rows = (np.int32(batch.num_tokens), np.int32(len(batch.sample_seq_ids)))
         tokens, kv = self._jitted(
             self.params, kv, batch.token_ids, batch.positions, batch.logits_index, md,
-            sampling_rows, greedy=greedy,
+            real_rows, sampling_rows, greedy=greedy,
         )
         return np.asarray(tokens), kv
 

@@ -9,6 +9,10 @@
 // The layer is an operand, so a scan over layers passes the whole stacked array by reference
 // and no per-layer slice is copied.
 //
+// Only the first `rows` rows of x are multiplied; the rest of y is zero. A step's token count
+// is padded up to a bucket so that it reuses a compiled program, and the padding rows would
+// otherwise cost as much as real ones: a decode step of 1 row ran the products of 16.
+//
 // Work is cut into (row block, panel chunk) items sized for the L2 cache and shared between the
 // calling thread and XLA's intra-op pool (parallel.h).
 
@@ -104,17 +108,21 @@ void RunItem(const Problem<W>& p, int64_t item) {
 
 template <class W, ffi::DataType kWeightType>
 ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<kWeightType> w,
-                        ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> y) {
+                        ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> rows,
+                        ffi::ResultBuffer<ffi::F32> y) {
   const auto xd = x.dimensions();
   const auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 4 || wd[3] != kPanel || wd[2] != xd[1]) {
     return ffi::Error::InvalidArgument("packed_matmul: want x[M, K] and w[L, N/16, K, 16]");
   }
-  const int64_t num_layers = wd[0], panels = wd[1], k_dim = xd[1], m_dim = xd[0];
+  const int64_t num_layers = wd[0], panels = wd[1], k_dim = xd[1];
   const int64_t l = static_cast<int64_t>(*layer.typed_data());
   if (l < 0 || l >= num_layers) {
     return ffi::Error::InvalidArgument("packed_matmul: layer index out of range");
   }
+  const int64_t m_dim = std::clamp<int64_t>(*rows.typed_data(), 0, xd[0]);
+  float* const y_pad = y->typed_data() + m_dim * panels * kPanel;
+  std::fill(y_pad, y_pad + (xd[0] - m_dim) * panels * kPanel, 0.0f);
   if (m_dim == 0 || panels == 0) return ffi::Error::Success();
 
   Problem<W> p;
@@ -143,6 +151,7 @@ auto Binding() {
       .template Ctx<ffi::ThreadPool>()
       .template Arg<ffi::Buffer<ffi::F32>>()
       .template Arg<ffi::Buffer<kWeightType>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Ret<ffi::Buffer<ffi::F32>>();
 }

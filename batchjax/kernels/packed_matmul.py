@@ -52,18 +52,25 @@ def unpack(wp: jax.Array) -> jax.Array:
     return jnp.moveaxis(wp, -3, -2).reshape(*lead, k, p * c)
 
 
-def packed_matmul_reference(x: jax.Array, wp: jax.Array, layer: jax.Array) -> jax.Array:
-    """Plain jnp: x[M, K] @ unpack(wp[layer]) in f32 -> [M, N] in x's dtype."""
+def packed_matmul_reference(x: jax.Array, wp: jax.Array, layer: jax.Array,
+                            rows: jax.Array | int | None = None) -> jax.Array:
+    """Plain jnp: x[M, K] @ unpack(wp[layer]) in f32 -> [M, N] in x's dtype, rows from `rows`
+    on zero."""
     w = unpack(wp[layer]).astype(jnp.float32)
     y = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
+    if rows is not None:
+        y = jnp.where(jnp.arange(x.shape[0])[:, None] < rows, y, 0.0)
     return y.astype(x.dtype)
 
 
-def packed_matmul(x: jax.Array, wp: jax.Array, layer: jax.Array | int) -> jax.Array:
+def packed_matmul(x: jax.Array, wp: jax.Array, layer: jax.Array | int,
+                  rows: jax.Array | int | None = None) -> jax.Array:
     """x[M, K] @ layer `layer` of wp[L, N/16, K, 16] -> [M, N] in x's dtype, natively.
 
     x is f32 or bf16; wp is f32 panels, or bf16 ones from `pack` (uint16). The product is
-    computed in f32. The engine picks this or XLA's dot once
+    computed in f32. Only x's first `rows` rows (a traced scalar; default all) are multiplied,
+    the others give 0: a step's padding rows then cost nothing, and the compiled program does
+    not depend on how many rows are real. The engine picks this or XLA's dot once
     (`batchjax.engine.step.choose_cpu_kernels`).
     """
     native.require()  # registers the kernels with XLA on first use
@@ -74,5 +81,6 @@ def packed_matmul(x: jax.Array, wp: jax.Array, layer: jax.Array | int) -> jax.Ar
         raise ValueError(f"want x[M, K] and wp[L, N/16, K, 16], got {x.shape} and {wp.shape}")
     out = jax.ShapeDtypeStruct((x.shape[0], wp.shape[1] * PANEL), jnp.float32)
     layer = jnp.asarray(layer, jnp.int32).reshape(())
-    y = jax.ffi.ffi_call(_TARGETS[wp.dtype], out)(x.astype(jnp.float32), wp, layer)
+    rows = jnp.asarray(x.shape[0] if rows is None else rows, jnp.int32).reshape(())
+    y = jax.ffi.ffi_call(_TARGETS[wp.dtype], out)(x.astype(jnp.float32), wp, layer, rows)
     return y.astype(x.dtype)
