@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from batchjax.bench import engine_arm, peers, report, suite
+from batchjax.bench import engine_arm, machine, peers, report, suite
 from batchjax.bench.peers import PeerOutcome
+from batchjax.kernels import native as native_kernels
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PEERS_DIR = os.path.join(REPO, "experiments", "peers")
@@ -179,3 +180,16 @@ def test_vllm_pc_is_vllm_with_prefix_caching_only():
     assert "--prefix_caching" in only[0].args and only[0].env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
     with pytest.raises(ValueError, match="unknown system"):
         system_specs("vllm-fast", "0-1", "/venv/python", "/hf/python")
+
+
+def test_the_machine_record_names_the_cpu_generation_and_its_vector_units(tmp_path):
+    details = machine.machine_info()["cpu_details"]
+    assert set(details["simd"]) <= set(machine._SIMD_FLAGS)
+    if native_kernels.cpu_has_avx2_fma():  # what /proc/cpuinfo says, read another way
+        assert {"avx2", "fma"} <= set(details["simd"]) and details["family"]
+    written = report.write_results(
+        str(tmp_path), suite="smoke", command="c", outcomes=[], settings={},
+        machine={"date": "today", "cpu": "AMD EPYC", "usable_cores": 2,
+                 "cpu_details": {"family": "23", "model": "1", "simd": ["avx2", "fma"]}})
+    header = open(written["markdown"], encoding="utf-8").readline()
+    assert "AMD EPYC family 23 model 1 (avx2, fma), 2 cores" in header

@@ -11,15 +11,36 @@ from typing import Any
 _PACKAGES = ("batchjax", "jax", "jaxlib", "flax", "numpy")
 
 
-def _cpu_model() -> str:
+# The vector extensions that set a CPU's matmul rate: machines sold under one model name
+# ("AMD EPYC") differ by more than 2x in it, and the name alone does not tell them apart.
+_SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def _cpuinfo() -> dict[str, str]:
+    """The first processor's fields of /proc/cpuinfo (empty where there is none)."""
+    fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return fields
+
+
+def _cpu_model() -> str:
+    return _cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+def cpu_details() -> dict[str, Any]:
+    """Family and model numbers, and which of `_SIMD_FLAGS` the CPU has."""
+    info = _cpuinfo()
+    flags = set(info.get("flags", "").split())
+    return {"family": info.get("cpu family"), "model": info.get("model"),
+            "simd": [f for f in _SIMD_FLAGS if f in flags]}
 
 
 def _memory_gib() -> float | None:
@@ -51,6 +72,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "cpu": _cpu_model(),
+        "cpu_details": cpu_details(),
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "memory_gib": _memory_gib(),

@@ -217,8 +217,14 @@ def write_results(out_dir: str, *, suite: str, command: str, machine: dict[str, 
         json.dump(raw, f, indent=1)
     md_path = os.path.join(out_dir, "results.md")
     with open(md_path, "w", encoding="utf-8") as f:
-        f.write(f"suite `{suite}`, {machine.get('date')}, {machine.get('cpu')} "
-                f"({machine.get('usable_cores')} cores), load {machine.get('load_average')}\n\n")
+        details = machine.get("cpu_details") or {}
+        cpu = machine.get("cpu") or "unknown CPU"
+        if details.get("family"):
+            cpu += f" family {details['family']} model {details.get('model')}"
+        if details.get("simd"):
+            cpu += f" ({', '.join(details['simd'])})"
+        f.write(f"suite `{suite}`, {machine.get('date')}, {cpu}, "
+                f"{machine.get('usable_cores')} cores, load {machine.get('load_average')}\n\n")
         f.write(f"`{command}`\n\n{table}\n")
     return {"json": json_path, "markdown": md_path, "table": table,
             **{os.path.basename(p): p for p in charts}}
