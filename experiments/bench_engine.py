@@ -8,9 +8,10 @@ Times the jitted engine step (after its compile) on the shapes a batch spends it
 shared 1024-token prefix; 64 and 256 decode tokens of 4 and 16 groups x 16 requests over a
 shared 1024-token prefix (the batchllm layout; the larger step is what a batch with many
 groups decodes in) and 64 of 16 groups x 4; and 64 decode tokens of independent requests over
-1088-token contexts (the layout of the `none`/`vllm` policies), and 16 of them over 576-token
-contexts (the small decode steps a batch ends with). Model FLOP utilisation is the
-step's useful matmul FLOPs per second over the GFLOP/s of a large `jnp.dot` timed here.
+1088-token contexts (the layout of the `none`/`vllm` policies), and 16 and 4 of them over
+576-token contexts (the small decode steps a batch ends with; 4 rows run padded to 16).
+Model FLOP utilisation is the step's useful matmul FLOPs per second over the GFLOP/s of a
+large `jnp.dot` timed here.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def step_plans() -> dict[str, StepPlan]:
             "decode 64 over shared prefix 1024 (16 x 4)": decode_shared(16, 4),
             "decode 256 over shared prefix 1024 (16 x 16)": decode_shared(16),
             "decode 64 over own context 1088": decode_own,
-            "decode 16 over own context 576": StepPlan(0, small, ())}
+            "decode 16 over own context 576": StepPlan(0, small, ()),
+            # A batch's last steps, as its requests finish: 4 rows, padded to 16 tokens.
+            "decode 4 over own context 576": StepPlan(0, small[:4], ())}
 
 
 def main(argv):
