@@ -54,8 +54,8 @@ def unpack(wp: jax.Array) -> jax.Array:
 
 def packed_matmul_reference(x: jax.Array, wp: jax.Array, layer: jax.Array,
                             rows: jax.Array | int | None = None) -> jax.Array:
-    """Plain jnp: x[M, K] @ unpack(wp[layer]) in f32 -> [M, N] in x's dtype, rows from `rows`
-    on zero."""
+    """Plain jnp: x[M, K] @ unpack(wp[layer]) in f32 -> [M, N] in x's dtype; with `rows`,
+    the rows from that index on are 0."""
     w = unpack(wp[layer]).astype(jnp.float32)
     y = jnp.dot(x.astype(jnp.float32), w, precision=jax.lax.Precision.HIGHEST)
     if rows is not None:
