@@ -34,8 +34,9 @@ namespace {
 
 constexpr float kMaskValue = -1e30f;
 constexpr int64_t kMaxPage = 256;
-// The next page. With two ahead, 16 f32 decode rows over 576 keys (SmolLM2, 24 KiB pages)
-// spent 10-15% longer in this kernel; bf16 rows took the same time either way.
+// The next page. With two ahead (and the prefetch spread over score tiles only), 16 f32
+// decode rows over 576 keys (SmolLM2, 24 KiB pages) spent 10-20% longer in this kernel; bf16
+// rows took the same time either way.
 constexpr int64_t kPrefetchPages = 1;
 
 // e^x for 8 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by a degree-6 polynomial (relative error
@@ -332,7 +333,8 @@ void RunItem(Problem<Pool>& p, int64_t n, int64_t r0, int64_t r1, Scratch& w) {
   // prefetching does not cross from one page to the next, prefetching a whole page in one
   // burst gained nothing, and spreading it over the score tiles alone left f32 decode rows
   // about a fifth slower than over both.
-  const int64_t score_steps = tiles * (ps / 4);
+  // Step() calls per page: one per score tile of 4 keys, one per value tile.
+  const int64_t prefetch_steps = tiles * (ps / 4 + 1);
   const int64_t page_lines = page_floats * static_cast<int64_t>(sizeof(typename Pool::T)) / 64;
   // A bf16 page that more than one tile of a KV head's query rows reads (rows of several
   // queries) is widened to f32 once, not once per tile.
@@ -356,7 +358,7 @@ void RunItem(Problem<Pool>& p, int64_t n, int64_t r0, int64_t r1, Scratch& w) {
     const bool ahead = next >= 0 && next < p.num_pages;
     prefetch.Start(ahead ? p.k + next * page_floats : nullptr,
                    ahead ? p.v + next * page_floats : nullptr, page_lines,
-                   std::max<int64_t>(1, score_steps + tiles));  // a Step() per value tile too
+                   std::max<int64_t>(1, prefetch_steps));
     // Every KV head's query rows against this page, read as P from k_page and v_page.
     auto heads = [&](auto tag, const auto* k_page, const auto* v_page) {
       using P = typename decltype(tag)::type;
