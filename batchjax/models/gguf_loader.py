@@ -12,12 +12,9 @@ import re
 from typing import Any, Iterator
 
 import gguf
-import jax.numpy as jnp
 import numpy as np
 
 from batchjax.models.config import ModelConfig, UnsupportedModelError
-from batchjax.models.llama import LlamaForCausalLM
-from batchjax.models.weights import load_weights
 
 # GGUF `general.architecture` -> the HF architecture that computes the same function.
 GGUF_ARCHITECTURES = {
@@ -134,12 +131,6 @@ def iter_gguf_tensors(
         elif permuted and name.endswith(("k_proj.weight", "k_proj.bias")):
             array = _unpermute_rows(array, config.num_kv_heads)
         yield name, array
-
-
-def load_gguf(path: str, dtype: jnp.dtype = jnp.float32) -> tuple[ModelConfig, LlamaForCausalLM]:
-    reader = open_gguf(path)
-    config = gguf_config(reader)
-    return config, load_weights(config, iter_gguf_tensors(reader, config), dtype)
 
 
 def tokenizer_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
