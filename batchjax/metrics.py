@@ -7,6 +7,7 @@ Names follow DESIGN.md: `logical_prefill_tokens` (sum of prompt lengths),
 
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 # (key, label, format) in the order a summary shows them; absent keys are skipped.
@@ -26,7 +27,11 @@ _ROWS = (
     ("peak_kv_pages", "peak KV pages", "{:,}"),
     ("kv_budget_pages", "KV budget pages", "{:,}"),
     ("num_compiled_shapes", "compiled shapes", "{:,}"),
+    ("compiled_after_warmup", "shapes compiled after warm-up", "{:,}"),
     ("compiling_steps", "steps that compiled a shape", "{:,}"),
+    ("warmup_s", "warm-up (s)", "{:.2f}"),
+    ("startup_s", "process start to first step (s)", "{:.2f}"),
+    ("time_to_first_result_s", "process start to first result (s)", "{:.2f}"),
     ("plan_s", "planning time (s)", "{:.3f}"),
     ("wall_s", "wall time (s)", "{:.2f}"),
     ("simulated_s", "simulated time (s, estimate)", "{:.2f}"),
@@ -34,6 +39,9 @@ _ROWS = (
     ("total_tokens_per_s", "total tokens/s", "{:,.1f}"),
     ("prefill_gflops_per_s", "model GFLOP/s, prefill steps", "{:,.1f}"),
     ("decode_gflops_per_s", "model GFLOP/s, decode steps", "{:,.1f}"),
+    ("host_s_per_step", "host time per step (s)", "{:.4f}"),
+    ("device_idle_fraction", "device idle, all steps", "{:.1%}"),
+    ("decode_device_idle_fraction", "device idle, decode steps", "{:.1%}"),
 )
 
 
@@ -52,3 +60,15 @@ def summary_table(metrics: Mapping[str, Any], title: str = "summary") -> str:
     out += [f" {label:<{width}}   {value:>{vwidth}}" for label, value in rows]
     out.append(line)
     return "\n".join(out)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None

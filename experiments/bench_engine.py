@@ -19,12 +19,13 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
 from absl import app, flags
 
 from batchjax.bench.roofline import matmul_gflops, median_seconds
 from batchjax.engine.engine import Engine, step_flops
+from batchjax.engine.sampling import sampling_row_arrays
 from batchjax.engine.step_batch import build_step_batch
+from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.step_plan import ChunkWork, PrefixRef, StepPlan
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model spec.")
@@ -87,6 +88,10 @@ def main(argv):
                "cpu_kernels": engine.step.cpu_kernels, "steps": {}}
     print(f"matmul roofline: {roofline:.1f} GFLOP/s ({_DTYPE.value} weights, f32 matmul); "
           f"cpu kernels: {engine.step.cpu_kernels}")
+    # Page tables as wide as the longest own context here (69 pages), as a job of such
+    # requests would have them.
+    buckets = BucketTable.for_budget(engine.options.max_tokens_per_step, 69)
+    feed = engine.step.empty_feed(buckets.tokens[-1])
     for name, plan in step_plans().items():
         if _ONLY.value and not any(part in name for part in _ONLY.value):
             continue
@@ -94,13 +99,11 @@ def main(argv):
         if used >= engine.kv_budget_pages:  # XLA's gather would clamp, timing other pages
             raise ValueError(f"{name}: page {used} outside the pool's "
                              f"{engine.kv_budget_pages}; raise kv_budget_mb")
-        batch = build_step_batch(plan, PAGE, engine.buckets)
-        n = batch.logits_index.shape[0]
-        rows = (np.zeros(n, np.float32), np.zeros(n, np.int32), np.ones(n, np.float32),
-                np.zeros(n, np.float32), np.zeros(n, np.uint32), batch.sample_positions)
+        batch = build_step_batch(plan, PAGE, buckets)
+        rows = sampling_row_arrays(batch.logits_index.shape[0], positions=batch.sample_positions)
 
         def run():
-            tokens, engine.kv = engine.step(engine.kv, batch, rows, True)
+            tokens, _, engine.kv = engine.step(engine.kv, feed, batch, rows, True)
             return tokens
 
         seconds = median_seconds(run, _REPEATS.value)

@@ -23,12 +23,15 @@ from hypothesis import strategies as st
 from batchjax.schedule.batching import BudgetTooSmall
 from batchjax.schedule.plan import build_plan
 from batchjax.schedule.policies import POLICIES, make_batcher
+from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.step_plan import (
     NULL_PAGE,
     Budgets,
     SampledToken,
     SchedRequest,
     StepPlan,
+    placeholder_row,
+    placeholder_token,
 )
 
 
@@ -48,32 +51,40 @@ def generated_token(seq_id: int, index: int) -> int:
     return 7 + (seq_id * 31 + index * 17) % 5  # few distinct values: generated text repeats
 
 
-def run_checked(
-    batcher,
-    requests: Sequence[SchedRequest],
-    output_lens: Sequence[int],
-    budgets: Budgets,
-    max_steps: int = 100_000,
-) -> Replay:
-    kv: dict[tuple[int, int], int] = {}  # (page, slot) -> key
-    truth = {i: list(r.prompt_token_ids) for i, r in enumerate(requests)}
-    truth_keys: dict[int, list[int]] = {}
-    generated: dict[int, list[int]] = {i: [] for i in range(len(requests))}
-    finish_count = {i: 0 for i in range(len(requests))}
-    steps: list[StepPlan] = []
-    ps = budgets.page_size
+class CheckingExecutor:
+    """A `StepExecutor` that models the KV pages and checks every step as it launches.
 
-    def key_at(i: int, pos: int) -> int:
-        keys = truth_keys.setdefault(i, [])
-        seq = truth[i]
+    With `overlap`, the batcher plans each step before the previous one's tokens are back:
+    placeholders are resolved from the previous step's sampled rows (as the device does), and
+    a request that its output length ends (its "EOS" before `max_tokens`) may be scheduled for
+    one more step, whose work is dropped.
+    """
+
+    def __init__(self, requests, output_lens, budgets: Budgets, overlap: bool):
+        self.kv: dict[tuple[int, int], int] = {}  # (page, slot) -> key
+        self.truth = {i: list(r.prompt_token_ids) for i, r in enumerate(requests)}
+        self.truth_keys: dict[int, list[int]] = {}
+        self.generated: dict[int, list[int]] = {i: [] for i in range(len(requests))}
+        self.finish_count = {i: 0 for i in range(len(requests))}
+        self.ended_at: dict[int, int] = {}  # request -> the step that sampled its last token
+        self.steps: list[StepPlan] = []
+        self.max_tokens = [r.max_tokens for r in requests]
+        self.output_lens = output_lens
+        self.budgets = budgets
+        self.overlap = overlap
+        self.previous_rows: list[int] = []  # tokens of the last launched step's sampled rows
+
+    def key_at(self, i: int, pos: int) -> int:
+        keys = self.truth_keys.setdefault(i, [])
+        seq = self.truth[i]
         while len(keys) <= pos:
             keys.append(chain(keys[-1] if keys else 0, seq[len(keys)]))
         return keys[pos]
 
-    while batcher.has_work():
-        assert len(steps) < max_steps, "no progress"
-        step = batcher.next_step()
-        steps.append(step)
+    def launch(self, step: StepPlan):
+        budgets, kv, ps = self.budgets, self.kv, self.budgets.page_size
+        index = len(self.steps)
+        self.steps.append(step)
         assert step.num_tokens <= budgets.max_tokens_per_step
         assert step.chunks, "a step with no work while work remains would loop forever"
         live_pages = set()
@@ -84,29 +95,37 @@ def run_checked(
         assert len(live_pages) <= budgets.kv_budget_pages
         assert step.kv_pages_in_use <= budgets.kv_budget_pages
         prefixes = {p.group_id: p for p in step.prefixes}
-        sampled = []
+        rows = []  # (request, token) per sampled row
         for c in step.chunks:
+            tokens = [self.previous_rows[placeholder_row(t)] if t < 0 else t
+                      for t in c.token_ids]
+            assert self.overlap or tokens == list(c.token_ids), "placeholder without overlap"
             assert len(c.page_table) * ps >= c.own_start + c.num_tokens
             if c.prefix_group is not None:
                 ref = prefixes[c.prefix_group]
                 assert ref.prefix_len == c.prefix_len
                 assert len(ref.page_table) * ps >= ref.prefix_len
-            if c.seq_id >= 0:
+            dropped = c.seq_id in self.ended_at
+            if dropped:  # known finished only after this step was planned
+                assert self.overlap and self.ended_at[c.seq_id] == index - 1, (
+                    f"request {c.seq_id} scheduled after finishing")
+            elif c.seq_id >= 0:
                 i = c.seq_id
-                assert finish_count[i] == 0, f"request {i} scheduled after finishing"
                 # The whole context it attends holds its own true sequence.
                 for pos in range(c.prefix_len):
                     ref = prefixes[c.prefix_group]
-                    assert kv.get((ref.page_table[pos // ps], pos % ps)) == key_at(i, pos)
+                    assert kv.get((ref.page_table[pos // ps], pos % ps)) == self.key_at(i, pos)
                 for j in range(c.own_start):
                     slot = (c.page_table[j // ps], j % ps)
-                    assert kv.get(slot) == key_at(i, c.prefix_len + j), f"stale context of {i}"
-                expected = truth[i][c.prefix_len + c.own_start :][: c.num_tokens]
-                assert list(c.token_ids) == expected, f"wrong tokens fed for request {i}"
-                assert c.sample == (c.prefix_len + c.own_start + c.num_tokens == len(truth[i]))
+                    assert kv.get(slot) == self.key_at(i, c.prefix_len + j), (
+                        f"stale context of {i}")
+                expected = self.truth[i][c.prefix_len + c.own_start :][: c.num_tokens]
+                assert tokens == expected, f"wrong tokens fed for request {i}"
+                assert c.sample == (c.prefix_len + c.own_start + c.num_tokens
+                                    == len(self.truth[i]))
             else:
                 assert not c.sample and c.prefix_group is None and c.prefix_len == 0
-            for t, token in enumerate(c.token_ids):
+            for t, token in enumerate(tokens):
                 j = c.own_start + t
                 if j > 0:
                     before = kv[(c.page_table[(j - 1) // ps], (j - 1) % ps)]
@@ -117,20 +136,47 @@ def run_checked(
                 else:
                     before = 0
                 kv[(c.page_table[j // ps], j % ps)] = chain(before, token)
-                if c.seq_id >= 0:
-                    assert kv[(c.page_table[j // ps], j % ps)] == key_at(
-                        c.seq_id, c.prefix_len + j
-                    )
-            if c.sample:
+                if c.seq_id >= 0 and not dropped:
+                    assert kv[(c.page_table[j // ps], j % ps)] == self.key_at(
+                        c.seq_id, c.prefix_len + j)
+            if c.sample and not dropped:
                 i = c.seq_id
-                token = generated_token(i, len(generated[i]))
-                generated[i].append(token)
-                truth[i].append(token)
-                done = len(generated[i]) >= output_lens[i]
-                finish_count[i] += done
-                sampled.append(SampledToken(i, token, done))
-        batcher.complete(step, sampled)
-    return Replay(steps, generated, finish_count, batcher.metrics())
+                token = generated_token(i, len(self.generated[i]))
+                self.generated[i].append(token)
+                self.truth[i].append(token)
+                done = len(self.generated[i]) >= self.output_lens[i]
+                if done:
+                    self.ended_at[i] = index
+                # Whether max_tokens ends it, which the executor knows without the token.
+                by_length = len(self.generated[i]) >= self.max_tokens[i]
+                rows.append((i, token, done, by_length))
+            elif c.sample:  # the device samples it; nobody reads it
+                rows.append((c.seq_id, -1, False, False))
+        self.previous_rows = [row[1] for row in rows]
+        return rows
+
+    def provisional(self, step, rows):
+        # What the token count alone decides; the output length is known only at `collect`.
+        return [SampledToken(i, placeholder_token(k), by_length)
+                for k, (i, token, _, by_length) in enumerate(rows) if token >= 0]
+
+    def collect(self, step, rows):
+        sampled = [SampledToken(i, token, done) for i, token, done, _ in rows if token >= 0]
+        for token in sampled:
+            self.finish_count[token.seq_id] += token.finished
+        return sampled
+
+
+def run_checked(
+    batcher,
+    requests: Sequence[SchedRequest],
+    output_lens: Sequence[int],
+    budgets: Budgets,
+    overlap: bool = False,
+) -> Replay:
+    executor = CheckingExecutor(requests, output_lens, budgets, overlap)
+    run_batcher(batcher, executor, overlap=overlap)
+    return Replay(executor.steps, executor.generated, executor.finish_count, batcher.metrics())
 
 
 # -- workloads ----------------------------------------------------------------------------
@@ -168,19 +214,23 @@ def tight_budgets(requests: Sequence[SchedRequest], page_size: int, slack: int) 
     )
 
 
-def replay(policy: str, requests, output_lens, budgets: Budgets) -> Replay:
-    return run_checked(make_batcher(policy, requests, budgets), requests, output_lens, budgets)
+def replay(policy: str, requests, output_lens, budgets: Budgets, overlap=False) -> Replay:
+    return run_checked(make_batcher(policy, requests, budgets), requests, output_lens, budgets,
+                       overlap)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
 @pytest.mark.parametrize("policy", POLICIES)
 @settings(max_examples=60, deadline=None)
 @given(work=workloads(), page_size=st.sampled_from([1, 2, 4]), slack=st.integers(0, 6))
 def test_every_request_completes_once_with_its_output_and_correct_kv(
-    policy, work, page_size, slack
+    policy, overlap, work, page_size, slack
 ):
+    """With overlap, the batcher plans on placeholders and learns of early finishes a step
+    late, also for requests it preempted meanwhile."""
     requests, output_lens = work
     budgets = tight_budgets(requests, page_size, slack)
-    result = replay(policy, requests, output_lens, budgets)
+    result = replay(policy, requests, output_lens, budgets, overlap)
     assert all(count == 1 for count in result.finish_count.values())
     assert [len(result.generated[i]) for i in range(len(requests))] == list(output_lens)
     m = result.metrics
@@ -274,3 +324,18 @@ def test_prefix_caches_reuse_whole_pages_of_an_earlier_request(policy):
     second = [c for s in result.steps for c in s.chunks if c.seq_id == 1][0]
     assert second.own_start == 8  # two full pages of 4 reused, the rest computed
     assert result.metrics["computed_prefill_tokens"] == 11 + 3
+
+
+@pytest.mark.parametrize("policy", ["none", "vllm", "sglang"])
+def test_a_request_preempted_while_its_last_token_is_in_flight_finishes_once(policy):
+    # Request 0 samples its last token (before max_tokens) in the step in which the next one
+    # is planned; that plan preempts it for want of pages, and only then does the batcher
+    # learn that it finished: it must leave the waiting queue, not run again.
+    requests = [SchedRequest((0, 0, 0), 2), SchedRequest((0, 0, 0), 3),
+                SchedRequest((0, 0, 0, 0), 2)]
+    output_lens = [1, 2, 1]
+    budgets = tight_budgets(requests, 1, 0)
+    result = replay(policy, requests, output_lens, budgets, overlap=True)
+    assert all(count == 1 for count in result.finish_count.values())
+    assert result.metrics["num_preemptions"] > 0
+    assert [len(result.generated[i]) for i in range(3)] == output_lens

@@ -1,5 +1,7 @@
 """The engine computes what the model means, under every policy, within its budgets."""
 
+import dataclasses
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -76,9 +78,12 @@ def test_steps_are_timed_and_counted_by_phase(tiny_llama_dir, reference):
                    progress=False)
     fresh.generate(_requests(prompts, 6), policy="batchllm")
     m = fresh.last_metrics
-    # Every step of a fresh engine's first run that compiled is counted apart from the phases.
-    assert m["compiling_steps"] == m["new_compiled_shapes"] > 0 and m["compiling_s"] > 0
-    assert m["prefill_steps"] + m["decode_steps"] + m["compiling_steps"] == m["num_steps"]
+    # A fresh engine compiles its shapes in warm-up, before the first step: no step compiles.
+    assert m["new_compiled_shapes"] > 0 and m["warmup_s"] > 0
+    assert m["compiling_steps"] == m["compiled_after_warmup"] == 0
+    assert m["prefill_steps"] + m["decode_steps"] == m["num_steps"]
+    assert m["startup_s"] > 0 and m["time_to_first_result_s"] >= m["startup_s"]
+    assert 0 <= m["device_idle_s"] < m["wall_s"] and m["host_s_per_step"] > 0
     fresh.generate(_requests(prompts, 6), policy="batchllm")
     m = fresh.last_metrics
     assert m["compiling_steps"] == 0
@@ -97,12 +102,36 @@ def test_steps_are_timed_and_counted_by_phase(tiny_llama_dir, reference):
 
 def test_nothing_compiles_after_warmup(engine, reference):
     prompts, _ = reference
-    engine.generate(_requests(prompts, 6), policy="batchllm")  # warm-up
-    before = engine.step.jit_cache_size()
+    for policy in POLICIES:
+        engine.generate(_requests(prompts, 6), policy=policy)
+        assert engine.last_metrics["compiled_after_warmup"] == 0
+        assert engine.last_metrics["compiling_steps"] == 0
     engine.generate(_requests(prompts, 6), policy="batchllm")
     assert engine.last_metrics["new_compiled_shapes"] == 0
-    assert engine.step.jit_cache_size() == before
-    assert engine.step.jit_cache_size() == engine.step.num_compiled_shapes
+
+
+@pytest.mark.parametrize("sampling", [{}, {"temperature": 0.8, "top_k": 40, "seed": 3}])
+def test_overlapped_steps_give_the_synchronous_outputs(tiny_llama_dir, reference, sampling):
+    """Steps planned one ahead of their tokens (requests ending on a stop token are known a
+    step late, and their extra step is dropped) give exactly the synchronous loop's results,
+    under a budget tight enough to preempt."""
+    prompts, _ = reference
+    synchronous = _engine_with_pages(tiny_llama_dir, 30)
+    overlapped = _engine_with_pages(tiny_llama_dir, 30)
+    synchronous.options = dataclasses.replace(synchronous.options, overlap=False)
+    # Stop tokens that the tiny model samples often, so that many requests end early.
+    first = hf_greedy(tiny_llama_dir, prompts, 12)
+    stops = sorted({t for out in first for t in out[2:6]})[:6]
+    reqs = [{"id": f"r{i}", "prompt_token_ids": list(p), "max_tokens": 12,
+             "stop_token_ids": stops, **sampling} for i, p in enumerate(prompts)]
+    for policy in ("batchllm", "vllm"):
+        want = synchronous.generate(reqs, policy=policy)
+        got = overlapped.generate(reqs, policy=policy)
+        assert [(r.token_ids, r.finish_reason) for r in got] == [
+            (r.token_ids, r.finish_reason) for r in want]
+        assert any(r.finish_reason == "stop" for r in got)
+        assert overlapped.last_metrics["overlap"] and not synchronous.last_metrics["overlap"]
+        assert overlapped.last_metrics["peak_kv_pages"] <= 30
 
 
 def test_tight_budget_preempts_and_changes_no_output(tiny_llama_dir, reference):
@@ -234,8 +263,8 @@ def test_native_and_xla_cpu_kernels_give_the_same_outputs(tiny_llama_dir, refere
 
     monkeypatch.setattr(step.packed_matmul, "packed_matmul",
                         counting("matmul", step.packed_matmul.packed_matmul))
-    monkeypatch.setattr(xla.native_paged, "paged_rows_attention",
-                        counting("attention", xla.native_paged.paged_rows_attention))
+    monkeypatch.setattr(xla.native_paged, "ragged_paged_attention",
+                        counting("attention", xla.native_paged.ragged_paged_attention))
     prompts, want = reference
     runs = {}
     for kernels in ("xla", "auto"):
@@ -266,13 +295,13 @@ def test_bf16_native_cpu_kernels_give_xla_s_bf16_tokens(tiny_llama_dir, referenc
     if not native.cpu_has_avx2_fma():
         pytest.skip("the native kernels need x86-64 AVX2 and FMA")
     pool_dtypes = []  # the pools the native attention was traced with
-    kernel = xla.native_paged.paged_rows_attention
+    kernel = xla.native_paged.ragged_paged_attention
 
-    def recording(q, k_pages, *args):
+    def recording(q, k_pages, *args, **kwargs):
         pool_dtypes.append(k_pages.dtype)
-        return kernel(q, k_pages, *args)
+        return kernel(q, k_pages, *args, **kwargs)
 
-    monkeypatch.setattr(xla.native_paged, "paged_rows_attention", recording)
+    monkeypatch.setattr(xla.native_paged, "ragged_paged_attention", recording)
     prompts, _ = reference
     runs = {}
     for kernels in ("xla", "native"):

@@ -198,98 +198,133 @@ def _paged_problem(rng, rows, nq, hq, hkv, d, page, pages_per_row, layers=2, num
     return q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(table.astype(np.int32))
 
 
+def _ragged_problem(rng, lens, hq, hkv, d, page, ppr, causal, layers=2):
+    """Sequences of `lens` queries (0: padding) laid out flat with two unowned rows at the
+    end; kv lens that end mid-page or fill the table (causal: at least the query count)."""
+    q, k, v, _ = _paged_problem(rng, 1, 1, hq, hkv, d, page, ppr, layers)
+    s = len(lens)
+    t = sum(lens) + 2
+    q = rng.standard_normal((t, hq, d)).astype(np.float32)
+    table = np.stack([rng.permutation(k.shape[1])[:ppr] for _ in range(s)]).astype(np.int32)
+    q_len = np.asarray(lens, np.int32)
+    q_start = np.concatenate([[0], np.cumsum(lens)[:-1]]).astype(np.int32)
+    lo = q_len if causal else np.ones(s, np.int32)
+    kv_len = np.asarray([rng.integers(min(a, page * ppr), page * ppr + 1) for a in lo], np.int32)
+    kv_len[0] = page * ppr
+    return q, k, v, jnp.asarray(table), kv_len, q_start, q_len
+
+
+def _ragged_reference(q, k, v, table, kv_len, q_start, q_len, causal, layer):
+    return xla.ragged_paged_attention(
+        jnp.asarray(q, jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), table,
+        jnp.asarray(kv_len), jnp.asarray(q_start), jnp.asarray(q_len), causal=causal,
+        layer=layer)
+
+
+def _native_ragged(*args, causal, layer):
+    return jax.jit(lambda *a: pa.ragged_paged_attention(*a, causal=causal, layer=layer))(*args)
+
+
 # Page sizes below, at and above the 8 lanes the kernel's softmax pads to, and ones its 4-key
-# score tiles do not divide; queries per row 1 (decode), 4 and 16 (prefix blocks); GQA groups of 1 to 4, so
-# the 3-row tiles leave remainders of 1 and 2; head sizes whose columns split into 32-wide
-# tiles and 8-wide rests; lengths that end mid-page, fill the table, or are 0 (no key: out 0,
-# lse MASK_VALUE).
+# score tiles do not divide; sequences of 1 query (decode), a few, 16 (a group's decode rows)
+# and 70 (two items of 64), and padding ones (0); GQA groups of 1 to 4, so the 3-row tiles
+# leave remainders of 1 and 2; head sizes whose columns split into 32-wide tiles and 8-wide
+# rests; causal (own part) and not (prefix part).
 @native
-@pytest.mark.parametrize("rows,nq,hq,hkv,d,page,ppr", [
-    (5, 1, 9, 3, 64, 16, 6), (4, 4, 9, 3, 64, 16, 5), (3, 1, 4, 4, 16, 4, 9),
-    (6, 2, 8, 2, 32, 12, 4), (2, 3, 8, 2, 8, 8, 3), (3, 16, 9, 3, 40, 6, 5),
-    (4, 1, 4, 2, 24, 7, 6)])
-def test_native_paged_rows_attention_matches_the_jnp_reference(rows, nq, hq, hkv, d, page, ppr):
-    rng = np.random.default_rng(rows * 100 + page)
-    q, k, v, table = _paged_problem(rng, rows, nq, hq, hkv, d, page, ppr)
-    kv_len = rng.integers(1, page * ppr + 1, size=rows).astype(np.int32)
-    kv_len[0], kv_len[-1] = page * ppr, 0
-    # A row with no keys reads no page, not even an invalid one.
-    bad_last = table.at[-1, :].set(10**6)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens,hq,hkv,d,page,ppr", [
+    ((1, 1, 0, 1, 1, 1), 9, 3, 64, 16, 6), ((4, 4, 0, 4, 4), 9, 3, 64, 16, 5),
+    ((1, 70, 1), 4, 4, 16, 4, 20), ((2, 2, 2, 0, 2, 2, 2), 8, 2, 32, 12, 4),
+    ((3, 3), 8, 2, 8, 8, 3), ((16, 16, 16), 9, 3, 40, 6, 5), ((1, 5, 1, 0), 4, 2, 24, 7, 6)])
+def test_native_ragged_attention_matches_the_jnp_reference(lens, hq, hkv, d, page, ppr, causal):
+    rng = np.random.default_rng(sum(lens) * 100 + page)
+    q, k, v, table, kv_len, q_start, q_len = _ragged_problem(rng, lens, hq, hkv, d, page, ppr,
+                                                             causal)
+    # A padding sequence reads no page, not even an invalid one.
+    bad_padding = table.at[np.asarray(lens) == 0, :].set(10**6)
     for layer in (0, 1):
-        got_o, got_l = jax.jit(pa.paged_rows_attention)(q, k, v, bad_last, kv_len, layer)
-        want_o, want_l = xla.paged_rows_attention(q, k, v, table, jnp.asarray(kv_len), layer)
+        got_o, got_l = _native_ragged(q, k, v, bad_padding, kv_len, q_start, q_len,
+                                      causal=causal, layer=layer)
+        want_o, want_l = _ragged_reference(q, k, v, table, kv_len, q_start, q_len, causal, layer)
         np.testing.assert_allclose(got_o, want_o, rtol=2e-5, atol=2e-5)
         np.testing.assert_allclose(got_l, want_l, rtol=2e-5, atol=2e-5)
-    assert np.all(np.asarray(got_o)[-1] == 0) and np.all(np.asarray(got_l)[-1] == xla.MASK_VALUE)
+    # The two rows no sequence owns: out 0, lse MASK_VALUE.
+    assert np.all(np.asarray(got_o)[-2:] == 0)
+    assert np.all(np.asarray(got_l)[-2:] == xla.MASK_VALUE)
 
 
 # bf16 pools: head sizes of one and of several 16-value loads, value tiles of 16 columns and
-# a rest; GQA remainders; decode rows (pages read as bf16) and rows of several queries (pages
-# widened to f32 once); pools as the engine keeps them (bf16 bits in uint16) and as plain bf16.
+# a rest; GQA remainders; decode rows (pages read as bf16) and sequences of several queries
+# (pages widened to f32 once); pools as the engine keeps them (bf16 bits in uint16) and as
+# plain bf16.
 @native
-@pytest.mark.parametrize("rows,nq,hq,hkv,d,page,ppr", [
-    (5, 1, 9, 3, 64, 16, 6), (3, 16, 9, 3, 48, 6, 5), (4, 2, 4, 2, 16, 7, 6)])
-def test_native_paged_rows_attention_over_bf16_pools(rows, nq, hq, hkv, d, page, ppr):
-    rng = np.random.default_rng(rows * 100 + page)
-    q, k, v, table = _paged_problem(rng, rows, nq, hq, hkv, d, page, ppr)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("lens,hq,hkv,d,page,ppr", [
+    ((1, 1, 1, 1, 1), 9, 3, 64, 16, 6), ((16, 16, 16), 9, 3, 48, 6, 5),
+    ((2, 2, 2, 2), 4, 2, 16, 7, 6)])
+def test_native_ragged_attention_over_bf16_pools(lens, hq, hkv, d, page, ppr, causal):
+    rng = np.random.default_rng(sum(lens) * 100 + page)
+    q, k, v, table, kv_len, q_start, q_len = _ragged_problem(rng, lens, hq, hkv, d, page, ppr,
+                                                             causal)
     q, k, v = (a.astype(jnp.bfloat16) for a in (jnp.asarray(q), k, v))
-    kv_len = rng.integers(1, page * ppr + 1, size=rows).astype(np.int32)
-    kv_len[0], kv_len[-1] = page * ppr, 0
     bits = [jax.lax.bitcast_convert_type(a, jnp.uint16) for a in (k, v)]
     for layer in (0, 1):
-        # The kernel's arithmetic is f32, so its reference is f32 over the same bf16 values
-        # (XLA's bf16 path rounds the probabilities to bf16 first and is 1e-3 away).
-        want_o, want_l = xla.paged_rows_attention(
-            q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), table,
-            jnp.asarray(kv_len), layer)
+        # The kernel's arithmetic is f32, so its reference is f32 over the same bf16 values.
+        want_o, want_l = _ragged_reference(q, k, v, table, kv_len, q_start, q_len, causal, layer)
         for pools in (bits, (k, v)):
-            got_o, got_l = jax.jit(pa.paged_rows_attention)(q, *pools, table, kv_len, layer)
+            got_o, got_l = _native_ragged(q, *pools, table, kv_len, q_start, q_len,
+                                          causal=causal, layer=layer)
             np.testing.assert_allclose(got_o, want_o, rtol=2e-5, atol=2e-5)
             np.testing.assert_allclose(got_l, want_l, rtol=2e-5, atol=2e-5)
 
 
 @native
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_a_lone_prefix_block_is_cut_into_parts_that_change_no_bit(dtype):
-    # One row (a step's single prefix block of 16 queries) is cut into parts of score tiles,
+def test_a_lone_prefix_group_is_cut_into_parts_that_change_no_bit(dtype):
+    # One group of 16 queries (a step's only prefix problem) is cut into parts of score tiles,
     # some starting mid-way through a KV head's query rows; eight copies of it are not cut.
     rng = np.random.default_rng(11)
-    q, k, v, table = _paged_problem(rng, 1, 16, 9, 3, 64, 16, 6)
-    q, k, v = (a.astype(dtype) for a in (jnp.asarray(q), k, v))
-    kv_len = np.array([83], np.int32)
-    alone = jax.jit(pa.paged_rows_attention)(q, k, v, table, kv_len, 1)
-    copies = jax.jit(pa.paged_rows_attention)(
-        jnp.tile(q, (8, 1, 1, 1)), k, v, jnp.tile(table, (8, 1)), np.tile(kv_len, 8), 1)
+    q, k, v, table, _, _, _ = _ragged_problem(rng, (16,), 9, 3, 64, 16, 6, False)
+    q, k, v = (a.astype(dtype) for a in (jnp.asarray(q[:16]), k, v))
+    kv_len, one = np.array([83], np.int32), np.array([0], np.int32)
+    alone = _native_ragged(q, k, v, table, kv_len, one, one + 16, causal=False, layer=1)
+    copies = _native_ragged(jnp.tile(q, (8, 1, 1)), k, v, jnp.tile(table, (8, 1)),
+                            np.tile(kv_len, 8), np.arange(8, dtype=np.int32) * 16,
+                            np.full(8, 16, np.int32), causal=False, layer=1)
     for got, many in zip(alone, copies):
-        np.testing.assert_array_equal(np.asarray(got)[0], np.asarray(many)[0])
-        np.testing.assert_array_equal(np.asarray(many)[0], np.asarray(many)[7])
-    want = xla.paged_rows_attention(q.astype(jnp.float32), k.astype(jnp.float32),
-                                    v.astype(jnp.float32), table, jnp.asarray(kv_len), 1)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(many)[:16])
+        np.testing.assert_array_equal(np.asarray(many)[:16], np.asarray(many)[-16:])
+    want = _ragged_reference(q, k, v, table, kv_len, one, one + 16, False, 1)
     for got, w in zip(alone, want):
         np.testing.assert_allclose(got, w, rtol=2e-5, atol=2e-5)
 
 
 @native
-def test_native_paged_rows_attention_without_a_layer_and_through_the_switch():
+def test_native_ragged_attention_without_a_layer_and_through_the_switch():
     rng = np.random.default_rng(7)
-    q, k, v, table = _paged_problem(rng, 3, 1, 6, 2, 16, 4, 5, layers=1)
-    kv_len = jnp.array([20, 7, 1], jnp.int32)
-    want = xla.paged_single_query_attention(q[:, 0], k[0], v[0], table, kv_len)
-    got = xla.paged_single_query_attention(q[:, 0], k[0], v[0], table, kv_len, native=True)
+    q, k, v, table, kv_len, q_start, q_len = _ragged_problem(rng, (1, 3, 1), 6, 2, 16, 4, 5,
+                                                             True, layers=1)
+    args = (jnp.asarray(q), k[0], v[0], table, jnp.asarray(kv_len), jnp.asarray(q_start),
+            jnp.asarray(q_len))
+    want = xla.ragged_paged_attention(*args, causal=True)
+    got = xla.ragged_paged_attention(*args, causal=True, native=True)
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=2e-5, atol=2e-5)
 
 
 @native
-def test_native_paged_rows_attention_refuses_a_page_outside_the_pool():
+def test_native_ragged_attention_refuses_a_page_outside_the_pool():
     rng = np.random.default_rng(3)
-    q, k, v, table = _paged_problem(rng, 2, 1, 4, 2, 8, 4, 3)
-    table = table.at[1, 1].set(k.shape[1])  # read: row 1 has 8 keys, two pages
+    q, k, v, table, _, q_start, q_len = _ragged_problem(rng, (1, 1), 4, 2, 8, 4, 3, True)
+    table = table.at[1, 1].set(k.shape[1])  # read: sequence 1 has 8 keys, two pages
     with pytest.raises(Exception, match="page index out of range"):
-        jax.block_until_ready(jax.jit(pa.paged_rows_attention)(
-            q, k, v, table, np.array([3, 8], np.int32), 0))
-    assert not pa.supports(jnp.zeros((1, 1, 4, 12)), jnp.zeros((1, 4, 2, 12)))  # D % 8
+        jax.block_until_ready(_native_ragged(q, k, v, table, np.array([3, 8], np.int32),
+                                             q_start, q_len, causal=True, layer=0))
+    with pytest.raises(Exception, match="query rows out of range"):
+        jax.block_until_ready(_native_ragged(q, k, v, table, np.array([3, 8], np.int32),
+                                             q_start + 3, q_len, causal=True, layer=0))
+    assert not pa.supports(jnp.zeros((1, 4, 12)), jnp.zeros((1, 4, 2, 12)))  # D % 8
     # bf16 pools are read 16 values at a time; f16 ones not at all.
-    assert pa.supports(jnp.zeros((1, 1, 4, 16), jnp.bfloat16), jnp.zeros((1, 4, 2, 16), jnp.uint16))
-    assert not pa.supports(jnp.zeros((1, 1, 4, 8), jnp.bfloat16), jnp.zeros((1, 4, 2, 8), jnp.uint16))
-    assert not pa.supports(jnp.zeros((1, 1, 4, 16)), jnp.zeros((1, 4, 2, 16), jnp.float16))
+    assert pa.supports(jnp.zeros((1, 4, 16), jnp.bfloat16), jnp.zeros((1, 4, 2, 16), jnp.uint16))
+    assert not pa.supports(jnp.zeros((1, 4, 8), jnp.bfloat16), jnp.zeros((1, 4, 2, 8), jnp.uint16))
+    assert not pa.supports(jnp.zeros((1, 4, 16)), jnp.zeros((1, 4, 2, 16), jnp.float16))

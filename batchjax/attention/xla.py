@@ -1,4 +1,13 @@
-"""Shared-prefix paged attention in plain jnp: the reference path and the CPU default."""
+"""Shared-prefix paged attention in plain jnp: the reference path, and the CPU default's
+wrapper around the native kernel.
+
+A step's attention has two parts, each one ragged paged attention over fixed-size metadata
+(`PagedAttentionMetadata`): the own part, every sequence's queries causally over its own
+pages, and the prefix part, every group's queries over the group's shared prefix pages, no
+mask. The two merge by log-sum-exp. With the native CPU kernel each part is one call that
+reads every page once for up to 64 of a sequence's (or a group's) queries; without it, each
+query token reads its keys page by page (`paged_rows_attention`).
+"""
 
 from __future__ import annotations
 
@@ -40,57 +49,6 @@ def _write_slots(pool: jax.Array, layer, slot_page: jax.Array, slot_offset: jax.
     return pool.at[layer, slot_page, slot_offset].set(vals.astype(pool.dtype))
 
 
-# Up to this many query rows per (sequence, KV head), `attend` computes scores key-major.
-_KEY_MAJOR_MAX_ROWS = 64
-
-
-def attend(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array
-) -> tuple[jax.Array, jax.Array]:
-    """Masked softmax attention with its log-sum-exp.
-
-    q: [N, Q, Hq, D], k/v: [N, K, Hkv, D], mask: [N, Q, K] -> out [N, Q, Hq, D], lse [N, Q, Hq].
-    Rows with no visible key get out 0 and lse MASK_VALUE. The products run with (N, Hkv) as
-    leading batch dimensions and a KV head's query heads stacked as rows, the layout XLA's CPU
-    batched matmul is fastest on (4x over contracting in the input layout).
-    """
-    n, nq, hq, d = q.shape
-    hkv = k.shape[2]
-    r = hq // hkv
-    qg = q.reshape(n, nq, hkv, r, d).transpose(0, 2, 1, 3, 4).reshape(n, hkv, nq * r, d)
-    kt = k.transpose(0, 2, 1, 3)  # [N, Hkv, K, D]
-    vt = v.transpose(0, 2, 1, 3)
-    batch = ((0, 1), (0, 1))
-    nk = mask.shape[-1]
-    rows_mask = jnp.broadcast_to(mask[:, None, :, None, :],
-                                 (n, 1, nq, r, nk)).reshape(n, 1, nq * r, nk)
-    if nq * r <= _KEY_MAJOR_MAX_ROWS:
-        # Few query rows against many keys (prefix blocks, decode): scores key-major,
-        # [N, Hkv, K, Q*r]; XLA's CPU batched dot runs K.q^T and p^T.v about 1.5x faster than
-        # q.K^T and p.v at these shapes.
-        key_axis = 2
-        s = jax.lax.dot_general(kt, qg, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
-        visible = jnp.swapaxes(rows_mask, 2, 3)
-    else:
-        key_axis = 3
-        s = jax.lax.dot_general(qg, kt, (((3,), (3,)), batch), preferred_element_type=jnp.float32)
-        visible = rows_mask
-    s = jnp.where(visible, s * (1.0 / jnp.sqrt(jnp.float32(d))), MASK_VALUE)
-    m = jnp.max(s, axis=key_axis)  # [N, Hkv, Q*r]
-    p = jnp.exp(s - jnp.expand_dims(m, key_axis))
-    l = jnp.sum(p, axis=key_axis)
-    o = jax.lax.dot_general(p.astype(v.dtype), vt, (((key_axis,), (2,)), batch),
-                            preferred_element_type=jnp.float32)  # [N, Hkv, Q*r, D]
-    o = o / l[..., None]
-    lse = m + jnp.log(l)  # [N, Hkv, Q*r]
-    o = o.reshape(n, hkv, nq, r, d).transpose(0, 2, 1, 3, 4).reshape(n, nq, hq, d)
-    lse = lse.reshape(n, hkv, nq, r).transpose(0, 2, 1, 3).reshape(n, nq, hq)
-    seen = jnp.any(mask, axis=-1)  # [N, Q]
-    o = jnp.where(seen[:, :, None, None], o, 0.0)
-    lse = jnp.where(seen[:, :, None], lse, MASK_VALUE)
-    return o, lse
-
-
 # Pages per loop iteration of `paged_single_query_attention`: enough work to hide the loop's
 # overhead, few enough that an iteration's keys stay in cache between its two products
 # (SmolLM2, 64 rows over 1,088 own keys: 616-638 ms a step with 4 pages, 674-754 with 8,
@@ -122,7 +80,7 @@ def _in_chunks(fn, chunk: int, *arrays):
 
 def paged_single_query_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-    kv_len: jax.Array, layer=None, native: bool = False,
+    kv_len: jax.Array, layer=None,
 ) -> tuple[jax.Array, jax.Array]:
     """One query per row against its first `kv_len` keys, read page by page in place.
 
@@ -131,32 +89,28 @@ def paged_single_query_attention(
     gathering it into a copy first (as blocks do) tripled its memory traffic (4x slower on CPU
     at 1,088-token contexts). Rows with kv_len 0 give out 0 and lse MASK_VALUE.
     """
-    o, lse = paged_rows_attention(q[:, None], k_pages, v_pages, page_table, kv_len, layer,
-                                  native)
+    o, lse = paged_rows_attention(q[:, None], k_pages, v_pages, page_table, kv_len, layer)
     return o[:, 0], lse[:, 0]
 
 
 def paged_rows_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-    kv_len: jax.Array, layer=None, native: bool = False,
+    kv_len: jax.Array, layer=None,
 ) -> tuple[jax.Array, jax.Array]:
     """Rows of Q queries, each row's queries against all of its first `kv_len` keys, read
     page by page in place (see `paged_single_query_attention`, the Q = 1 case).
 
     q: [R, Q, Hq, D]; page_table: [R, P]; kv_len: [R] -> out [R, Q, Hq, D], lse [R, Q, Hq].
     The loop over pages stops at the longest row of each chunk of rows, so a table bucketed
-    to more pages than its row's keys fill costs nothing past them. With `native`, operands
-    the native CPU kernel takes go to it instead (`batchjax.kernels.paged_attention`, with
-    this function as its reference).
+    to more pages than its row's keys fill costs nothing past them: chunks of padding rows
+    (kv_len 0) run no iteration at all.
     """
-    if native and native_paged.supports(q, k_pages):
-        return native_paged.paged_rows_attention(q, k_pages, v_pages, page_table, kv_len, layer)
     rows, nq, hq, d = q.shape
     page_size, hkv = k_pages.shape[-3], k_pages.shape[-2]
     most = _ROWS_PER_CHUNK if page_table.shape[1] <= _PAGES_NO_LOOP else _ROWS_PER_CHUNK_LOOP
     most = max(1, most // nq)
-    if rows > most:
-        chunk = next((c for c in (most, most // 2, most // 4) if c and rows % c == 0), rows)
+    chunk = next((c for c in (most, most // 2, most // 4) if c and rows % c == 0), None)
+    if rows > most and chunk is not None:  # else all rows at once
         return _in_chunks(
             lambda q, t, n: paged_rows_attention(q, k_pages, v_pages, t, n, layer),
             chunk, q, page_table, kv_len)
@@ -222,108 +176,42 @@ def merge_attention_states(parts) -> jax.Array:
     return num / den
 
 
-def _scatter_rows(shape, rows: jax.Array, vals: jax.Array, fill) -> jax.Array:
-    """Place `vals: [M, ...]` at token rows `[M]` of a fresh `[T, ...]`; row T is dropped."""
-    return jnp.full(shape, fill, vals.dtype).at[rows].set(vals, mode="drop")
-
-
 def _slot_page_offset(slot_mapping: jax.Array, page_size: int):
     """Flat KV slots -> (page, offset within the page)."""
     return slot_mapping // page_size, slot_mapping % page_size
 
 
-def _step_keys(pages: jax.Array, layer, slot_mapping: jax.Array, dtype) -> jax.Array:
-    """This step's own keys `[T, Hkv, D]`, read back from the slots they were written to."""
-    page, offset = _slot_page_offset(slot_mapping, pages.shape[-3])
-    return pages_as(pages[page, offset] if layer is None else pages[layer, page, offset], dtype)
+def _token_owner(num_tokens: int, q_start: jax.Array, q_len: jax.Array):
+    """owner: [T] the sequence each row belongs to; local: [T] its index within it; owned: [T]."""
+    rows = jnp.arange(num_tokens, dtype=jnp.int32)
+    inside = (rows[:, None] >= q_start[None, :]) & (rows[:, None] < (q_start + q_len)[None, :])
+    owner = jnp.argmax(inside, axis=1).astype(jnp.int32)
+    return owner, rows - q_start[owner], jnp.any(inside, axis=1)
 
 
-# Groups of query tiles in `chunk_window_attention`, each with its own window width. On the
-# 16-request no-sharing run (576-token prompts, 512-token steps): 21.4 s with 2 groups, 20.6
-# with 4, 20.1 with 8 (one per tile there, within noise of 4).
-_WINDOW_GROUPS = 4
-
-
-def chunk_window_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, tok_chunk: jax.Array, win_key_row: jax.Array
+def ragged_paged_attention(
+    q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
+    kv_len: jax.Array, q_start: jax.Array, q_len: jax.Array, *, causal: bool, layer=None,
+    native: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
-    """Causal attention of each multi-token chunk's queries to the chunk's keys of this step.
+    """Every sequence's query rows over the first `kv_len` keys of its page table.
 
-    q: [T, Hq, D], k/v: [T, Hkv, D] (this step's), tok_chunk: [T] (the chunk of each row; -1
-    for decode rows and padding), win_key_row: [Tt, W] (the rows query tile i of T/Tt rows
-    reads; T = none) -> out [T, Hq, D], lse [T, Hq]. Chunks are contiguous rows, so row order
-    is position order and a key is visible to a query of its chunk at or after it. The keys
-    come straight from the step, not from the pages: no gather of pages, and a tile reads only
-    the window of rows its chunks can reach (about the chunk length), where a block of the
-    chunk used to read the chunk's whole page table. Tiles near the step's start cannot reach
-    back further than it: the tiles are taken in `_WINDOW_GROUPS` groups, each reading only
-    as much of the window as its last tile can reach.
+    q: [T, Hq, D]; pools [N, page, Hkv, D] or, with `layer` (may be traced), the stacked
+    `[L, N, ...]`; page_table: [S, P]; kv_len, q_start, q_len: [S] (q_len 0: padding) ->
+    out [T, Hq, D] f32, lse [T, Hq] f32. Sequence s owns rows `q_start : q_start + q_len`.
+    Causal: its query i sits at key `kv_len - q_len + i` and sees keys up to it (the own
+    part); otherwise it sees all `kv_len` keys (a group over its shared prefix). Rows that no
+    sequence owns give out 0 and lse MASK_VALUE. With `native`, operands the native CPU kernel
+    takes go to it (`batchjax.kernels.paged_attention`, with this function as its reference).
     """
-    t, hq, d = q.shape
-    tiles, width = win_key_row.shape
-    u = t // tiles
-    chunk_pad = jnp.concatenate([tok_chunk, jnp.full((1,), -1, tok_chunk.dtype)])
-    k_pad = jnp.concatenate([k, jnp.zeros((1,) + k.shape[1:], k.dtype)])
-    v_pad = jnp.concatenate([v, jnp.zeros((1,) + v.shape[1:], v.dtype)])
-    q_rows = jnp.arange(t, dtype=win_key_row.dtype).reshape(tiles, u)
-    q_chunk = tok_chunk.reshape(tiles, u)
-    q_tiles = q.reshape(tiles, u, hq, d)
-    # (first tile, last tile + 1, window columns): a tile ending at row e needs at most e keys.
-    groups = min(tiles, _WINDOW_GROUPS)
-    bounds = [g * tiles // groups for g in range(groups + 1)]
-    spans = [(a, b, min(width, b * u)) for a, b in zip(bounds, bounds[1:])]
-    outs, lses = [], []
-    for a, b, w in spans:
-        rows = win_key_row[a:b, width - w:]  # the window's last w rows, in row order
-        k_chunk = chunk_pad[rows]
-        mask = ((q_chunk[a:b, :, None] == k_chunk[:, None, :]) & (q_chunk[a:b, :, None] >= 0)
-                & (rows[:, None, :] <= q_rows[a:b, :, None]))
-        o, lse = attend(q_tiles[a:b], k_pad[rows], v_pad[rows], mask)
-        outs.append(o)
-        lses.append(lse)
-    return (jnp.concatenate(outs).reshape(t, hq, d),
-            jnp.concatenate(lses).reshape(t, hq))
-
-
-# Blocks per iteration of `_block_attention`'s loop (SmolLM2, 16 groups x 16 rows over
-# 1,024-token prefixes: 950-967 ms a step with 4, 1,020-1,032 ms all at once, about 1,070 ms
-# one at a time, where the loop's per-iteration cost shows).
-_BLOCKS_PER_CHUNK = 4
-
-# Prefix blocks of at most this many queries read their group's prefix page by page in place
-# (`paged_rows_attention`) instead of gathering the whole bucketed table: decode rows of small
-# groups. SmolLM2 steps, timed alternately in one process: 16 groups x 4 decode rows over
-# 1,024-token prefixes 404.5 -> 329.5 ms; 16-row steps of the industry-like mix (12 blocks of 4
-# over prefixes of 200-833 tokens in 96-page tables) 321.1 -> 221.7 ms. Blocks of 16 queries
-# over whole 1,024-token prefixes were 4-5% slower that way, so they keep the gather.
-PAGED_PREFIX_MAX_QUERIES = 4
-# With the native kernel, blocks of up to 16 queries read page by page (SmolLM2 over 30 layers,
-# 16 blocks of 16 queries over a 1,024-token prefix: 259 ms gathered, 172 ms natively). Larger
-# blocks keep the gather: at 64 and 128 queries the kernel was only 5% faster (367 -> 347 and
-# 379 -> 358 ms for 8 x 64 and 4 x 128), within what the machine drifts between runs.
-NATIVE_PAGED_PREFIX_MAX_QUERIES = 16
-
-
-def _block_attention(q_pad, k_pages, v_pages, tok, page_table, kv_len, layer):
-    """Blocks of queries, each against all of the first `kv_len` keys of its page table.
-
-    q_pad: [T + 1, Hq, D] (row T pads); tok: [B, Q]; page_table: [B, P]; kv_len: [B] ->
-    out [B, Q, Hq, D], lse [B, Q, Hq]. More than `_BLOCKS_PER_CHUNK` blocks run that many
-    at a time in a loop, so that a chunk's gathered keys stay in cache between its two
-    products.
-    """
-    t = q_pad.shape[0] - 1
-
-    def one(tok, table, kv_len):
-        k = _gather_pages(k_pages, table, layer, q_pad.dtype)
-        v = _gather_pages(v_pages, table, layer, q_pad.dtype)
-        mask = (jnp.arange(k.shape[1])[None, None, :] < kv_len[:, None, None]) & (
-            tok[:, :, None] < t)
-        return attend(q_pad[tok], k, v, mask)
-
-    if tok.shape[0] > _BLOCKS_PER_CHUNK and tok.shape[0] % _BLOCKS_PER_CHUNK == 0:
-        return _in_chunks(one, _BLOCKS_PER_CHUNK, tok, page_table, kv_len)
-    return one(tok, page_table, kv_len)
+    if native and native_paged.supports(q, k_pages):
+        return native_paged.ragged_paged_attention(
+            q, k_pages, v_pages, page_table, kv_len, q_start, q_len, causal=causal, layer=layer)
+    owner, local, owned = _token_owner(q.shape[0], q_start, q_len)
+    seen = kv_len[owner] - q_len[owner] + local + 1 if causal else kv_len[owner]
+    seen = jnp.where(owned, jnp.clip(seen, 0, kv_len[owner]), 0)  # [T] keys each row sees
+    o, lse = paged_single_query_attention(q, k_pages, v_pages, page_table[owner], seen, layer)
+    return o.astype(jnp.float32), lse
 
 
 def shared_prefix_paged_attention(
@@ -334,46 +222,16 @@ def shared_prefix_paged_attention(
 
     q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] already holding this step's keys,
     or, with `layer` (may be traced), the stacked pools `[L, N, page_size, Hkv, D]`. With
-    `native`, the parts read page by page run in the native CPU kernel where it applies.
+    `native`, both parts run in the native CPU kernel where it applies.
     """
-    t, hq, d = q.shape
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
-    native = native and native_paged.supports(q, k_pages)
-    q_pad = jnp.concatenate([q, jnp.zeros((1, hq, d), q.dtype)])  # row T = padding query
-
-    def scattered(rows, o, lse):  # per-query results -> the step's rows, others masked
-        return (_scatter_rows((t, hq, d), rows, o.reshape(-1, hq, d), 0.0),
-                _scatter_rows((t, hq), rows, lse.reshape(-1, hq), MASK_VALUE))
-
-    # Own part, single-query rows: the whole own context, this step's key included.
-    ro, rl = paged_single_query_attention(
-        q_pad[md.row_token], k_pages, v_pages, md.row_page_table, md.row_kv_len, layer, native)
-    parts = [scattered(md.row_token, ro, rl)]
-
-    # Own part of multi-token chunks: this step's keys of the chunk (causal) ...
-    if md.win_key_row.shape[0] > 0:
-        k_step = _step_keys(k_pages, layer, md.slot_mapping, q.dtype)
-        v_step = _step_keys(v_pages, layer, md.slot_mapping, q.dtype)
-        parts.append(chunk_window_attention(q, k_step, v_step, md.tok_chunk, md.win_key_row))
-
-    # Blocks of queries against all the first keys of a page table: the keys a chunk's
-    # sequence held before this step (context blocks), and each block of a group's queries
-    # (small and large blocks) against the group's whole shared prefix.
-    # Small prefix blocks of few queries read their prefix page by page instead.
-    small_paged = md.gblk_token.shape[1] <= (
-        NATIVE_PAGED_PREFIX_MAX_QUERIES if native else PAGED_PREFIX_MAX_QUERIES)
-    for tok, table, kv_len, paged in (
-            (md.blk_token, md.blk_page_table, md.blk_ctx_len, False),
-            (md.gblk_token, md.gblk_page_table, md.gblk_prefix_len, small_paged),
-            (md.lblk_token, md.lblk_page_table, md.lblk_prefix_len, False)):
-        if tok.shape[0] > 0:
-            if paged:
-                o, lse = paged_rows_attention(q_pad[tok], k_pages, v_pages, table, kv_len, layer,
-                                              native)
-            else:
-                o, lse = _block_attention(q_pad, k_pages, v_pages, tok, table, kv_len, layer)
-            parts.append(scattered(tok.reshape(-1), o, lse))
-    return merge_attention_states(parts).astype(q.dtype)
+    own = ragged_paged_attention(q, k_pages, v_pages, md.seq_page_tables, md.seq_kv_lens,
+                                 md.seq_q_start, md.seq_q_len, causal=True, layer=layer,
+                                 native=native)
+    prefix = ragged_paged_attention(q, k_pages, v_pages, md.group_page_tables,
+                                    md.group_prefix_lens, md.group_q_start, md.group_q_len,
+                                    causal=False, layer=layer, native=native)
+    return merge_attention_states([own, prefix]).astype(q.dtype)
 
 
 def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_paged_attention):

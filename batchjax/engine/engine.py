@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import queue
+import threading
 import time
 from typing import Any, Callable, Iterable, Sequence
 
@@ -19,6 +21,7 @@ from tqdm.auto import tqdm
 
 from batchjax.engine.page_pool import allocate_kv, pages_for_budget
 from batchjax.engine.results import Result, error_result
+from batchjax.engine.sampling import sampling_row_arrays
 from batchjax.engine.step import ModelStep
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.engine.stopping import StopChecker
@@ -26,9 +29,11 @@ from batchjax.models.flops import forward_flops
 from batchjax.models.tokenizer import IncrementalDetokenizer
 from batchjax.requests import (InvalidRequestError, Request, RequestError, SamplingParams,
                                requests_from_python)
+from batchjax.metrics import process_age_s
 from batchjax.schedule.buckets import BucketTable
+from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.policies import make_batcher
-from batchjax.schedule.step_plan import Budgets, SampledToken, SchedRequest
+from batchjax.schedule.step_plan import Budgets, SampledToken, SchedRequest, placeholder_token
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -47,6 +52,9 @@ class EngineOptions:
     kv_budget_mb: float = 1024.0
     max_tokens_per_step: int = 512
     max_num_seqs: int = 256  # request cap of the `none`/`vllm`/`sglang` baselines
+    # Plan and launch step N+1 while step N runs (its tokens come back one step late); the
+    # results are the same either way.
+    overlap: bool = True
     progress: bool = True
     # XLA programs persist here across processes (a rerun skips compilation); "" turns it off.
     compilation_cache_dir: str = os.path.join(
@@ -71,6 +79,7 @@ class _Live:
         self.stop = StopChecker(request.sampling, eos_token_ids, max_model_len, len(prompt_ids))
         self.cached_prompt_tokens: int | None = None
         self.finish = None
+        self.scheduled = 0  # tokens sampled for it so far, collected or still in flight
 
     def add(self, token_id: int) -> bool:
         self.generated.append(token_id)
@@ -127,7 +136,6 @@ class Engine:
         if self.kv_budget_pages < 1:
             raise ValueError(f"kv_budget_mb={o.kv_budget_mb} holds no page of KV for this model")
         self.kv = allocate_kv(self.config, self.kv_budget_pages, o.page_size, dtype)
-        self.buckets = BucketTable.for_budget(o.max_tokens_per_step)
         # The step keeps its own stacked copy of the parameters; the module itself is dropped.
         self.step = ModelStep(loaded.model, o.attention, o.cpu_kernels)
         self.last_metrics: dict[str, Any] = {}
@@ -194,16 +202,29 @@ class Engine:
         o = self.options
         budgets = Budgets(o.max_tokens_per_step, self.kv_budget_pages, o.page_size,
                           max_num_seqs=o.max_num_seqs)
-        sched = [SchedRequest(st.prompt_ids,
-                              min(st.request.sampling.max_tokens,
-                                  self.max_model_len - len(st.prompt_ids)))
-                 for st in live]
+        sched = [SchedRequest(st.prompt_ids, st.stop.token_limit) for st in live]
         greedy = all(st.request.sampling.is_greedy for st in live)
         compiled_before = self.step.num_compiled_shapes
         stats = _RunStats()
+        warmup_s = 0.0
         if live:
             batcher = make_batcher(policy, sched, budgets)
-            self._run(batcher, live, greedy, done, on_result, stats)
+            buckets = self._buckets_for(sched)
+            t_warm = time.perf_counter()
+            # Every shape this job's steps can take, compiled before its first step.
+            longest = min(o.max_tokens_per_step,
+                          sum(len(r.prompt_token_ids) + r.max_tokens for r in sched))
+            feed = self.step.empty_feed(buckets.tokens[-1])
+            self.step.warm_up(self.kv, feed, buckets.shapes(longest, len(live)), greedy,
+                              o.progress)
+            warmup_s = time.perf_counter() - t_warm
+            warm = self.step.num_compiled_shapes
+            steps = _EngineSteps(self, buckets, feed, live, greedy, done, on_result, stats)
+            try:
+                run_batcher(batcher, steps, overlap=o.overlap)
+            finally:
+                steps.close()
+            stats.compiled_after_warmup = self.step.num_compiled_shapes - warm
             metrics = dict(batcher.metrics())
         else:
             metrics = {"policy": policy, "num_requests": 0}
@@ -215,6 +236,10 @@ class Engine:
             if wall > 0 else 0.0,
             num_compiled_shapes=self.step.num_compiled_shapes,
             new_compiled_shapes=self.step.num_compiled_shapes - compiled_before,
+            compiled_after_warmup=stats.compiled_after_warmup,
+            warmup_s=warmup_s,
+            startup_s=stats.startup_s,
+            time_to_first_result_s=stats.time_to_first_result_s,
             failed_requests=sum(1 for r in done.values() if r.error is not None),
             model_tokens=stats.model_tokens,
             model_flops=stats.model_flops,  # divide by wall_s and a roofline for utilisation
@@ -228,7 +253,12 @@ class Engine:
             compiling_s=stats.compiling_s,
             prefill_gflops_per_s=_rate(stats.prefill_flops / 1e9, stats.prefill_s),
             decode_gflops_per_s=_rate(stats.decode_flops / 1e9, stats.decode_s),
+            host_s_per_step=_rate(stats.host_s, stats.num_steps),
+            device_idle_s=stats.device_idle_s,
+            device_idle_fraction=_rate(stats.device_idle_s, stats.loop_s),
+            decode_device_idle_fraction=_rate(stats.decode_idle_s, stats.decode_s),
             padded_tokens=stats.padded_tokens,
+            overlap=o.overlap,
             attention=o.attention,
             cpu_kernels=self.step.cpu_kernels,
             dtype=o.dtype,
@@ -236,64 +266,11 @@ class Engine:
         self.last_metrics = metrics
         return [done[i] for i in sorted(done)]
 
-    def _run(self, batcher, live: Sequence[_Live], greedy: bool, done: dict[int, Result],
-             on_result, stats: "_RunStats") -> None:
-        page_size = self.options.page_size
-        bar = tqdm(total=len(live), unit="req", disable=not self.options.progress,
-                   desc="generate", dynamic_ncols=True)
-        t_start = time.perf_counter()
-        while batcher.has_work():
-            t_step = time.perf_counter()
-            plan = batcher.next_step()
-            for c in plan.chunks:
-                if c.seq_id >= 0 and live[c.seq_id].cached_prompt_tokens is None:
-                    live[c.seq_id].cached_prompt_tokens = c.prefix_len + c.own_start
-            batch = build_step_batch(plan, page_size, self.buckets,
-                                     ragged=self.options.attention == "pallas")
-            rows = self._sampling_rows(batch, live)
-            compiled = self.step.num_compiled_shapes
-            tokens, self.kv = self.step(self.kv, batch, rows, greedy)
-            stats.model_tokens += batch.num_tokens
-            flops = step_flops(self.config, plan, len(batch.sample_seq_ids))
-            stats.model_flops += flops
-            stats.padded_tokens += batch.token_ids.shape[0]
-            sampled = []
-            for seq, tok in zip(batch.sample_seq_ids, tokens[: len(batch.sample_seq_ids)]):
-                st = live[seq]
-                finished = st.add(int(tok))
-                sampled.append(SampledToken(seq, int(tok), finished))
-                if finished:
-                    result = st.result()
-                    done[st.request.index] = result
-                    stats.output_tokens += result.completion_tokens
-                    stats.prompt_tokens += result.prompt_tokens
-                    bar.update(1)
-                    if on_result is not None:
-                        on_result(result)
-            batcher.complete(plan, sampled)
-            # The whole step, planning and sampling included, under the phase it belongs to;
-            # a step that compiled a new shape is counted apart.
-            stats.add_step(all(c.is_decode for c in plan.chunks),
-                           self.step.num_compiled_shapes > compiled, flops,
-                           time.perf_counter() - t_step)
-            elapsed = time.perf_counter() - t_start
-            bar.set_postfix(out_tok_s=f"{stats.output_tokens / max(elapsed, 1e-9):.1f}",
-                            step=plan.step_index, refresh=False)
-        bar.close()
-
-    def _sampling_rows(self, batch, live: Sequence[_Live]) -> tuple[np.ndarray, ...]:
-        """Per sampled row: temperature, top_k, top_p, min_p, seed, position ([Ss] each)."""
-        n = batch.logits_index.shape[0]
-        temperature = np.zeros(n, np.float32)
-        top_k = np.zeros(n, np.int32)
-        top_p = np.ones(n, np.float32)
-        min_p = np.zeros(n, np.float32)
-        seeds = np.zeros(n, np.uint32)
-        for i, seq in enumerate(batch.sample_seq_ids):
-            s = live[seq].request.sampling
-            temperature[i], top_k[i], top_p[i], min_p[i], seeds[i] = (
-                s.temperature, s.top_k, s.top_p, s.min_p, s.seed)
-        return temperature, top_k, top_p, min_p, seeds, batch.sample_positions
+    def _buckets_for(self, sched: Sequence[SchedRequest]) -> BucketTable:
+        """The job's shape table: page tables wide enough for its longest request."""
+        longest = max(len(r.prompt_token_ids) + r.max_tokens for r in sched)
+        return BucketTable.for_budget(self.options.max_tokens_per_step,
+                                      -(-longest // self.options.page_size))
 
 
 def _rate(amount: float, seconds: float) -> float | None:
@@ -307,8 +284,10 @@ class _RunStats:
     model_tokens: int = 0
     padded_tokens: int = 0
     model_flops: float = 0.0
+    num_steps: int = 0
     # Steps that compute prompt tokens (alone or mixed with decode rows), decode-only ones,
-    # and the steps of either kind that compiled a new shape first.
+    # and the steps of either kind that compiled a new shape first. A step's time runs from
+    # the previous step's tokens being collected to its own.
     prefill_steps: int = 0
     prefill_s: float = 0.0
     prefill_flops: float = 0.0
@@ -317,8 +296,18 @@ class _RunStats:
     decode_flops: float = 0.0
     compiling_steps: int = 0
     compiling_s: float = 0.0
+    compiled_after_warmup: int = 0
+    # Host time in the loop outside waiting for the device; device-idle time: from a step's
+    # end on the device to the launch of the next one (all of it, and before decode steps).
+    host_s: float = 0.0
+    loop_s: float = 0.0
+    device_idle_s: float = 0.0
+    decode_idle_s: float = 0.0
+    startup_s: float | None = None  # process start to the first step's launch
+    time_to_first_result_s: float | None = None  # process start to the first result
 
     def add_step(self, decode_only: bool, compiled: bool, flops: float, seconds: float) -> None:
+        self.num_steps += 1
         if compiled:
             self.compiling_steps += 1
             self.compiling_s += seconds
@@ -330,6 +319,129 @@ class _RunStats:
             self.prefill_steps += 1
             self.prefill_s += seconds
             self.prefill_flops += flops
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A launched step: its layout, its device outputs, and when it started and ended."""
+
+    batch: Any
+    tokens: jax.Array  # [Ss] int32 on the device
+    launched: float
+    compiled: bool
+    flops: float
+    ready: threading.Event = dataclasses.field(default_factory=threading.Event)
+    ended: float = 0.0  # when the device had its tokens (set by the watcher)
+    decode_only: bool = False
+
+
+class _EngineSteps:
+    """The engine's `StepExecutor`: lays a plan out, runs the jitted step, and turns sampled
+    tokens into per-request state, stop decisions and results."""
+
+    def __init__(self, engine: "Engine", buckets: BucketTable, feed: jax.Array,
+                 live: Sequence[_Live], greedy: bool, done: dict[int, Result], on_result,
+                 stats: _RunStats):
+        self._engine, self._buckets, self._feed = engine, buckets, feed
+        self._live, self._greedy, self._done, self._on_result = live, greedy, done, on_result
+        self._stats = stats
+        self._bar = tqdm(total=len(live), unit="req", disable=not engine.options.progress,
+                         desc="generate", dynamic_ncols=True)
+        self._t_start = time.perf_counter()
+        self._last_collect = self._t_start
+        self._waited = 0.0
+        self._steps: list[_InFlight] = []  # every launched step, in order
+        # A watcher thread notes when each step's tokens exist on the device, so device-idle
+        # time is measured even while the host is busy elsewhere.
+        self._watch: queue.Queue = queue.Queue()
+        self._watcher = threading.Thread(target=self._watch_steps, daemon=True)
+        self._watcher.start()
+
+    def _watch_steps(self) -> None:
+        while (step := self._watch.get()) is not None:
+            step.tokens.block_until_ready()
+            step.ended = time.perf_counter()
+            step.ready.set()
+
+    def launch(self, plan) -> _InFlight:
+        engine, live = self._engine, self._live
+        for c in plan.chunks:
+            if c.seq_id >= 0 and live[c.seq_id].cached_prompt_tokens is None:
+                live[c.seq_id].cached_prompt_tokens = c.prefix_len + c.own_start
+        batch = build_step_batch(plan, engine.options.page_size, self._buckets)
+        rows = sampling_row_arrays(
+            batch.logits_index.shape[0],
+            [live[seq].request.sampling for seq in batch.sample_seq_ids], batch.sample_positions)
+        compiled = engine.step.num_compiled_shapes
+        tokens, self._feed, engine.kv = engine.step(engine.kv, self._feed, batch, rows,
+                                                    self._greedy)
+        now = time.perf_counter()
+        if self._stats.startup_s is None:
+            self._stats.startup_s = process_age_s()
+        step = _InFlight(batch, tokens, now, engine.step.num_compiled_shapes > compiled,
+                         step_flops(engine.config, plan, len(batch.sample_seq_ids)))
+        self._watch.put(step)
+        self._steps.append(step)
+        return step
+
+    def provisional(self, plan, step: _InFlight) -> list[SampledToken]:
+        sampled = []
+        for k, seq in enumerate(step.batch.sample_seq_ids):
+            st = self._live[seq]
+            if st.finish is not None:  # finished by a token collected after this step was planned
+                continue
+            st.scheduled += 1
+            sampled.append(SampledToken(seq, placeholder_token(k),
+                                        st.scheduled >= st.stop.token_limit))
+        return sampled
+
+    def collect(self, plan, step: _InFlight) -> list[SampledToken]:
+        t_wait = time.perf_counter()
+        tokens = np.asarray(step.tokens)
+        now = time.perf_counter()
+        self._waited += now - t_wait
+        stats = self._stats
+        sampled = []
+        for seq, tok in zip(step.batch.sample_seq_ids, tokens[: len(step.batch.sample_seq_ids)]):
+            st = self._live[seq]
+            if st.finish is not None:  # ran one step past its end: the token is dropped
+                continue
+            finished = st.add(int(tok))
+            sampled.append(SampledToken(seq, int(tok), finished))
+            if finished:
+                result = st.result()
+                self._done[st.request.index] = result
+                stats.output_tokens += result.completion_tokens
+                stats.prompt_tokens += result.prompt_tokens
+                if stats.time_to_first_result_s is None:
+                    stats.time_to_first_result_s = process_age_s()
+                self._bar.update(1)
+                if self._on_result is not None:
+                    self._on_result(result)
+        batch = step.batch
+        stats.model_tokens += batch.num_tokens
+        stats.model_flops += step.flops
+        stats.padded_tokens += batch.token_ids.shape[0]
+        step.decode_only = all(c.is_decode for c in plan.chunks)
+        stats.add_step(step.decode_only, step.compiled, step.flops, now - self._last_collect)
+        self._last_collect = now
+        elapsed = now - self._t_start
+        self._bar.set_postfix(out_tok_s=f"{stats.output_tokens / max(elapsed, 1e-9):.1f}",
+                              step=plan.step_index, refresh=False)
+        return sampled
+
+    def close(self) -> None:
+        self._watch.put(None)
+        self._watcher.join()
+        self._bar.close()
+        stats = self._stats
+        stats.loop_s = time.perf_counter() - self._t_start
+        stats.host_s = stats.loop_s - self._waited
+        for before, step in zip(self._steps, self._steps[1:]):
+            idle = max(0.0, step.launched - before.ended)
+            stats.device_idle_s += idle
+            if step.decode_only and not step.compiled:
+                stats.decode_idle_s += idle
 
 
 def generate(requests: Iterable[str | dict | Request], model: str = "smollm2-135m", *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.jit
@@ -69,3 +70,20 @@ def sample_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     filtered = filter_logits(logits, temperature, top_k, top_p, min_p)
     drawn = jax.vmap(_draw)(filtered, seeds.astype(jnp.uint32), positions.astype(jnp.int32))
     return jnp.where(temperature > 0, drawn, jnp.argmax(logits, axis=-1)).astype(jnp.int32)
+
+
+def sampling_row_arrays(num_rows: int, params=(), positions=None) -> tuple:
+    """Host arrays of the sampled rows' settings, `[Ss]` each: temperature, top_k, top_p,
+    min_p, seed, position. `params`: the `SamplingParams` of the first rows, in order (the
+    rest are padding: greedy)."""
+    temperature = np.zeros(num_rows, np.float32)
+    top_k = np.zeros(num_rows, np.int32)
+    top_p = np.ones(num_rows, np.float32)
+    min_p = np.zeros(num_rows, np.float32)
+    seeds = np.zeros(num_rows, np.uint32)
+    for i, s in enumerate(params):
+        temperature[i], top_k[i], top_p[i], min_p[i], seeds[i] = (
+            s.temperature, s.top_k, s.top_p, s.min_p, s.seed)
+    if positions is None:
+        positions = np.zeros(num_rows, np.int32)
+    return temperature, top_k, top_p, min_p, seeds, positions

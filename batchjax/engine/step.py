@@ -14,16 +14,21 @@ by page (decode rows and small prefix blocks).
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import os
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from tqdm.auto import tqdm
 
 from batchjax.attention import xla
 from batchjax.engine import sampling
-from batchjax.engine.step_batch import StepBatch
+from batchjax.engine.sampling import sampling_row_arrays
+from batchjax.engine.step_batch import StepBatch, empty_step_batch
 from batchjax.kernels import native, packed_matmul
 
 _PACKABLE = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
@@ -97,18 +102,23 @@ class ModelStep:
         if attention == "xla" and self.cpu_kernels == "native":
             impl = functools.partial(impl, native=True)
 
-        def step(params, kv, token_ids, positions, logits_index, md, real_rows, sampling_rows,
-                 greedy):
+        def step(params, kv, feed, token_ids, positions, logits_index, md, real_rows,
+                 sampling_rows, greedy):
+            # An input still being sampled by the step before is a placeholder: its real id
+            # is in that step's feed, read here without a round trip through the host.
+            from_feed = feed[jnp.clip(-token_ids - 1, 0, feed.shape[0] - 1)]
+            token_ids = jnp.where(token_ids < 0, from_feed, token_ids)
             logits, kv = self._forward(params, kv, token_ids, positions, logits_index, md, impl,
                                        real_rows)
             if greedy:
                 tokens = sampling.greedy_tokens(logits)
             else:
                 tokens = sampling.sample_tokens(logits, *sampling_rows)
-            return tokens, kv
+            feed = jnp.zeros_like(feed).at[: tokens.shape[0]].set(tokens)
+            return tokens, feed, kv
 
         self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("greedy",))
-        self.shapes_seen: set[tuple] = set()
+        self._compiled: dict[tuple, Any] = {}  # (StepShape, greedy) -> compiled program
 
     @staticmethod
     def _pack(params, layer_states, model) -> None:
@@ -177,19 +187,52 @@ class ModelStep:
 
     @property
     def num_compiled_shapes(self) -> int:
-        return len(self.shapes_seen)
+        return len(self._compiled)
 
-    def __call__(self, kv, batch: StepBatch, sampling_rows: tuple[np.ndarray, ...],
-                 greedy: bool):
-        self.shapes_seen.add((batch.shape_key, greedy))
-        md = jax.tree.map(jnp.asarray, batch.metadata)
+    @staticmethod
+    def _inputs(batch: StepBatch, sampling_rows):
+        """A step's host arrays, in the jitted step's order, sent to the device in one call."""
         real_rows = (np.int32(batch.num_tokens), np.int32(len(batch.sample_seq_ids)))
-        tokens, kv = self._jitted(
-            self.params, kv, batch.token_ids, batch.positions, batch.logits_index, md,
-            real_rows, sampling_rows, greedy=greedy,
-        )
-        return np.asarray(tokens), kv
+        return jax.device_put((batch.token_ids, batch.positions, batch.logits_index,
+                               batch.metadata, real_rows, tuple(sampling_rows)))
 
-    def jit_cache_size(self) -> int:
-        """Programs XLA actually compiled for this step (checks `num_compiled_shapes`)."""
-        return self._jitted._cache_size()
+    def _lower(self, kv, feed, batch: StepBatch, sampling_rows, greedy: bool):
+        return self._jitted.lower(self.params, kv, feed, *self._inputs(batch, sampling_rows),
+                                  greedy=greedy)
+
+    @staticmethod
+    def empty_feed(size: int) -> jax.Array:
+        """The feed before a job's first step: `size` is the most rows a step samples."""
+        return jnp.zeros(size, jnp.int32)
+
+    def warm_up(self, kv, feed, shapes, greedy: bool, progress: bool = True) -> int:
+        """Compiles every shape of `shapes` not compiled yet, before any step runs; returns how
+        many it compiled. Programs are traced one by one and built in parallel threads (XLA
+        compiles outside the GIL); the persistent cache makes a rerun's builds loads."""
+        todo = [s for s in dict.fromkeys(shapes) if (s, greedy) not in self._compiled]
+        if not todo:
+            return 0
+        bar = tqdm(total=len(todo), unit="shape", desc="compile", disable=not progress,
+                   dynamic_ncols=True)
+        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+            futures = {}
+            for shape in todo:
+                batch = empty_step_batch(shape)
+                lowered = self._lower(kv, feed, batch, sampling_row_arrays(shape.sampled), greedy)
+                futures[pool.submit(lowered.compile)] = shape
+            for future in concurrent.futures.as_completed(futures):
+                self._compiled[(futures[future], greedy)] = future.result()
+                bar.update(1)
+        bar.close()
+        return len(todo)
+
+    def __call__(self, kv, feed, batch: StepBatch, sampling_rows: tuple[np.ndarray, ...],
+                 greedy: bool):
+        """Runs the step: returns (sampled tokens [Ss], feed, kv) as device arrays, without
+        waiting for them. `feed` is the previous step's (or `empty_feed`)."""
+        key = (batch.shape, greedy)
+        program = self._compiled.get(key)
+        if program is None:  # a shape warm-up did not foresee: compiled here, and counted
+            program = self._compiled[key] = self._lower(kv, feed, batch, sampling_rows,
+                                                        greedy).compile()
+        return program(self.params, kv, feed, *self._inputs(batch, sampling_rows))

@@ -54,6 +54,11 @@ class StopChecker:
         self._decision: FinishDecision | None = None
 
     @property
+    def token_limit(self) -> int:
+        """Tokens the request may generate at most: max_tokens, or what the context leaves."""
+        return self._token_limit
+
+    @property
     def finished(self) -> FinishDecision | None:
         return self._decision
 

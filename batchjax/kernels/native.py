@@ -31,8 +31,8 @@ _FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
 TARGETS = {
     "batchjax_packed_matmul_f32": "BatchjaxPackedMatmulF32",
     "batchjax_packed_matmul_bf16": "BatchjaxPackedMatmulBF16",
-    "batchjax_paged_rows_attention_f32": "BatchjaxPagedRowsAttentionF32",
-    "batchjax_paged_rows_attention_bf16": "BatchjaxPagedRowsAttentionBF16",
+    "batchjax_ragged_paged_attention_f32": "BatchjaxRaggedPagedAttentionF32",
+    "batchjax_ragged_paged_attention_bf16": "BatchjaxRaggedPagedAttentionBF16",
 }
 _log = logging.getLogger(__name__)
 

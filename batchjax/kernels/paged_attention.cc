@@ -1,15 +1,22 @@
-// Paged attention of rows of queries over their own pages, on x86-64 AVX2 + FMA, for f32 pools
-// and for bf16 pools (kept as uint16 bit patterns; the arithmetic is f32 either way).
+// Ragged paged attention on x86-64 AVX2 + FMA, for f32 pools and for bf16 pools (kept as
+// uint16 bit patterns; the arithmetic is f32 either way).
 //
-// Row n's Q queries (all query heads) attend to the first kv_len[n] keys of its page table,
-// read in place from the stacked pool k[L, N, page, Hkv, D] of layer `layer`: no gathered copy
-// of the context, and the page loop stops at the row's own length. A row is one item: it keeps
-// the running max, sum and output of each of its queries (an online softmax) and reads each
-// page whole (all KV heads, contiguous), in tiles of 3 query rows x 4 keys for the scores and
-// 3 query rows x 32 columns for the weighted values, while the next page is prefetched.
-// Rows are shared between the calling thread and XLA's intra-op pool (parallel.h). Returns
-// out [R, Q, Hq, D] and lse [R, Q, Hq]; rows with no key give out 0 and lse -1e30, as the jnp
-// reference does.
+// A step's query tokens are flat rows q[T, Hq, D]. Sequence n owns rows
+// q_start[n] .. q_start[n] + q_len[n] and the first kv_len[n] keys of its page table, read in
+// place from the stacked pool k[L, N, page, Hkv, D] of layer `layer`: no gathered copy of the
+// context. Causal: its query i sits at key kv_len - q_len + i and sees the keys up to it (a
+// sequence's own part); otherwise every query sees all kv_len keys (a group's queries over
+// its shared prefix: one dense problem, each page read once for all of them). Padding
+// sequences have q_len 0, and the page loop stops where an item's last query stops seeing,
+// so the fixed-size tables a step carries cost nothing past their real contents.
+//
+// A sequence's queries are cut into items of up to kItemQueries; an item keeps the running
+// max, sum and output of each of its queries (an online softmax) and reads each page whole
+// (all KV heads, contiguous), in tiles of 3 query rows x 4 keys for the scores and 3 query
+// rows x 32 columns for the weighted values, while the next page is prefetched. Items are
+// shared between the calling thread and XLA's intra-op pool (parallel.h). Returns
+// out [T, Hq, D] and lse [T, Hq]; rows with no key (or no owner) give out 0 and lse -1e30,
+// as the jnp reference does.
 //
 // bf16 pools are read 16 values at a time and split into two 8-lane f32 vectors, the even and
 // the odd columns (a shift and a mask, no shuffle); the row's scaled queries and its running
@@ -262,15 +269,23 @@ inline void ForTile(int64_t rows, F&& f) {
 template <class Pool>
 struct Problem {
   using T = typename Pool::T;
-  const float* q;  // [R, Q, Hq, D]
+  const float* q;  // [T, Hq, D]
   const T* k;      // this layer's pool [N, page, Hkv, D]
   const T* v;
-  const int32_t* table;   // [R, P]
-  const int32_t* kv_len;  // [R]
-  float* out;             // [R, Q, Hq, D]
-  float* lse;             // [R, Q, Hq]
-  int64_t rows, nq, hq, hkv, d, page, pages_per_row, num_pages;
+  const int32_t* table;    // [S, P]
+  const int32_t* kv_len;   // [S]
+  const int32_t* q_start;  // [S]
+  const int32_t* q_len;    // [S]
+  float* out;              // [T, Hq, D]
+  float* lse;              // [T, Hq]
+  bool causal;
+  int64_t tokens, seqs, hq, hkv, d, page, pages_per_row, num_pages;
   std::atomic<bool> bad_page{false};
+};
+
+// One work item: queries [i0, i0 + nq) of sequence n, query rows [r0, r1) of them.
+struct Item {
+  int64_t n, i0, nq, r0, r1;
 };
 
 // Scratch of one row: scaled queries, scores of one page, running max / sum / output, each
@@ -296,12 +311,19 @@ void Widen(const typename Pool::T* src, int64_t n, float* dst) {
   }
 }
 
-// Query rows [r0, r1) of row n (indexed as in Scratch): one work item.
+// Query rows [r0, r1) of queries [i0, i0 + nq) of sequence n (rows indexed as in Scratch).
+// Query i sees the first lim0 + i keys (causal) or all kv_len of them.
 template <class Pool>
-void RunItem(Problem<Pool>& p, int64_t n, int64_t r0, int64_t r1, Scratch& w) {
-  const int64_t g = p.hq / p.hkv, per_head = p.nq * g, nr = p.hkv * per_head;
+void RunItem(Problem<Pool>& p, const Item& item, Scratch& w) {
+  const int64_t n = item.n, r0 = item.r0, r1 = item.r1, nq = item.nq;
+  const int64_t g = p.hq / p.hkv, per_head = nq * g, nr = p.hkv * per_head;
   const int64_t d = p.d, ps = p.page, key_stride = p.hkv * d, page_floats = ps * key_stride;
-  const int64_t len = std::max<int32_t>(0, p.kv_len[n]);
+  const int64_t kv = std::max<int32_t>(0, p.kv_len[n]);
+  const int64_t lim0 = p.causal ? kv - p.q_len[n] + item.i0 + 1 : kv;
+  auto limit = [&](int64_t i) { return std::clamp<int64_t>(lim0 + i, 0, kv); };
+  auto limit_of_row = [&](int64_t r) { return p.causal ? limit((r / g) % nq) : kv; };
+  const int64_t len = limit(p.causal ? nq - 1 : 0);  // keys the item reads at most
+  const int64_t row0 = p.q_start[n] + item.i0;  // the token row of query 0
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
   w.q.resize(nr * d);
   w.s.resize(nr * kMaxPage);
@@ -309,11 +331,11 @@ void RunItem(Problem<Pool>& p, int64_t n, int64_t r0, int64_t r1, Scratch& w) {
   w.l.assign(nr, 0.0f);
   w.acc.assign(nr * d, 0.0f);
   for (int64_t h = 0; h < p.hkv; ++h) {
-    for (int64_t i = 0; i < p.nq; ++i) {
+    for (int64_t i = 0; i < nq; ++i) {
       for (int64_t j = 0; j < g; ++j) {
-        const int64_t r = (h * p.nq + i) * g + j;
+        const int64_t r = (h * nq + i) * g + j;
         if (r < r0 || r >= r1) continue;
-        const float* src = p.q + ((n * p.nq + i) * p.hq + h * g + j) * d;
+        const float* src = p.q + ((row0 + i) * p.hq + h * g + j) * d;
         float* dst = w.q.data() + r * d;
         for (int64_t c = 0; c < d; ++c) dst[Pool::Slot(c)] = src[c] * scale;
       }
@@ -373,7 +395,13 @@ void RunItem(Problem<Pool>& p, int64_t n, int64_t r0, int64_t r1, Scratch& w) {
         }
         for (int64_t r = first; r < end; ++r) {
           float* s = w.s.data() + r * kMaxPage;
-          for (int64_t t = keys; t < keys8; ++t) s[t] = kMaskValue;
+          // Keys of this page the row sees: all `keys`, or fewer past a causal query.
+          const int64_t seen = std::min(keys, limit_of_row(r) - j * ps);
+          if (seen <= 0) {  // none: weights 0, its running state unchanged
+            std::fill(s, s + keys8, 0.0f);
+            continue;
+          }
+          for (int64_t t = seen; t < keys8; ++t) s[t] = kMaskValue;
           // Online softmax: new max, rescale what came before, probabilities in place.
           __m256 mx8 = _mm256_set1_ps(w.m[r]);
           for (int64_t t = 0; t < keys8; t += 8) mx8 = _mm256_max_ps(mx8, _mm256_loadu_ps(s + t));
@@ -416,12 +444,12 @@ void RunItem(Problem<Pool>& p, int64_t n, int64_t r0, int64_t r1, Scratch& w) {
     }
   }
   for (int64_t h = 0; h < p.hkv; ++h) {
-    for (int64_t i = 0; i < p.nq; ++i) {
+    for (int64_t i = 0; i < nq; ++i) {
       for (int64_t j = 0; j < g; ++j) {
-        const int64_t r = (h * p.nq + i) * g + j, head = (n * p.nq + i) * p.hq + h * g + j;
+        const int64_t r = (h * nq + i) * g + j, head = (row0 + i) * p.hq + h * g + j;
         if (r < r0 || r >= r1) continue;
         float* o = p.out + head * d;
-        if (len == 0) {
+        if (limit_of_row(r) == 0) {
           std::fill(o, o + d, 0.0f);
           p.lse[head] = kMaskValue;
           continue;
@@ -434,24 +462,32 @@ void RunItem(Problem<Pool>& p, int64_t n, int64_t r0, int64_t r1, Scratch& w) {
   }
 }
 
+// Queries per work item: a sequence's chunk is cut into items of at most this many queries,
+// each reading its pages once for all of its queries (and, causal, only as far as its last
+// query sees).
+constexpr int64_t kItemQueries = 64;
+
 template <class Pool, ffi::DataType kPoolType>
-ffi::Error PagedRowsAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
-                              ffi::Buffer<kPoolType> k, ffi::Buffer<kPoolType> v,
-                              ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> kv_len,
-                              ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> out,
-                              ffi::ResultBuffer<ffi::F32> lse) {
+ffi::Error RaggedPagedAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
+                                ffi::Buffer<kPoolType> k, ffi::Buffer<kPoolType> v,
+                                ffi::Buffer<ffi::S32> table, ffi::Buffer<ffi::S32> kv_len,
+                                ffi::Buffer<ffi::S32> q_start, ffi::Buffer<ffi::S32> q_len,
+                                ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> causal,
+                                ffi::ResultBuffer<ffi::F32> out,
+                                ffi::ResultBuffer<ffi::F32> lse) {
   const auto qd = q.dimensions(), kd = k.dimensions(), td = table.dimensions();
-  if (qd.size() != 4 || kd.size() != 5 || td.size() != 2 || td[0] != qd[0] ||
-      kd[4] != qd[3] || qd[2] % kd[3] != 0 || qd[3] % (8 * Pool::kVecs) != 0 ||
-      kd[2] > kMaxPage || v.element_count() != k.element_count() ||
-      kv_len.element_count() != qd[0]) {
+  if (qd.size() != 3 || kd.size() != 5 || td.size() != 2 || kd[4] != qd[2] ||
+      qd[1] % kd[3] != 0 || qd[2] % (8 * Pool::kVecs) != 0 || kd[2] > kMaxPage ||
+      v.element_count() != k.element_count() || kv_len.element_count() != td[0] ||
+      q_start.element_count() != td[0] || q_len.element_count() != td[0]) {
     return ffi::Error::InvalidArgument(
-        "paged_rows_attention: want q[R, Q, Hq, D], pools[L, N, page<=256, Hkv, D], "
-        "table[R, P], kv_len[R], D % 8 == 0 (f32) or D % 16 == 0 (bf16), Hq % Hkv == 0");
+        "ragged_paged_attention: want q[T, Hq, D], pools[L, N, page<=256, Hkv, D], "
+        "table[S, P], kv_len/q_start/q_len[S], D % 8 == 0 (f32) or D % 16 == 0 (bf16), "
+        "Hq % Hkv == 0");
   }
   const int64_t l = static_cast<int64_t>(*layer.typed_data());
   if (l < 0 || l >= kd[0]) {
-    return ffi::Error::InvalidArgument("paged_rows_attention: layer index out of range");
+    return ffi::Error::InvalidArgument("ragged_paged_attention: layer index out of range");
   }
   Problem<Pool> p;
   const int64_t layer_size = kd[1] * kd[2] * kd[3] * kd[4];
@@ -460,37 +496,65 @@ ffi::Error PagedRowsAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.v = reinterpret_cast<const typename Pool::T*>(v.typed_data()) + l * layer_size;
   p.table = table.typed_data();
   p.kv_len = kv_len.typed_data();
+  p.q_start = q_start.typed_data();
+  p.q_len = q_len.typed_data();
   p.out = out->typed_data();
   p.lse = lse->typed_data();
-  p.rows = qd[0];
-  p.nq = qd[1];
-  p.hq = qd[2];
-  p.d = qd[3];
+  p.causal = *causal.typed_data() != 0;
+  p.tokens = qd[0];
+  p.hq = qd[1];
+  p.d = qd[2];
+  p.seqs = td[0];
   p.num_pages = kd[1];
   p.page = kd[2];
   p.hkv = kd[3];
   p.pages_per_row = td[1];
-  // Fewer rows than twice the threads (a step's one or two prefix blocks) are cut into parts
+  const int64_t g = p.hq / p.hkv;
+  // Each sequence's queries in items of at most kItemQueries; rows no sequence owns (padding,
+  // or tokens outside every group) come out as "no keys".
+  std::vector<char> owned(p.tokens, 0);
+  std::vector<Item> items;
+  for (int64_t n = 0; n < p.seqs; ++n) {
+    const int64_t start = p.q_start[n], count = p.q_len[n];
+    if (count <= 0) continue;
+    if (start < 0 || start + count > p.tokens) {
+      return ffi::Error::InvalidArgument("ragged_paged_attention: query rows out of range");
+    }
+    for (int64_t i0 = 0; i0 < count; i0 += kItemQueries) {
+      const int64_t nq = std::min(kItemQueries, count - i0);
+      items.push_back({n, i0, nq, 0, p.hkv * nq * g});
+    }
+    std::fill(owned.begin() + start, owned.begin() + start + count, 1);
+  }
+  for (int64_t t = 0; t < p.tokens; ++t) {
+    if (owned[t]) continue;
+    std::fill(p.out + t * p.hq * p.d, p.out + (t + 1) * p.hq * p.d, 0.0f);
+    std::fill(p.lse + t * p.hq, p.lse + (t + 1) * p.hq, kMaskValue);
+  }
+  // Fewer items than twice the threads (a step's one or two prefix groups) are cut into parts
   // of whole score tiles, so that every thread has work: a part reads the pages of its own
   // KV heads only, at the cost of reading a head's pages once per part that holds its rows.
-  const int64_t per_head = p.nq * (p.hq / p.hkv);
-  const int64_t tiles_per_head = (per_head + kTileRows - 1) / kTileRows;
-  const int64_t units = p.hkv * tiles_per_head;
   const int64_t threads = batchjax::NumThreads(pool);
-  const int64_t parts = std::min(units, std::max<int64_t>(1, (2 * threads + p.rows - 1) / p.rows));
-  auto unit_row = [=](int64_t u) {  // first query row of score tile u (head-major)
-    return u >= units ? units / tiles_per_head * per_head
-                      : (u / tiles_per_head) * per_head + (u % tiles_per_head) * kTileRows;
-  };
-  batchjax::ParallelFor(pool, p.rows * parts, [&p, parts, units, unit_row] {
-    return [&p, parts, units, unit_row, scratch = Scratch()](int64_t item) mutable {
-      const int64_t n = item / parts, part = item % parts;
-      RunItem(p, n, unit_row(part * units / parts), unit_row((part + 1) * units / parts),
-              scratch);
+  const int64_t want = items.empty() ? 1 : (2 * threads + items.size() - 1) / items.size();
+  std::vector<Item> parts;
+  for (const Item& it : items) {
+    const int64_t per_head = it.nq * g, tiles_per_head = (per_head + kTileRows - 1) / kTileRows;
+    const int64_t units = p.hkv * tiles_per_head, n_parts = std::min(units, want);
+    const int64_t hkv = p.hkv;
+    auto unit_row = [=](int64_t u) {  // first query row of score tile u (head-major)
+      return u >= units ? hkv * per_head
+                        : (u / tiles_per_head) * per_head + (u % tiles_per_head) * kTileRows;
     };
+    for (int64_t part = 0; part < n_parts; ++part) {
+      parts.push_back({it.n, it.i0, it.nq, unit_row(part * units / n_parts),
+                       unit_row((part + 1) * units / n_parts)});
+    }
+  }
+  batchjax::ParallelFor(pool, parts.size(), [&p, &parts] {
+    return [&p, &parts, scratch = Scratch()](int64_t i) mutable { RunItem(p, parts[i], scratch); };
   });
   if (p.bad_page.load()) {
-    return ffi::Error::InvalidArgument("paged_rows_attention: page index out of range");
+    return ffi::Error::InvalidArgument("ragged_paged_attention: page index out of range");
   }
   return ffi::Error::Success();
 }
@@ -505,13 +569,16 @@ auto Binding() {
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
       .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
+      .template Arg<ffi::Buffer<ffi::S32>>()
       .template Ret<ffi::Buffer<ffi::F32>>()
       .template Ret<ffi::Buffer<ffi::F32>>();
 }
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPagedRowsAttentionF32,
-                              (PagedRowsAttention<F32Pool, ffi::F32>), Binding<ffi::F32>());
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxPagedRowsAttentionBF16,
-                              (PagedRowsAttention<BF16Pool, ffi::U16>), Binding<ffi::U16>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxRaggedPagedAttentionF32,
+                              (RaggedPagedAttention<F32Pool, ffi::F32>), Binding<ffi::F32>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BatchjaxRaggedPagedAttentionBF16,
+                              (RaggedPagedAttention<BF16Pool, ffi::U16>), Binding<ffi::U16>());

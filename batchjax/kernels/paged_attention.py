@@ -1,10 +1,11 @@
-"""Rows of queries over their own pages, natively on x86-64 CPUs (`paged_attention.cc`).
+"""Ragged paged attention, natively on x86-64 CPUs (`paged_attention.cc`).
 
-The same contract as `batchjax.attention.xla.paged_rows_attention`, which is its reference:
-each row's queries attend to all of the row's first `kv_len` keys, read in place from the
-stacked pools. XLA's version gathers a few pages at a time into a copy and runs batched
-products over them at about 5 GB/s of keys and values on this kind of CPU; the kernel reads
-each page once where it lies. Building and availability: `native`.
+The same contract as `batchjax.attention.xla.ragged_paged_attention`, which is its reference:
+sequence s owns the step's query rows `q_start[s] : q_start[s] + q_len[s]` and the first
+`kv_len[s]` keys of its page table; causal, its query i sees the keys up to index
+`kv_len - q_len + i`, otherwise all of them. XLA's version reads each query token's keys on
+its own; the kernel reads each page once for up to 64 queries of a sequence, where it lies.
+Building and availability: `native`.
 """
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ import jax.numpy as jnp
 
 from batchjax.kernels import native
 
-_TARGETS = {jnp.dtype(jnp.float32): "batchjax_paged_rows_attention_f32",
-            jnp.dtype(jnp.uint16): "batchjax_paged_rows_attention_bf16"}
+_TARGETS = {jnp.dtype(jnp.float32): "batchjax_ragged_paged_attention_f32",
+            jnp.dtype(jnp.uint16): "batchjax_ragged_paged_attention_bf16"}
 MAX_PAGE_SIZE = 256
 
 
@@ -37,13 +38,14 @@ def supports(q: jax.Array, k_pages: jax.Array) -> bool:
             and page_size <= MAX_PAGE_SIZE)
 
 
-def paged_rows_attention(
+def ragged_paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_table: jax.Array,
-    kv_len: jax.Array, layer=None,
+    kv_len: jax.Array, q_start: jax.Array, q_len: jax.Array, *, causal: bool, layer=None,
 ) -> tuple[jax.Array, jax.Array]:
-    """q: [R, Q, Hq, D] f32 or bf16; pools [L, N, page, Hkv, D] (f32, bf16 or bf16 bits as
-    uint16) with `layer`, else [N, page, Hkv, D]; page_table: [R, P]; kv_len: [R] -> out
-    [R, Q, Hq, D] f32, lse [R, Q, Hq] f32. The arithmetic is f32 whatever the pools hold."""
+    """q: [T, Hq, D] f32 or bf16; pools [L, N, page, Hkv, D] (f32, bf16 or bf16 bits as
+    uint16) with `layer`, else [N, page, Hkv, D]; page_table: [S, P]; kv_len, q_start, q_len:
+    [S] -> out [T, Hq, D] f32, lse [T, Hq] f32 (rows no sequence owns: 0 and -1e30). The
+    arithmetic is f32 whatever the pools hold."""
     native.require()
     if not supports(q, k_pages):
         raise ValueError(f"unsupported operands q{q.shape} {q.dtype}, "
@@ -53,9 +55,10 @@ def paged_rows_attention(
     if k_pages.dtype == jnp.bfloat16:
         k_pages = jax.lax.bitcast_convert_type(k_pages, jnp.uint16)
         v_pages = jax.lax.bitcast_convert_type(v_pages, jnp.uint16)
-    rows, nq, hq, d = q.shape
-    out = (jax.ShapeDtypeStruct((rows, nq, hq, d), jnp.float32),
-           jax.ShapeDtypeStruct((rows, nq, hq), jnp.float32))
+    tokens, hq, d = q.shape
+    out = (jax.ShapeDtypeStruct((tokens, hq, d), jnp.float32),
+           jax.ShapeDtypeStruct((tokens, hq), jnp.float32))
+    i32 = lambda x: jnp.asarray(x, jnp.int32)  # noqa: E731
     return jax.ffi.ffi_call(_TARGETS[k_pages.dtype], out)(
-        q.astype(jnp.float32), k_pages, v_pages, page_table.astype(jnp.int32),
-        kv_len.astype(jnp.int32), jnp.asarray(layer, jnp.int32).reshape(()))
+        q.astype(jnp.float32), k_pages, v_pages, i32(page_table), i32(kv_len), i32(q_start),
+        i32(q_len), i32(layer).reshape(()), i32(1 if causal else 0).reshape(()))

@@ -34,7 +34,15 @@ class Batcher(Protocol):
 
     def next_step(self) -> StepPlan: ...
 
-    def complete(self, step: StepPlan, sampled: Sequence[SampledToken]) -> None: ...
+    def complete(self, step: StepPlan, sampled: Sequence[SampledToken]) -> None:
+        """The step ran (or is running): every chunk's tokens now have KV. `sampled` holds a
+        token per sampling chunk of a request not finished before; its id may be a
+        placeholder (`placeholder_token`), which `resolve` replaces before the next
+        `complete`."""
+
+    def resolve(self, sampled: Sequence[SampledToken]) -> None:
+        """The real tokens behind the last `complete`'s placeholders, and the requests that
+        they finished (EOS, stop tokens or strings), wherever those requests are now."""
 
     def metrics(self) -> dict: ...
 
@@ -144,12 +152,31 @@ def make_chunk(seq: Sequence_, num_tokens: int, attends_prefix: bool) -> ChunkWo
     )
 
 
+def resolve_sampled(seqs: dict[int, Sequence_],
+                    sampled: Sequence[SampledToken]) -> list[Sequence_]:
+    """Puts each real token in place of its placeholder (a sequence's last token: nothing is
+    appended between `complete` and `resolve`); returns the requests it newly finished."""
+    finished = []
+    for token in sampled:
+        seq = seqs[token.seq_id]
+        if seq.tokens and seq.tokens[-1] < 0:
+            seq.tokens[-1] = token.token_id
+        if token.finished and not seq.finished:
+            seq.finished = True
+            finished.append(seq)
+    return finished
+
+
 def apply_sampled(
     seqs: dict[int, Sequence_], step: StepPlan, sampled: Sequence[SampledToken]
 ) -> list[Sequence_]:
-    """Advances every chunk's sequence; returns the requests that finished in this step."""
+    """Advances every chunk's sequence; returns the requests that finished in this step.
+
+    A chunk of a request that finished while the step was in flight changes nothing."""
     for chunk in step.chunks:
-        seqs[chunk.seq_id].num_computed += chunk.num_tokens
+        seq = seqs[chunk.seq_id]
+        if not seq.finished:
+            seq.num_computed += chunk.num_tokens
     finished = []
     for token in sampled:
         seq = seqs[token.seq_id]
@@ -326,6 +353,15 @@ class BatchLLMBatcher:
         for seq in apply_sampled(self._seqs, step, sampled):
             self._finish(self._groups[self._group_of_request[seq.seq_id]], seq)
 
+    def resolve(self, sampled: Sequence[SampledToken]) -> None:
+        for seq in resolve_sampled(self._seqs, sampled):
+            group = self._groups[self._group_of_request[seq.seq_id]]
+            if seq.seq_id in group.running:
+                self._finish(group, seq)
+            else:  # preempted while its last token was in flight: it waits, holding nothing
+                group.waiting.remove(seq.seq_id)
+                self._count_finished(group)
+
     def metrics(self) -> dict:
         return self._counters.as_dict(self._num_groups, self._optimal, self._plan_s)
 
@@ -405,13 +441,21 @@ class BatchLLMBatcher:
         del group.running[seq.seq_id]
         self._set_running_pages(group, group.running_pages - seq.reserved_pages)
         seq.reserved_pages = 0
+        self._count_finished(group)
+
+    def _count_finished(self, group: _GroupState) -> None:
+        """One more of the group's requests is done; the last one frees the group."""
         group.num_unfinished -= 1
         self._num_unfinished -= 1
-        if group.num_unfinished == 0:
+        if group.num_unfinished:
+            return
+        if group.group_id in self._active:
             self._reserved -= group.reserved_pages
             del self._active[group.group_id]
             if group.prefix is not None:
                 self._pool.release(group.prefix.drop_kv())
+        else:  # preempted whole: its pages are already back
+            self._pending.remove(group.group_id)
 
     def _attended_prefixes(self, chunks: Sequence[ChunkWork]) -> tuple[PrefixRef, ...]:
         seen: dict[int, None] = {}

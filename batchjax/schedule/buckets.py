@@ -1,23 +1,18 @@
 """The one table of static shapes every step is padded to.
 
-XLA compiles one program per input shape, so each dimension of a step (tokens, decode rows,
-query blocks, ...) is rounded up to the next entry of its ladder. The same table drives warm-up
-and run time; the number of distinct shapes a run produces is reported as
-`num_compiled_shapes`.
+XLA compiles one program per input shape, and on a TPU one program costs seconds to minutes.
+So a step's shape has two free dimensions, both from short ladders: its token count `T`, a
+power of two, and its sampled rows, `T` or a small bucket below it (a prefill step samples a
+few rows, a decode step nearly all). Everything else a step carries is sized from `T` and from
+the page-table width, fixed for a whole job (`PagedAttentionMetadata`). The table lists every
+shape up front, so the engine compiles them all before the first request runs, and the
+number a run compiles, `num_compiled_shapes`, is small by construction.
 """
 
 from __future__ import annotations
 
 import bisect
 import dataclasses
-
-
-def powers_of_two_and_a_half(lo: int, hi: int) -> tuple[int, ...]:
-    """lo, 1.5 lo, 2 lo, 3 lo, 4 lo, ...: at most a third of a padded size is padding."""
-    out = set()
-    for n in powers_of_two(lo, hi):
-        out.update((n, min(hi, n * 3 // 2)))
-    return tuple(sorted(out))
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -29,24 +24,26 @@ def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _coarse(ladder: tuple[int, ...]) -> tuple[int, ...]:
-    """The powers of two of a ladder, and its top."""
-    return tuple(n for n in ladder[:-1] if n & (n - 1) == 0) + ladder[-1:]
+MIN_TOKENS = 16
+MAX_TOKEN_SIZES = 8  # the ladder starts higher for large step budgets
+
+
+@dataclasses.dataclass(frozen=True)
+class StepShape:
+    """The compiled shape of a step: padded tokens, padded sampled rows, page-table width."""
+
+    tokens: int
+    sampled: int
+    table_pages: int
 
 
 @dataclasses.dataclass(frozen=True)
 class BucketTable:
-    """Ladders per step dimension; a size above a ladder's top is an error, not a new shape."""
+    """Token ladder and page-table width of a job; a size above the top is an error, not a new
+    shape."""
 
-    # Ladders of 1, 1.5, 2, 3, 4, ... times a power of two: a padded token, row or block costs
-    # as much as a real one, and powers of two alone left up to half of a step as padding
-    # (68 decode rows ran as 128).
-    tokens: tuple[int, ...] = powers_of_two_and_a_half(16, 1024)
-    # A step without rows or blocks of a kind pads them to 0, so their attention costs nothing.
-    rows: tuple[int, ...] = (0,) + powers_of_two_and_a_half(8, 1024)  # single-query rows
-    blocks: tuple[int, ...] = (0,) + powers_of_two_and_a_half(1, 1024)  # query blocks
-    # Pages per page table: per-request attention reads every padded page, so a finer ladder.
-    pages: tuple[int, ...] = powers_of_two_and_a_half(4, 4096)
+    tokens: tuple[int, ...] = powers_of_two(MIN_TOKENS, 512)
+    table_pages: int = 64  # pages in every page table of a step (own and prefix)
 
     @staticmethod
     def round_up(ladder: tuple[int, ...], n: int, what: str) -> int:
@@ -58,30 +55,37 @@ class BucketTable:
     def tokens_bucket(self, n: int) -> int:
         return self.round_up(self.tokens, n, "tokens")
 
-    def rows_bucket(self, n: int) -> int:
-        return self.round_up(self.rows, n, "rows")
+    @staticmethod
+    def small_sampled(tokens: int) -> int:
+        """The sampled-rows bucket below `tokens`: an eighth of it (at least 16)."""
+        return min(tokens, max(MIN_TOKENS, tokens // 8))
 
-    def blocks_bucket(self, n: int) -> int:
-        return self.round_up(self.blocks, n, "blocks")
+    def shape(self, num_tokens: int, num_sampled: int) -> StepShape:
+        t = self.tokens_bucket(num_tokens)
+        small = self.small_sampled(t)
+        return StepShape(t, small if num_sampled <= small else t, self.table_pages)
 
-    def pages_bucket(self, n: int) -> int:
-        return self.round_up(self.pages, n, "pages")
-
-    def context_pages_bucket(self, n: int) -> int:
-        """Pages of a continuing chunk's earlier keys: a power of two (it depends on where a
-        prompt was split, a second free dimension; the finer ladder doubled a run's shapes)."""
-        return self.round_up(_coarse(self.pages), n, "context pages")
-
-    def window_bucket(self, n: int, num_rows: int) -> int:
-        """Rows a query tile reads back in a step of `num_rows`: a power of two, or the step."""
-        return min(self.round_up(_coarse(self.tokens), n, "window rows"), num_rows)
+    def shapes(self, max_tokens: int | None = None,
+               max_sampled: int | None = None) -> tuple[StepShape, ...]:
+        """Every shape a step of at most `max_tokens` tokens and `max_sampled` sampled rows
+        can take: what warm-up compiles."""
+        top = self.tokens[-1] if max_tokens is None else self.tokens_bucket(max_tokens)
+        out = []
+        for t in self.tokens:
+            if t > top:
+                break
+            small = self.small_sampled(t)
+            out.append(StepShape(t, small, self.table_pages))
+            if small < t and (max_sampled is None or max_sampled > small):
+                out.append(StepShape(t, t, self.table_pages))
+        return tuple(out)
 
     @classmethod
-    def for_budget(cls, max_tokens_per_step: int) -> "BucketTable":
-        """Ladders whose tops cover a step of `max_tokens_per_step` tokens."""
+    def for_budget(cls, max_tokens_per_step: int, table_pages: int) -> "BucketTable":
+        """A ladder whose top covers a step of `max_tokens_per_step` tokens, at most
+        `MAX_TOKEN_SIZES` long; page tables `table_pages` wide (rounded up to a power of two,
+        so jobs of similar lengths share programs)."""
         top = 1 << max(4, (max_tokens_per_step - 1).bit_length())
-        return cls(
-            tokens=powers_of_two_and_a_half(16, top),
-            rows=(0,) + powers_of_two_and_a_half(8, max(8, top)),
-            blocks=(0,) + powers_of_two_and_a_half(1, max(2, top)),
-        )
+        lo = max(MIN_TOKENS, top >> (MAX_TOKEN_SIZES - 1))
+        return cls(tokens=powers_of_two(lo, top),
+                   table_pages=1 << max(0, (max(1, table_pages) - 1).bit_length()))

@@ -21,6 +21,7 @@ from batchjax.schedule.batching import (
     Sequence_,
     StepCounters,
     apply_sampled,
+    resolve_sampled,
     make_chunk,
     pages_for,
 )
@@ -125,15 +126,27 @@ class CachedFcfsBatcher:
 
     def complete(self, step: StepPlan, sampled: Sequence[SampledToken]) -> None:
         self._counters.output_tokens += len(sampled)
+        ended = {c.seq_id for c in step.chunks if self._seqs[c.seq_id].finished}
         finished = apply_sampled(self._seqs, step, sampled)
         if not isinstance(self._pages, PagePool):
             for chunk in step.chunks:
-                if not chunk.is_decode:
+                # A chunk of a request that ended while the step was in flight left no pages.
+                if not chunk.is_decode and chunk.seq_id not in ended:
                     self._cache_prompt_pages(self._seqs[chunk.seq_id])
         for seq in finished:
+            self._finish(seq)
+
+    def resolve(self, sampled: Sequence[SampledToken]) -> None:
+        for seq in resolve_sampled(self._seqs, sampled):
+            self._finish(seq)
+
+    def _finish(self, seq: Sequence_) -> None:
+        if seq.seq_id in self._running:
             del self._running[seq.seq_id]
-            self._pages.release(seq.drop_kv())
-            self._num_unfinished -= 1
+        else:  # preempted while its last token was in flight
+            self._waiting.remove(seq.seq_id)
+        self._pages.release(seq.drop_kv())
+        self._num_unfinished -= 1
 
     def metrics(self) -> dict:
         return self._counters.as_dict(0, self._optimal, 0.0)

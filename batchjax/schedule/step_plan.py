@@ -1,7 +1,9 @@
 """Values that cross from the schedule to whoever executes it (the engine or the simulator).
 
 A policy's batcher emits one `StepPlan` per step; the executor runs it and reports back, for
-every chunk that sampled, the token it produced and whether the request finished. The batcher
+every chunk that sampled, the token it produced and whether the request finished. An executor
+that overlaps steps reports a placeholder first (`placeholder_token`, with the finishes that
+the token count alone decides) and the real token one step later (`Batcher.resolve`). The batcher
 owns all KV page ids (page 0 is reserved as the null page that padding writes to), so the
 engine and the simulator account memory identically.
 """
@@ -82,13 +84,21 @@ class SampledToken:
     finished: bool  # EOS, stop token/string or max_tokens reached: the request is done
 
 
+def placeholder_token(row: int) -> int:
+    """The stand-in id of a token still being sampled, in sampled row `row` of the step in
+    flight: the executor reports it at once (`Batcher.complete`) so the next step can be
+    planned while this one runs, and reads the real token from that row on the device. Real
+    ids are never negative."""
+    return -(row + 1)
+
+
+def placeholder_row(token_id: int) -> int:
+    return -token_id - 1
+
+
 def prefix_seq_id(group_id: int) -> int:
     """Sequence id of a group's prefix computation (negative, so it never clashes)."""
     return -(group_id + 1)
-
-
-def group_of_prefix_seq(seq_id: int) -> int:
-    return -seq_id - 1
 
 
 @dataclasses.dataclass(frozen=True)

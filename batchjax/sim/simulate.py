@@ -15,6 +15,7 @@ import numpy as np
 from batchjax.schedule.ordering import decode_estimates
 from batchjax.schedule.plan import build_plan_from_tokens
 from batchjax.schedule.policies import make_batcher
+from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.prefix_tree import identify_prefixes
 from batchjax.schedule.step_plan import Budgets, SampledToken
 from batchjax.sim.cost_model import CostModel
@@ -42,6 +43,30 @@ class StepTrace:
 class SimResult:
     metrics: dict
     trace: StepTrace
+
+
+class _SimulatedSteps:
+    """The executor of a replay: output lengths from the workload, times from the cost model."""
+
+    def __init__(self, output_lens: list[int], cost: CostModel, trace_rows: list):
+        self._remaining = output_lens  # tokens each request still generates
+        self._cost = cost
+        self._rows = trace_rows  # (tokens, KV pages in use, seconds) per step
+
+    def launch(self, step):
+        self._rows.append((step.num_tokens, step.kv_pages_in_use, self._cost.step_seconds(step)))
+
+    def provisional(self, step, handle):
+        sampled = []
+        for c in step.chunks:
+            if c.sample:
+                self._remaining[c.seq_id] -= 1
+                sampled.append(
+                    SampledToken(c.seq_id, SIMULATED_TOKEN_ID, self._remaining[c.seq_id] <= 0))
+        return sampled
+
+    def collect(self, step, handle):
+        return ()
 
 
 def simulate(
@@ -80,21 +105,9 @@ def simulate(
             "optimal_saving_ratio", identify_prefixes(workload.prompts).optimal_saving_ratio
         )
     batcher = make_batcher(policy, requests, budgets, **policy_options)
-    remaining = workload.output_lens.tolist()  # tokens each request still generates
-    tokens, pages, seconds = [], [], []
-    while batcher.has_work():
-        step = batcher.next_step()
-        sampled = []
-        for c in step.chunks:
-            if c.sample:
-                remaining[c.seq_id] -= 1
-                sampled.append(
-                    SampledToken(c.seq_id, SIMULATED_TOKEN_ID, remaining[c.seq_id] <= 0)
-                )
-        batcher.complete(step, sampled)
-        tokens.append(step.num_tokens)
-        pages.append(step.kv_pages_in_use)
-        seconds.append(cost.step_seconds(step))
+    trace_rows: list[tuple[int, int, float]] = []
+    run_batcher(batcher, _SimulatedSteps(workload.output_lens.tolist(), cost, trace_rows))
+    tokens, pages, seconds = zip(*trace_rows) if trace_rows else ((), (), ())
     replay_s = time.perf_counter() - started
     trace = StepTrace(
         np.asarray(tokens, dtype=np.int64),
