@@ -68,6 +68,7 @@ def main(argv):
         cpu_kernels=cfg.cpu_kernels,
         page_size=cfg.page_size, kv_budget_mb=cfg.kv_budget_mb,
         max_tokens_per_step=cfg.max_tokens_per_step, max_num_seqs=cfg.max_num_seqs,
+        overlap=cfg.overlap,
     )
     results = engine.generate(requests, skip_ids=frozenset(journal.finished_ids),
                               on_result=journal.append)

@@ -23,8 +23,6 @@ def shared_prefix_paged_attention(
     if layer is not None:
         k_pages, v_pages = k_pages[layer], v_pages[layer]
     k_pages, v_pages = xla.pages_as(k_pages, q.dtype), xla.pages_as(v_pages, q.dtype)
-    if md.seq_q_len is None:
-        raise ValueError("the Pallas path needs the ragged metadata (build_step_batch ragged=True)")
     interpret = jax.default_backend() == "cpu"
     own_o, own_l = ragged_paged_attention(
         q, k_pages, v_pages, md.seq_page_tables, md.seq_kv_lens, md.seq_q_start, md.seq_q_len,

@@ -209,14 +209,12 @@ class Engine:
         warmup_s = 0.0
         if live:
             batcher = make_batcher(policy, sched, budgets)
-            buckets = self._buckets_for(sched)
+            buckets = BucketTable.for_job(sched, o.max_tokens_per_step, o.page_size)
             t_warm = time.perf_counter()
             # Every shape this job's steps can take, compiled before its first step.
-            longest = min(o.max_tokens_per_step,
-                          sum(len(r.prompt_token_ids) + r.max_tokens for r in sched))
             feed = self.step.empty_feed(buckets.tokens[-1])
-            self.step.warm_up(self.kv, feed, buckets.shapes(longest, len(live)), greedy,
-                              o.progress)
+            self.step.warm_up(self.kv, feed, buckets.job_shapes(sched, o.max_tokens_per_step),
+                              greedy, o.progress)
             warmup_s = time.perf_counter() - t_warm
             warm = self.step.num_compiled_shapes
             steps = _EngineSteps(self, buckets, feed, live, greedy, done, on_result, stats)
@@ -240,6 +238,7 @@ class Engine:
             warmup_s=warmup_s,
             startup_s=stats.startup_s,
             time_to_first_result_s=stats.time_to_first_result_s,
+            time_to_last_result_s=process_age_s(),  # process start to the end of this call
             failed_requests=sum(1 for r in done.values() if r.error is not None),
             model_tokens=stats.model_tokens,
             model_flops=stats.model_flops,  # divide by wall_s and a roofline for utilisation
@@ -261,17 +260,11 @@ class Engine:
             overlap=o.overlap,
             attention=o.attention,
             cpu_kernels=self.step.cpu_kernels,
+            bf16_matmul=self.step.bf16_matmul,
             dtype=o.dtype,
         )
         self.last_metrics = metrics
         return [done[i] for i in sorted(done)]
-
-    def _buckets_for(self, sched: Sequence[SchedRequest]) -> BucketTable:
-        """The job's shape table: page tables wide enough for its longest request."""
-        longest = max(len(r.prompt_token_ids) + r.max_tokens for r in sched)
-        return BucketTable.for_budget(self.options.max_tokens_per_step,
-                                      -(-longest // self.options.page_size))
-
 
 def _rate(amount: float, seconds: float) -> float | None:
     return amount / seconds if seconds > 0 else None

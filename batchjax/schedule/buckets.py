@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+from typing import Sequence
+
+from batchjax.schedule.step_plan import SchedRequest
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -79,6 +82,20 @@ class BucketTable:
             if small < t and (max_sampled is None or max_sampled > small):
                 out.append(StepShape(t, t, self.table_pages))
         return tuple(out)
+
+    def job_shapes(self, requests: Sequence[SchedRequest],
+                   max_tokens_per_step: int) -> tuple[StepShape, ...]:
+        """Every shape a job of `requests` can take: no step holds more tokens than the job
+        has work, nor samples more rows than it has requests."""
+        work = sum(len(r.prompt_token_ids) + r.max_tokens for r in requests)
+        return self.shapes(min(max_tokens_per_step, work), len(requests))
+
+    @classmethod
+    def for_job(cls, requests: Sequence[SchedRequest], max_tokens_per_step: int,
+                page_size: int) -> "BucketTable":
+        """The table of a job: page tables as wide as its longest request can grow."""
+        longest = max(len(r.prompt_token_ids) + r.max_tokens for r in requests)
+        return cls.for_budget(max_tokens_per_step, -(-longest // page_size))
 
     @classmethod
     def for_budget(cls, max_tokens_per_step: int, table_pages: int) -> "BucketTable":

@@ -1,0 +1,77 @@
+"""Every step of every policy takes one of the few shapes its job's table lists up front, so
+warm-up compiles all of them and nothing compiles afterwards."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from batchjax.bench.suite import cpu_peers
+from batchjax.engine.step_batch import build_step_batch
+from batchjax.schedule.buckets import BucketTable
+from batchjax.schedule.policies import POLICIES, make_batcher
+from batchjax.schedule.step_plan import Budgets
+from tests.test_batching import replay, tight_budgets, workloads
+
+MAX_SHAPES = 16
+
+
+def _shapes_of(steps, page_size, table):
+    return {build_step_batch(step, page_size, table).shape for step in steps}
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=40, deadline=None)
+@given(work=workloads(), page_size=st.sampled_from([1, 2, 4]), slack=st.integers(0, 6),
+       overlap=st.booleans())
+def test_generated_workloads_stay_within_the_shapes_warm_up_compiles(
+        policy, work, page_size, slack, overlap):
+    requests, output_lens = work
+    budgets = tight_budgets(requests, page_size, slack)
+    table = BucketTable.for_job(requests, budgets.max_tokens_per_step, page_size)
+    foreseen = table.job_shapes(requests, budgets.max_tokens_per_step)
+    assert len(foreseen) <= MAX_SHAPES
+    result = replay(policy, requests, output_lens, budgets, overlap)
+    assert _shapes_of(result.steps, page_size, table) <= set(foreseen)
+
+
+class _Replay:
+    """Runs a workload's true output lengths through a batcher, keeping its steps."""
+
+    def __init__(self, output_lens):
+        self.remaining = list(output_lens)
+        self.steps = []
+
+    def launch(self, step):
+        self.steps.append(step)
+
+    def provisional(self, step, handle):
+        from batchjax.schedule.step_plan import SampledToken
+
+        out = []
+        for c in step.chunks:
+            if c.sample:
+                self.remaining[c.seq_id] -= 1
+                out.append(SampledToken(c.seq_id, 7, self.remaining[c.seq_id] <= 0))
+        return out
+
+    def collect(self, step, handle):
+        return ()
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_the_benchmark_workloads_take_at_most_16_shapes(policy):
+    """The CPU benchmark's workloads at the engine's default step and a budget that holds
+    part of the batch: the shapes stay within the table, and the table within 16."""
+    from batchjax.schedule.driver import run_batcher
+
+    for work in cpu_peers(quick=True, num_requests=64):
+        requests = work.to_sched_requests()
+        budgets = Budgets(512, kv_budget_pages=800, page_size=16, max_num_seqs=256)
+        table = BucketTable.for_job(requests, 512, 16)
+        foreseen = table.job_shapes(requests, 512)
+        assert len(foreseen) <= MAX_SHAPES
+        executor = _Replay(work.output_lens.tolist())
+        run_batcher(make_batcher(policy, requests, budgets), executor)
+        assert _shapes_of(executor.steps, 16, table) <= set(foreseen), work.name
