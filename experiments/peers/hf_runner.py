@@ -99,8 +99,9 @@ def main() -> None:
         "attn_implementation": model.config._attn_implementation,
         "batching": "length-sorted, padded KV within the budget, left padding",
     }
-    warm = [PeerRequest("warm-up", workloads[0][1][0].prompt_token_ids, 2)]
-    _generate(model, [warm], pad_token_id)
+    if args.warm_up:
+        warm = [PeerRequest("warm-up", workloads[0][1][0].prompt_token_ids, 2)]
+        _generate(model, [warm], pad_token_id)
 
     runs = []
     for name, requests in workloads:

@@ -71,7 +71,22 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
     parser.add_argument("--max_tokens_per_step", type=int, default=512)
     parser.add_argument("--num_threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", required=True, help="JSON report to write")
+    parser.add_argument("--warm_up", action=argparse.BooleanOptionalAction, default=True,
+                        help="one untimed call first; without it the first run pays every "
+                             "lazy start-up cost, as a user's first job does")
     return parser
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux), None where that cannot be read."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def run_record(

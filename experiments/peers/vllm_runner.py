@@ -14,8 +14,8 @@ import argparse
 import os
 import time
 
-from peer_io import PeerRequest, check_lengths, common_arguments, read_requests, run_record, \
-    write_report
+from peer_io import PeerRequest, check_lengths, common_arguments, process_age_s, read_requests, \
+    run_record, write_report
 
 _MIB = 1 << 20
 
@@ -77,9 +77,10 @@ def main() -> None:
         enable_chunked_prefill=args.chunked_prefill,
         kv_cache_memory_bytes=kv_bytes,
     )
-    # One short untimed call, so lazy initialisation lands outside the timed runs.
-    warm = [PeerRequest("warm-up", workloads[0][1][0].prompt_token_ids, 2)]
-    _generate(llm, warm)
+    if args.warm_up:
+        # One short untimed call, so lazy initialisation lands outside the timed runs.
+        warm = [PeerRequest("warm-up", workloads[0][1][0].prompt_token_ids, 2)]
+        _generate(llm, warm)
 
     runs = []
     for name, requests in workloads:
@@ -90,6 +91,7 @@ def main() -> None:
             token_ids, computed, wall_s = _generate(llm, requests)
             check_lengths(requests, token_ids)
             runs.append(run_record(name, rep, requests, token_ids, wall_s, computed, first))
+            runs[-1]["since_process_start_s"] = process_age_s()  # at its last result
             first = first or token_ids
             print(f"vllm {name} rep {rep}: {wall_s:.2f} s", flush=True)
     write_report(args.out, "vllm", config, {"vllm": vllm.__version__}, runs)
