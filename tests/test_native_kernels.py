@@ -14,6 +14,11 @@ from batchjax.kernels import paged_attention as pa
 
 HAS_CPU = native_kernels.cpu_has_avx2_fma()
 native = pytest.mark.skipif(not HAS_CPU, reason="the native kernels need x86-64 AVX2 and FMA")
+HAS_BF16 = HAS_CPU and native_kernels.cpu_has_avx512_bf16()
+# Every bf16 panel layout this machine can run: the AVX2 one everywhere the kernels run, the
+# AVX512-BF16 one only where the CPU has it (skipped, with the reason, elsewhere).
+BF16_LAYOUTS = ["widen", pytest.param("pairs", marks=pytest.mark.skipif(
+    not HAS_BF16, reason="this CPU has no AVX512-BF16 (avx512_bf16 in /proc/cpuinfo)"))]
 
 
 def test_pack_round_trips_and_lays_columns_out_in_panels():
@@ -40,6 +45,18 @@ def test_bf16_panels_keep_the_bits_interleaved_for_the_kernel():
         pm.pack(np.zeros((4, 16), np.float16))
 
 
+def test_bf16_pairs_keep_each_row_pair_column_by_column():
+    w = jnp.asarray(np.arange(6 * 32).reshape(6, 32) / 7, jnp.bfloat16)
+    wp = pm.pack(w, "pairs")
+    assert wp.shape == (2, 3, 32) and wp.dtype == jnp.uint16
+    pair = jax.lax.bitcast_convert_type(wp[1, 2], jnp.bfloat16)  # panel 1, rows 4 and 5
+    np.testing.assert_array_equal(pair[0::2], w[4, 16:32])
+    np.testing.assert_array_equal(pair[1::2], w[5, 16:32])
+    np.testing.assert_array_equal(pm.unpack(wp), w)
+    with pytest.raises(ValueError, match="even K"):
+        pm.pack(jnp.zeros((5, 16), jnp.bfloat16), "pairs")
+
+
 @native
 def test_the_kernels_build_on_a_cpu_that_can_run_them():
     # Where the CPU qualifies, a failed build is a bug, not a reason to skip.
@@ -64,13 +81,28 @@ def test_native_matmul_matches_the_jnp_product(m, k, n):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
+# The pairs kernels: VDPBF16PS's 8-row micro-kernels with every tail, 64-row blocks, panels
+# taken two at a time and a last odd one, K with and without a tail past 32 values; AMX's
+# 32-row blocks with partial tiles (K a multiple of 32; others go to VDPBF16PS).
+@pytest.fixture(params=["amx", "avx512"])
+def products(request, monkeypatch):
+    if request.param == "amx" and not native_kernels.cpu_has_amx_bf16():
+        pytest.skip("this CPU has no AMX-BF16 (amx_bf16, amx_tile in /proc/cpuinfo)")
+    if request.param == "avx512":
+        monkeypatch.setenv("BATCHJAX_CPU_BF16", "avx512")  # read by the kernel at each call
+    return request.param
+
+
 @native
-@pytest.mark.parametrize("m,k,n", [(1, 8, 16), (7, 576, 960), (13, 33, 160), (49, 24, 32)])
-def test_native_bf16_matmul_matches_the_f32_product_of_the_bf16_values(m, k, n):
+@pytest.mark.parametrize("layout", BF16_LAYOUTS)
+@pytest.mark.parametrize("m,k,n", [(1, 8, 16), (7, 576, 960), (13, 34, 160), (49, 24, 32),
+                                   (65, 1536, 48), (9, 576, 49152 // 64)])
+def test_native_bf16_matmul_matches_the_f32_product_of_the_bf16_values(m, k, n, layout,
+                                                                       products):
     rng = np.random.default_rng(m * 1000 + n)
     w = jnp.asarray(rng.standard_normal((2, k, n)), jnp.bfloat16)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.bfloat16)
-    wp = pm.pack(w)
+    wp = pm.pack(w, layout)
     for layer in range(2):
         got = jax.jit(pm.packed_matmul)(x, wp, layer)
         assert got.dtype == jnp.bfloat16
@@ -83,13 +115,15 @@ def test_native_bf16_matmul_matches_the_f32_product_of_the_bf16_values(m, k, n):
 
 
 @native
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_native_matmul_multiplies_only_the_real_rows_and_zeroes_the_padding(dtype):
+@pytest.mark.parametrize("dtype,layout", [(jnp.float32, "widen"), (jnp.bfloat16, "widen"),
+                                          pytest.param(jnp.bfloat16, "pairs",
+                                                       marks=BF16_LAYOUTS[1].marks)])
+def test_native_matmul_multiplies_only_the_real_rows_and_zeroes_the_padding(dtype, layout):
     rng = np.random.default_rng(7)
     m, k, n = 13, 40, 48
     w = jnp.asarray(rng.standard_normal((2, k, n)), dtype)
     x = jnp.asarray(rng.standard_normal((m, k)), dtype)  # padding rows hold real values too
-    wp = pm.pack(w)
+    wp = pm.pack(w, layout)
     fn = jax.jit(pm.packed_matmul)  # one program for every count: `rows` is traced
     programs = None
     for rows in (0, 1, 6, 7, 13, 20):
@@ -188,6 +222,21 @@ def test_model_step_packs_bf16_weights_as_bf16(tiny_llama_dir):
     assert all(wp.dtype == jnp.uint16 for wp in packed.values())  # 2 bytes a weight
     np.testing.assert_array_equal(pm.unpack(packed["gate_up_proj"])[1][:, :128],
                                   model.layers[1].mlp.gate_proj.kernel[...])
+    # The CPU's fastest layout, chosen at run time, and reported as such.
+    width = 2 * pm.PANEL if HAS_BF16 else pm.PANEL
+    assert all(wp.shape[-1] == width for wp in packed.values())
+    fast = "amx_bf16" if native_kernels.cpu_has_amx_bf16() else "avx512_bf16"
+    assert step.bf16_matmul == (fast if HAS_BF16 else "avx2_fma")
+
+
+@native
+def test_the_bf16_layout_can_be_held_to_the_avx2_path(tiny_llama_dir, monkeypatch):
+    from batchjax.models.registry import load_model
+
+    monkeypatch.setenv("BATCHJAX_CPU_BF16", "widen")
+    step = step_module.ModelStep(load_model(str(tiny_llama_dir), dtype=jnp.bfloat16).model)
+    assert step.bf16_matmul == "avx2_fma"
+    assert all(wp.shape[-1] == pm.PANEL for wp in step.params["packed"].values())
 
 
 def _paged_problem(rng, rows, nq, hq, hkv, d, page, pages_per_row, layers=2, num_pages=40):

@@ -8,8 +8,11 @@ carried through the scan and donated, so pages are updated in place.
 On x86-64 CPUs (`cpu_kernels="auto"`) two parts run through native kernels where they can
 (`batchjax.kernels`): the dense products (fused q/k/v, o, fused gate/up, down, and the
 vocabulary head), for which the step keeps those weights packed, all layers in one array, and
-passes the layer index; and, on the `xla` attention path, the rows that read their context page
-by page (decode rows and small prefix blocks).
+passes the layer index; and, on the `xla` attention path, the ragged paged attention.
+
+Programs are compiled ahead of time, one per `StepShape` (`warm_up`), and called directly: a
+call returns device arrays at once, so the host plans the next step while this one runs. The
+next step reads this one's sampled tokens from its `feed` on the device.
 """
 
 from __future__ import annotations
@@ -94,6 +97,14 @@ class ModelStep:
             self._head_graphdef, params["lm_head"] = nnx.split(model.lm_head)
         if self.cpu_kernels == "native":
             self._pack(params, layer_states, model)
+        # Which native product the bf16 weights run on (None: XLA's dot, or f32 weights).
+        self.bf16_matmul = None
+        if self.cpu_kernels == "native" and jnp.dtype(model.dtype) == jnp.bfloat16:
+            shapes = [w.shape[-1] for w in params["packed"].values()]
+            if 2 * packed_matmul.PANEL not in shapes:
+                self.bf16_matmul = "avx2_fma"
+            else:
+                self.bf16_matmul = "amx_bf16" if native.cpu_has_amx_bf16() else "avx512_bf16"
         params["layers"] = _stack_states(layer_states)
         self.params = params
         self.dtype = model.dtype
@@ -128,11 +139,17 @@ class ModelStep:
         kernel whose width is not a multiple of the panel stays where it is, on XLA's dot.
         """
         packed = params["packed"]
+        preferred = packed_matmul.bf16_layout()  # AVX512-BF16 pairs where the CPU has them
+
+        def pack(w):
+            layout = preferred if w.shape[-2] % 2 == 0 else "widen"
+            return packed_matmul.pack(w, layout)
+
         for module, name in _PACKABLE:
             kernels = [st[module][name]["kernel"] for st in layer_states]
             if kernels[0].shape[-1] % packed_matmul.PANEL:
                 continue
-            packed[name] = packed_matmul.pack(jnp.stack([k[...] for k in kernels]))
+            packed[name] = pack(jnp.stack([k[...] for k in kernels]))
             for st in layer_states:
                 st[module][name]["kernel"] = nnx.Param(jnp.zeros((0,), model.dtype))
         if model.lm_head is None:
@@ -140,7 +157,7 @@ class ModelStep:
         else:
             head = params["lm_head"]["kernel"][...]
         if head.shape[-1] % packed_matmul.PANEL == 0:  # the head has no bias
-            packed["lm_head"] = packed_matmul.pack(head[None])
+            packed["lm_head"] = pack(head[None])
             params.pop("lm_head", None)
 
     def _forward(self, params, kv, token_ids, positions, logits_index, md, impl, real_rows):

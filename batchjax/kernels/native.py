@@ -1,8 +1,8 @@
 """Builds, loads and registers the native CPU kernels (`*.cc` here) with XLA's FFI.
 
 XLA's CPU code runs the engine's decode-sized work well below what the cores can do: dense
-products of a few dozen rows (`packed_matmul.cc`) and attention of single rows over their own
-pages (`paged_attention.cc`). The kernels are C++ with AVX2/FMA intrinsics, compiled on first
+products (`packed_matmul.cc`; bf16 ones on AVX512-BF16 or AMX where the CPU has them,
+`packed_matmul_bf16dp.cc`) and ragged paged attention (`paged_attention.cc`). The kernels are C++ with AVX2/FMA intrinsics, compiled on first
 use with the system's C++ compiler against the FFI headers that ship with jaxlib, cached under
 `~/.cache/batchjax/native` (or `$BATCHJAX_CACHE_DIR/native`) by a hash of sources, flags and
 jaxlib version, and registered as XLA custom calls. Where that is not possible (no compiler, a
@@ -33,19 +33,43 @@ TARGETS = {
     "batchjax_packed_matmul_bf16": "BatchjaxPackedMatmulBF16",
     "batchjax_ragged_paged_attention_f32": "BatchjaxRaggedPagedAttentionF32",
     "batchjax_ragged_paged_attention_bf16": "BatchjaxRaggedPagedAttentionBF16",
+    "batchjax_packed_matmul_bf16_pairs": "BatchjaxPackedMatmulBF16Pairs",
 }
 _log = logging.getLogger(__name__)
 
 
-def cpu_has_avx2_fma() -> bool:
+@functools.cache
+def cpu_features() -> frozenset[str]:
+    """The CPU's feature flags (Linux on x86-64), empty where they cannot be read."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return frozenset()
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return False
+        return frozenset()
     line = next((ln for ln in info.splitlines() if ln.startswith("flags")), "")
-    return {"avx2", "fma"} <= set(line.split())
+    return frozenset(line.split())
+
+
+def cpu_has_avx2_fma() -> bool:
+    return {"avx2", "fma"} <= cpu_features()
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether bf16 products can run on VDPBF16PS (`packed_matmul_bf16dp.cc`);
+    `BATCHJAX_CPU_BF16=widen` keeps them on the AVX2 path that widens bf16 to f32."""
+    if os.environ.get("BATCHJAX_CPU_BF16", "") == "widen":
+        return False
+    return {"avx512f", "avx512bw", "avx512vl", "avx512_bf16"} <= cpu_features()
+
+
+def cpu_has_amx_bf16() -> bool:
+    """Whether those products run on AMX tiles instead (`BATCHJAX_CPU_BF16=avx512` keeps them
+    on VDPBF16PS); the kernel also needs Linux to grant the process AMX state, and falls back
+    to VDPBF16PS where it does not."""
+    if os.environ.get("BATCHJAX_CPU_BF16", "") == "avx512":
+        return False
+    return cpu_has_avx512_bf16() and {"amx_bf16", "amx_tile"} <= cpu_features()
 
 
 def _cache_dir() -> Path:
