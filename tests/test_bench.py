@@ -112,7 +112,8 @@ def test_table_json_and_charts_report_ratios_agreement_and_missing_systems(tmp_p
     tokens = {"r0": [1, 2], "r1": [3, 4]}
     outcomes = [
         _fake_outcome("batchjax batchllm", "float32", [1.0, 1.1, 0.9], tokens, computed=40,
-                      mfu_prefill=0.8, mfu_decode=0.45),
+                      mfu_prefill=0.8, mfu_decode=0.45, host_s_per_step=0.0042,
+                      decode_device_idle_fraction=0.031),
         _fake_outcome(report.REFERENCE_SYSTEM, "float32", [2.0, 2.0, 2.0],
                       {"r0": [1, 2], "r1": [3, 5]}, computed=70),
         PeerOutcome("transformers", "float32", "missing", "interpreter /x not found", None, None),
@@ -129,8 +130,8 @@ def test_table_json_and_charts_report_ratios_agreement_and_missing_systems(tmp_p
     assert rows[report.REFERENCE_SYSTEM].mfu_prefill is None
     table_rows = {line.split(" | ")[1]: line for line in written["table"].splitlines()
                   if line.startswith("| w |")}
-    assert table_rows["batchjax batchllm"].endswith("| 80% / 45% |")
-    assert table_rows[report.REFERENCE_SYSTEM].endswith("| - / - |")
+    assert table_rows["batchjax batchllm"].endswith("| 80% / 45% | 4.2 | 3.1% |")
+    assert table_rows[report.REFERENCE_SYSTEM].endswith("| - / - | - | - |")
     assert "transformers (float32): **missing**: interpreter /x not found" in written["table"]
     raw = json.loads((tmp_path / "results.json").read_text())
     assert {s["status"] for s in raw["systems"]} == {"ok", "missing"}
@@ -161,8 +162,9 @@ def test_smoke_suite_runs_every_policy_and_transformers_and_reports_vllm_missing
         # f32 greedy on identical weights: every system decodes the same tokens.
         assert r["agreement"] == 1.0, r
         ours = r["system"].startswith("batchjax")
-        for key in ("mfu_prefill", "mfu_decode"):
+        for key in ("mfu_prefill", "mfu_decode", "host_s_per_step"):
             assert (r[key] is not None and r[key] > 0) if ours else r[key] is None, r
+        assert (0 <= r["decode_device_idle"] < 1) if ours else r["decode_device_idle"] is None
     shared = [r for r in rows if r["system"] == "batchjax batchllm"
               and r["workload"].startswith("micro")]
     assert shared[0]["saving_ratio"] > 0.5

@@ -44,6 +44,9 @@ class SummaryRow:
     # in prefill steps and in decode-only steps.
     mfu_prefill: float | None = None
     mfu_decode: float | None = None
+    # batchjax only: host time per step, and the device's idle share of decode-only steps.
+    host_s_per_step: float | None = None
+    decode_device_idle: float | None = None
 
 
 def _median(values: Iterable[float]) -> float:
@@ -116,6 +119,8 @@ def summarize(outcomes: Sequence[PeerOutcome]) -> list[SummaryRow]:
             same_tokens_across_reps=all(r.get("same_tokens_as_first_rep", True) for r in runs),
             mfu_prefill=_median_of(runs, "mfu_prefill"),
             mfu_decode=_median_of(runs, "mfu_decode"),
+            host_s_per_step=_median_of(runs, "host_s_per_step"),
+            decode_device_idle=_median_of(runs, "decode_device_idle_fraction"),
         ))
     return rows
 
@@ -127,8 +132,9 @@ def _fmt(value: float | None, spec: str, missing: str = "n/a") -> str:
 def markdown_table(rows: Sequence[SummaryRow], outcomes: Sequence[PeerOutcome]) -> str:
     """The results table, then every system that is missing or failed, with the reason."""
     header = ("| workload | system | dtype | output tok/s (spread) | total tok/s | saving | "
-              "peak KV MiB | wall s | x vLLM PC+CP | agree w/ batchllm | MFU prefill / decode |")
-    lines = [header, "|" + " --- |" * 11]
+              "peak KV MiB | wall s | x vLLM PC+CP | agree w/ batchllm | MFU prefill / decode "
+              "| host ms/step | device idle, decode |")
+    lines = [header, "|" + " --- |" * 13]
     for r in rows:
         lines.append(
             f"| {r.workload} | {r.system} | {r.dtype} "
@@ -136,7 +142,9 @@ def markdown_table(rows: Sequence[SummaryRow], outcomes: Sequence[PeerOutcome]) 
             f"| {r.total_tokens_per_s:.1f} | {_fmt(r.saving_ratio, '.1%')} "
             f"| {_fmt(r.peak_kv_mib, '.1f')} | {r.wall_s:.2f} "
             f"| {_fmt(r.ratio_to_reference, '.2f')} | {_fmt(r.agreement, '.0%')} "
-            f"| {_fmt(r.mfu_prefill, '.0%', '-')} / {_fmt(r.mfu_decode, '.0%', '-')} |"
+            f"| {_fmt(r.mfu_prefill, '.0%', '-')} / {_fmt(r.mfu_decode, '.0%', '-')} "
+            f"| {_fmt(None if r.host_s_per_step is None else r.host_s_per_step * 1e3, '.1f', '-')} "
+            f"| {_fmt(r.decode_device_idle, '.1%', '-')} |"
         )
     absent = [o for o in outcomes if o.status != "ok"]
     if absent:

@@ -78,7 +78,8 @@ def common_arguments(description: str) -> argparse.ArgumentParser:
 
 
 def process_age_s() -> float | None:
-    """Seconds since this process started (Linux), None where that cannot be read."""
+    """Seconds since this process started (Linux), None where that cannot be read; as
+    `batchjax.metrics.process_age_s`, which the peers' interpreters cannot import."""
     try:
         with open("/proc/self/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
