@@ -165,7 +165,7 @@ def test_smoke_suite_runs_every_policy_and_transformers_and_reports_vllm_missing
         for key in ("mfu_prefill", "mfu_decode", "host_s_per_step"):
             assert (r[key] is not None and r[key] > 0) if ours else r[key] is None, r
         idle = r["decode_device_idle"]  # None for a run with no decode-only step
-        assert (idle is None or 0 <= idle < 1) if ours else idle is None
+        assert (idle is None or 0 <= idle < 1) if ours else idle is None, r
     assert any(r["decode_device_idle"] is not None for r in rows)
     shared = [r for r in rows if r["system"] == "batchjax batchllm"
               and r["workload"].startswith("micro")]

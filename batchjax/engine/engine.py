@@ -255,7 +255,7 @@ class Engine:
             host_s_per_step=_rate(stats.host_s, stats.num_steps),
             device_idle_s=stats.device_idle_s,
             device_idle_fraction=_rate(stats.device_idle_s, stats.loop_s),
-            decode_device_idle_fraction=_rate(stats.decode_idle_s, stats.decode_s),
+            decode_device_idle_fraction=_rate(stats.decode_idle_s, stats.decode_span_s),
             padded_tokens=stats.padded_tokens,
             overlap=o.overlap,
             attention=o.attention,
@@ -291,11 +291,13 @@ class _RunStats:
     compiling_s: float = 0.0
     compiled_after_warmup: int = 0
     # Host time in the loop outside waiting for the device; device-idle time: from a step's
-    # end on the device to the launch of the next one (all of it, and before decode steps).
+    # end on the device (as a watcher thread sees it, so at most late) to the launch of the
+    # next one.
     host_s: float = 0.0
     loop_s: float = 0.0
     device_idle_s: float = 0.0
-    decode_idle_s: float = 0.0
+    decode_idle_s: float = 0.0  # between two decode-only steps ...
+    decode_span_s: float = 0.0  # ... out of the time from the first's end to the second's
     startup_s: float | None = None  # process start to the first step's launch
     time_to_first_result_s: float | None = None  # process start to the first result
 
@@ -430,11 +432,14 @@ class _EngineSteps:
         stats = self._stats
         stats.loop_s = time.perf_counter() - self._t_start
         stats.host_s = stats.loop_s - self._waited
+        # The device's timeline: from one step's end to the next one's, it idled until the
+        # next one was launched (if it was launched after the end).
         for before, step in zip(self._steps, self._steps[1:]):
             idle = max(0.0, step.launched - before.ended)
             stats.device_idle_s += idle
-            if step.decode_only and not step.compiled:
+            if step.decode_only and before.decode_only and not step.compiled:
                 stats.decode_idle_s += idle
+                stats.decode_span_s += max(step.ended - before.ended, idle)
 
 
 def generate(requests: Iterable[str | dict | Request], model: str = "smollm2-135m", *,
