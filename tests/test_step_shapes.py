@@ -10,8 +10,10 @@ from hypothesis import strategies as st
 from batchjax.bench.suite import cpu_peers
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.schedule.buckets import BucketTable
+from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.policies import POLICIES, make_batcher
 from batchjax.schedule.step_plan import Budgets
+from batchjax.sim.simulate import ReplaySteps
 from tests.test_batching import replay, tight_budgets, workloads
 
 MAX_SHAPES = 16
@@ -36,42 +38,17 @@ def test_generated_workloads_stay_within_the_shapes_warm_up_compiles(
     assert _shapes_of(result.steps, page_size, table) <= set(foreseen)
 
 
-class _Replay:
-    """Runs a workload's true output lengths through a batcher, keeping its steps."""
-
-    def __init__(self, output_lens):
-        self.remaining = list(output_lens)
-        self.steps = []
-
-    def launch(self, step):
-        self.steps.append(step)
-
-    def provisional(self, step, handle):
-        from batchjax.schedule.step_plan import SampledToken
-
-        out = []
-        for c in step.chunks:
-            if c.sample:
-                self.remaining[c.seq_id] -= 1
-                out.append(SampledToken(c.seq_id, 7, self.remaining[c.seq_id] <= 0))
-        return out
-
-    def collect(self, step, handle):
-        return ()
-
-
 @pytest.mark.parametrize("policy", POLICIES)
 def test_the_benchmark_workloads_take_at_most_16_shapes(policy):
     """The CPU benchmark's workloads at the engine's default step and a budget that holds
     part of the batch: the shapes stay within the table, and the table within 16."""
-    from batchjax.schedule.driver import run_batcher
-
     for work in cpu_peers(quick=True, num_requests=64):
         requests = work.to_sched_requests()
         budgets = Budgets(512, kv_budget_pages=800, page_size=16, max_num_seqs=256)
         table = BucketTable.for_job(requests, 512, 16)
         foreseen = table.job_shapes(requests, 512)
         assert len(foreseen) <= MAX_SHAPES
-        executor = _Replay(work.output_lens.tolist())
-        run_batcher(make_batcher(policy, requests, budgets), executor)
-        assert _shapes_of(executor.steps, 16, table) <= set(foreseen), work.name
+        steps = []
+        run_batcher(make_batcher(policy, requests, budgets),
+                    ReplaySteps(work.output_lens.tolist(), steps.append))
+        assert _shapes_of(steps, 16, table) <= set(foreseen), work.name

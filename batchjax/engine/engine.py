@@ -325,9 +325,8 @@ class _InFlight:
     launched: float
     compiled: bool
     flops: float
-    ready: threading.Event = dataclasses.field(default_factory=threading.Event)
+    decode_only: bool
     ended: float = 0.0  # when the device had its tokens (set by the watcher)
-    decode_only: bool = False
 
 
 class _EngineSteps:
@@ -356,7 +355,6 @@ class _EngineSteps:
         while (step := self._watch.get()) is not None:
             step.tokens.block_until_ready()
             step.ended = time.perf_counter()
-            step.ready.set()
 
     def launch(self, plan) -> _InFlight:
         engine, live = self._engine, self._live
@@ -374,7 +372,8 @@ class _EngineSteps:
         if self._stats.startup_s is None:
             self._stats.startup_s = process_age_s()
         step = _InFlight(batch, tokens, now, engine.step.num_compiled_shapes > compiled,
-                         step_flops(engine.config, plan, len(batch.sample_seq_ids)))
+                         step_flops(engine.config, plan, len(batch.sample_seq_ids)),
+                         all(c.is_decode for c in plan.chunks))
         self._watch.put(step)
         self._steps.append(step)
         return step
@@ -417,7 +416,6 @@ class _EngineSteps:
         stats.model_tokens += batch.num_tokens
         stats.model_flops += step.flops
         stats.padded_tokens += batch.token_ids.shape[0]
-        step.decode_only = all(c.is_decode for c in plan.chunks)
         stats.add_step(step.decode_only, step.compiled, step.flops, now - self._last_collect)
         self._last_collect = now
         elapsed = now - self._t_start

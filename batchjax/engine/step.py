@@ -213,9 +213,8 @@ class ModelStep:
         return jax.device_put((batch.token_ids, batch.positions, batch.logits_index,
                                batch.metadata, real_rows, tuple(sampling_rows)))
 
-    def _lower(self, kv, feed, batch: StepBatch, sampling_rows, greedy: bool):
-        return self._jitted.lower(self.params, kv, feed, *self._inputs(batch, sampling_rows),
-                                  greedy=greedy)
+    def _lower(self, kv, feed, inputs, greedy: bool):
+        return self._jitted.lower(self.params, kv, feed, *inputs, greedy=greedy)
 
     @staticmethod
     def empty_feed(size: int) -> jax.Array:
@@ -231,12 +230,12 @@ class ModelStep:
             return 0
         bar = tqdm(total=len(todo), unit="shape", desc="compile", disable=not progress,
                    dynamic_ncols=True)
-        with concurrent.futures.ThreadPoolExecutor(max(1, min(len(todo), os.cpu_count() or 1))) as pool:
+        threads = max(1, min(len(todo), os.cpu_count() or 1))
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             futures = {}
             for shape in todo:
-                batch = empty_step_batch(shape)
-                lowered = self._lower(kv, feed, batch, sampling_row_arrays(shape.sampled), greedy)
-                futures[pool.submit(lowered.compile)] = shape
+                inputs = self._inputs(empty_step_batch(shape), sampling_row_arrays(shape.sampled))
+                futures[pool.submit(self._lower(kv, feed, inputs, greedy).compile)] = shape
             for future in concurrent.futures.as_completed(futures):
                 self._compiled[(futures[future], greedy)] = future.result()
                 bar.update(1)
@@ -248,8 +247,8 @@ class ModelStep:
         """Runs the step: returns (sampled tokens [Ss], feed, kv) as device arrays, without
         waiting for them. `feed` is the previous step's (or `empty_feed`)."""
         key = (batch.shape, greedy)
+        inputs = self._inputs(batch, sampling_rows)
         program = self._compiled.get(key)
         if program is None:  # a shape warm-up did not foresee: compiled here, and counted
-            program = self._compiled[key] = self._lower(kv, feed, batch, sampling_rows,
-                                                        greedy).compile()
-        return program(self.params, kv, feed, *self._inputs(batch, sampling_rows))
+            program = self._compiled[key] = self._lower(kv, feed, inputs, greedy).compile()
+        return program(self.params, kv, feed, *inputs)

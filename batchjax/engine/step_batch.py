@@ -29,10 +29,6 @@ class StepBatch:
     num_tokens: int  # real (unpadded) tokens
     shape: StepShape
 
-    @property
-    def shape_key(self) -> StepShape:
-        return self.shape
-
 
 def _reached_pages(chunk, page_size: int) -> tuple[int, ...]:
     """The chunk's own pages up to its last token: a sequence may hold pages for tokens still

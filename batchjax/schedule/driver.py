@@ -28,14 +28,12 @@ class StepExecutor(Protocol):
         """Waits for the step; the real tokens of the rows `provisional` reported."""
 
 
-def run_batcher(batcher: Batcher, executor: StepExecutor, *, overlap: bool = False) -> int:
-    """Runs `batcher` to the end through `executor`; returns the number of steps."""
+def run_batcher(batcher: Batcher, executor: StepExecutor, *, overlap: bool = False) -> None:
+    """Runs `batcher` to the end through `executor`."""
     in_flight = None  # (plan, handle) of the step whose tokens are not collected yet
-    steps = 0
     while batcher.has_work():
         plan = batcher.next_step()
         handle = executor.launch(plan)
-        steps += 1
         if in_flight is not None:
             batcher.resolve(executor.collect(*in_flight))
         batcher.complete(plan, executor.provisional(plan, handle))
@@ -45,4 +43,3 @@ def run_batcher(batcher: Batcher, executor: StepExecutor, *, overlap: bool = Fal
             in_flight = None
     if in_flight is not None:
         batcher.resolve(executor.collect(*in_flight))
-    return steps

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -17,7 +18,7 @@ from batchjax.schedule.plan import build_plan_from_tokens
 from batchjax.schedule.policies import make_batcher
 from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.prefix_tree import identify_prefixes
-from batchjax.schedule.step_plan import Budgets, SampledToken
+from batchjax.schedule.step_plan import Budgets, SampledToken, StepPlan
 from batchjax.sim.cost_model import CostModel
 from batchjax.sim.hardware import get_device, get_model
 from batchjax.workloads import Workload
@@ -45,18 +46,18 @@ class SimResult:
     trace: StepTrace
 
 
-class _SimulatedSteps:
-    """The executor of a replay: output lengths from the workload, times from the cost model."""
+class ReplaySteps:
+    """A `StepExecutor` without a model: each request samples until its workload output length,
+    and `on_launch(step)` sees every step (the simulator times it with the cost model)."""
 
-    def __init__(self, output_lens: list[int], cost: CostModel, trace_rows: list):
-        self._remaining = output_lens  # tokens each request still generates
-        self._cost = cost
-        self._rows = trace_rows  # (tokens, KV pages in use, seconds) per step
+    def __init__(self, output_lens: list[int], on_launch: Callable[[StepPlan], None]):
+        self._remaining = list(output_lens)  # tokens each request still generates
+        self._on_launch = on_launch
 
-    def launch(self, step):
-        self._rows.append((step.num_tokens, step.kv_pages_in_use, self._cost.step_seconds(step)))
+    def launch(self, step: StepPlan) -> None:
+        self._on_launch(step)
 
-    def provisional(self, step, handle):
+    def provisional(self, step: StepPlan, handle) -> list[SampledToken]:
         sampled = []
         for c in step.chunks:
             if c.sample:
@@ -65,7 +66,7 @@ class _SimulatedSteps:
                     SampledToken(c.seq_id, SIMULATED_TOKEN_ID, self._remaining[c.seq_id] <= 0))
         return sampled
 
-    def collect(self, step, handle):
+    def collect(self, step: StepPlan, handle) -> tuple:
         return ()
 
 
@@ -105,8 +106,11 @@ def simulate(
             "optimal_saving_ratio", identify_prefixes(workload.prompts).optimal_saving_ratio
         )
     batcher = make_batcher(policy, requests, budgets, **policy_options)
-    trace_rows: list[tuple[int, int, float]] = []
-    run_batcher(batcher, _SimulatedSteps(workload.output_lens.tolist(), cost, trace_rows))
+    trace_rows: list[tuple[int, int, float]] = []  # tokens, KV pages in use, seconds
+    run_batcher(batcher, ReplaySteps(
+        workload.output_lens.tolist(),
+        lambda step: trace_rows.append(
+            (step.num_tokens, step.kv_pages_in_use, cost.step_seconds(step)))))
     tokens, pages, seconds = zip(*trace_rows) if trace_rows else ((), (), ())
     replay_s = time.perf_counter() - started
     trace = StepTrace(
