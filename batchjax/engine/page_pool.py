@@ -6,20 +6,26 @@ Page ids, refcounts and budgets live on the host, in the policy's batcher
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
 from batchjax.models.config import ModelConfig
 
 
-def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype) -> int:
-    """K and V of one page across all layers."""
+def kv_bytes_per_page(config: ModelConfig, page_size: int, dtype,
+                      kv_heads: int | None = None) -> int:
+    """K and V of one page across all layers (`kv_heads`: the pool's heads, over all the
+    devices of a replica, where tensor parallelism replicates KV heads)."""
     itemsize = np.dtype(dtype).itemsize
-    return 2 * config.num_layers * page_size * config.num_kv_heads * config.head_dim * itemsize
+    kv_heads = config.num_kv_heads if kv_heads is None else kv_heads
+    return 2 * config.num_layers * page_size * kv_heads * config.head_dim * itemsize
 
 
-def pages_for_budget(config: ModelConfig, page_size: int, dtype, kv_budget_mb: float) -> int:
-    return int(kv_budget_mb * 2**20 // kv_bytes_per_page(config, page_size, dtype))
+def pages_for_budget(config: ModelConfig, page_size: int, dtype, kv_budget_mb: float,
+                     kv_heads: int | None = None) -> int:
+    """Pages a replica's `kv_budget_mb` (over all its devices) holds."""
+    return int(kv_budget_mb * 2**20 // kv_bytes_per_page(config, page_size, dtype, kv_heads))
 
 
 def kv_storage_dtype(dtype):
@@ -36,13 +42,18 @@ def kv_storage_dtype(dtype):
     return dtype
 
 
-def allocate_kv(config: ModelConfig, kv_budget_pages: int, page_size: int, dtype) -> tuple:
+def allocate_kv(config: ModelConfig, kv_budget_pages: int, page_size: int, dtype,
+                kv_heads: int | None = None, sharding=None) -> tuple:
     """`(k, v)` pools for all layers, each `[L, kv_budget_pages + 1, page_size, Hkv, D]`, of
-    `kv_storage_dtype(dtype)`.
+    `kv_storage_dtype(dtype)`, laid out on `sharding` (heads over the mesh's `model` axis)
+    where one is given.
 
     The extra page is the null page (id 0) that padding tokens write to.
     """
-    shape = (config.num_layers, kv_budget_pages + 1, page_size, config.num_kv_heads,
-             config.head_dim)
+    kv_heads = config.num_kv_heads if kv_heads is None else kv_heads
+    shape = (config.num_layers, kv_budget_pages + 1, page_size, kv_heads, config.head_dim)
     storage = kv_storage_dtype(dtype)
-    return jnp.zeros(shape, storage), jnp.zeros(shape, storage)
+    if sharding is None:
+        return jnp.zeros(shape, storage), jnp.zeros(shape, storage)
+    zeros = jax.jit(lambda: jnp.zeros(shape, storage), out_shardings=sharding)
+    return zeros(), zeros()

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from batchjax.attention import xla
@@ -33,9 +34,15 @@ from batchjax.engine import sampling
 from batchjax.engine.sampling import sampling_row_arrays
 from batchjax.engine.step_batch import StepBatch, empty_step_batch
 from batchjax.kernels import native, packed_matmul
+from batchjax.models.llama import DecoderLayer
+from batchjax.sharding import rules
+from batchjax.sharding.mesh import describe, make_mesh, replicated
+from batchjax.sharding.tensor_parallel import Layout
 
 _PACKABLE = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
              ("mlp", "down_proj"))
+_COLUMN_PARALLEL = ("qkv_proj", "gate_up_proj")  # output columns cut over the `model` axis
+_ROW_PARALLEL = ("o_proj", "down_proj")  # input rows cut: partial sums, all-reduced
 CPU_KERNELS = ("auto", "native", "xla")
 
 
@@ -73,30 +80,62 @@ def _stack_states(states):
     return jax.tree.map(lambda *xs: jnp.stack(xs), *states)
 
 
-class ModelStep:
-    """Runs one StepBatch through the model and samples the requested rows."""
+def _fused_layer_graphdef(config, dtype):
+    """The graph of one fused decoder layer of `config` (shapes only, nothing allocated)."""
+    def build():
+        layer = DecoderLayer(config, dtype=dtype, rngs=nnx.Rngs(0))
+        layer.fuse_projections()
+        return layer
 
-    def __init__(self, model: nnx.Module, attention: str = "xla", cpu_kernels: str = "auto"):
+    return nnx.split(nnx.eval_shape(build))[0]
+
+
+class ModelStep:
+    """Runs one StepBatch through the model and samples the requested rows.
+
+    The step runs on `mesh` (default: a mesh of one device), every device on its own heads
+    and MLP columns (`batchjax.sharding`): one program under `shard_map`, whose partial
+    products after the output and down projections are summed over the `model` axis, and
+    whose vocabulary slices of the logits are gathered before sampling. A mesh of one runs
+    the same program, its collectives over one device.
+    """
+
+    def __init__(self, model: nnx.Module, attention: str = "xla", cpu_kernels: str = "auto",
+                 mesh: Mesh | None = None):
         config = model.config
         self.config = config
+        self.mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
+        if self.mesh.devices.shape[0] != 1:
+            raise ValueError(f"a step runs on one replica's [1, T] mesh, got "
+                             f"{describe(self.mesh)}")
+        self.tensor_parallel = self.mesh.devices.shape[1]
+        layout = self.layout = Layout.for_model(config, self.tensor_parallel)
         layers = []
         for layer in model.layers:
             # The step's own module tree (sharing the caller's arrays, not copying them) with
-            # q/k/v and gate/up fused, one matmul each; the caller's model keeps the HF layout.
+            # q/k/v and gate/up fused, one matmul each, their columns in the per-device order
+            # of `layout`; the caller's model keeps the HF layout.
             layer = nnx.merge(*nnx.split(layer))
             layer.fuse_projections()
+            qkv, gate_up = layer.self_attn.qkv_proj, layer.mlp.gate_up_proj
+            qkv.kernel.set_value(qkv.kernel[...][:, layout.qkv_columns()])
+            if qkv.bias is not None:
+                qkv.bias.set_value(qkv.bias[...][layout.qkv_columns()])
+            gate_up.kernel.set_value(gate_up.kernel[...][:, layout.gate_up_columns()])
             layers.append(layer)
-        self._layer_graphdef, _ = nnx.split(layers[0])
+        self._layer_graphdef = _fused_layer_graphdef(layout.local_config(), model.dtype)
         self._embed_graphdef, embed_state = nnx.split(model.embed_tokens)
         self._norm_graphdef, norm_state = nnx.split(model.norm)
-        self._head_graphdef = None
         self.cpu_kernels = choose_cpu_kernels(cpu_kernels, model.dtype)
         layer_states = [nnx.split(layer)[1] for layer in layers]
-        params = {"embed": embed_state, "norm": norm_state, "packed": {}}
-        if model.lm_head is not None:
-            self._head_graphdef, params["lm_head"] = nnx.split(model.lm_head)
+        if model.lm_head is None:
+            head = model.embed_tokens.embedding[...].T  # tied: the lookup keeps [V, H] too
+        else:
+            head = model.lm_head.kernel[...]
+        params = {"embed": embed_state, "norm": norm_state, "packed": {},
+                  "head": layout.pad_vocab(head)}
         if self.cpu_kernels == "native":
-            self._pack(params, layer_states, model)
+            self._pack(params, layer_states, model.dtype, self.tensor_parallel)
         # Which native product the bf16 weights run on (None: XLA's dot, or f32 weights).
         self.bf16_matmul = None
         if self.cpu_kernels == "native" and jnp.dtype(model.dtype) == jnp.bfloat16:
@@ -106,17 +145,23 @@ class ModelStep:
             else:
                 self.bf16_matmul = "amx_bf16" if native.cpu_has_amx_bf16() else "avx512_bf16"
         params["layers"] = _stack_states(layer_states)
-        self.params = params
+        self._param_specs = jax.tree_util.tree_map_with_path(
+            lambda path, x: rules.param_spec(rules.tree_path_names(path), x.ndim, x.size), params)
+        self.params = _place(params, jax.tree.map(
+            lambda spec: NamedSharding(self.mesh, spec), self._param_specs))
+        self.kv_sharding = NamedSharding(self.mesh, rules.kv_spec())
+        self._replicated = replicated(self.mesh)
         self.dtype = model.dtype
         self._inv_freq = np.asarray(config.rope_inv_freq(), np.float32)  # [D/2]
         impl = _attention_impl(attention)
         if attention == "xla" and self.cpu_kernels == "native":
             impl = functools.partial(impl, native=True)
 
-        def step(params, kv, feed, token_ids, positions, logits_index, md, real_rows,
-                 sampling_rows, greedy):
-            # An input still being sampled by the step before is a placeholder: its real id
-            # is in that step's feed, read here without a round trip through the host.
+        def local_step(params, kv, feed, token_ids, positions, logits_index, md, real_rows,
+                       sampling_rows, *, greedy):
+            # One device's part. An input still being sampled by the step before is a
+            # placeholder: its real id is in that step's feed, read here without a round trip
+            # through the host.
             from_feed = feed[jnp.clip(-token_ids - 1, 0, feed.shape[0] - 1)]
             token_ids = jnp.where(token_ids < 0, from_feed, token_ids)
             logits, kv = self._forward(params, kv, token_ids, positions, logits_index, md, impl,
@@ -128,40 +173,54 @@ class ModelStep:
             feed = jnp.zeros_like(feed).at[: tokens.shape[0]].set(tokens)
             return tokens, feed, kv
 
+        kv_spec = rules.kv_spec()
+        whole = PartitionSpec()
+
+        def step(params, kv, feed, *inputs, greedy):
+            return jax.shard_map(
+                functools.partial(local_step, greedy=greedy), mesh=self.mesh,
+                in_specs=(self._param_specs, (kv_spec, kv_spec), whole) + (whole,) * len(inputs),
+                out_specs=(whole, whole, (kv_spec, kv_spec)), check_vma=False,
+            )(params, kv, feed, *inputs)
+
         self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("greedy",))
         self._compiled: dict[tuple, Any] = {}  # (StepShape, greedy) -> compiled program
 
     @staticmethod
-    def _pack(params, layer_states, model) -> None:
+    def _pack(params, layer_states, dtype, tensor_parallel: int) -> None:
         """Moves the dense kernels into `params["packed"]`, packed for the native matmul.
 
         Each layer's copy becomes an empty placeholder, so the scan slices nothing for it; a
-        kernel whose width is not a multiple of the panel stays where it is, on XLA's dot.
+        kernel whose width on one device is not a multiple of the panel stays where it is, on
+        XLA's dot. Column-parallel kernels are cut over their panels, row-parallel ones over
+        their rows (`batchjax.sharding.rules`).
         """
         packed = params["packed"]
         preferred = packed_matmul.bf16_layout()  # AVX512-BF16 pairs where the CPU has them
 
-        def pack(w):
-            layout = preferred if w.shape[-2] % 2 == 0 else "widen"
+        def pack(w, rows_per_device):
+            layout = preferred if rows_per_device % 2 == 0 else "widen"
             return packed_matmul.pack(w, layout)
 
         for module, name in _PACKABLE:
             kernels = [st[module][name]["kernel"] for st in layer_states]
-            if kernels[0].shape[-1] % packed_matmul.PANEL:
+            k, n = kernels[0].shape
+            column_parallel = name in _COLUMN_PARALLEL
+            local_n = n // tensor_parallel if column_parallel else n
+            local_k = k if column_parallel else k // tensor_parallel
+            if local_n % packed_matmul.PANEL:
                 continue
-            packed[name] = pack(jnp.stack([k[...] for k in kernels]))
+            packed[name] = pack(jnp.stack([w[...] for w in kernels]), local_k)
             for st in layer_states:
-                st[module][name]["kernel"] = nnx.Param(jnp.zeros((0,), model.dtype))
-        if model.lm_head is None:
-            head = model.embed_tokens.embedding[...].T  # tied: the lookup keeps [V, H] too
-        else:
-            head = params["lm_head"]["kernel"][...]
-        if head.shape[-1] % packed_matmul.PANEL == 0:  # the head has no bias
-            packed["lm_head"] = pack(head[None])
-            params.pop("lm_head", None)
+                st[module][name]["kernel"] = nnx.Param(jnp.zeros((0,), dtype))
+        head = params["head"]
+        if head.shape[-1] // tensor_parallel % packed_matmul.PANEL == 0:
+            packed["lm_head"] = pack(head[None], head.shape[0])
+            del params["head"]
 
     def _forward(self, params, kv, token_ids, positions, logits_index, md, impl, real_rows):
-        """token_ids, positions: [T]; logits_index: [S] -> logits [S, V] f32, stacked kv.
+        """One device's part: token_ids, positions: [T]; logits_index: [S] -> logits [S, V]
+        f32 (gathered over the mesh), its kv heads.
 
         real_rows: (real tokens, real sampled rows), int32 scalars; the native products skip
         the padding rows after them (XLA's dot computes them and the step ignores them).
@@ -182,9 +241,14 @@ class ModelStep:
             layer = nnx.merge(self._layer_graphdef, layer_state)
 
             def matmul(name, h):
-                if name not in packed:
-                    return None
-                return packed_matmul.packed_matmul(h, packed[name], layer_idx, num_tokens)
+                if name in packed:
+                    y = packed_matmul.packed_matmul(h, packed[name], layer_idx, num_tokens)
+                else:
+                    module = layer.mlp if name in ("gate_up_proj", "down_proj") else layer.self_attn
+                    y = jnp.dot(h, getattr(module, name).kernel[...])
+                if name in _ROW_PARALLEL:  # partial sums of this device's heads or columns
+                    y = jax.lax.psum(y, "model")
+                return y
 
             x, kv = layer(x, cos, sin, layer_idx, attention, kv, matmul)
             return (x, kv), None
@@ -196,30 +260,29 @@ class ModelStep:
         x = nnx.merge(self._norm_graphdef, params["norm"])(x)
         if "lm_head" in packed:
             logits = packed_matmul.packed_matmul(x, packed["lm_head"], 0, num_sampled)
-        elif self._head_graphdef is None:
-            logits = x @ embed.embedding[...].T
         else:
-            logits = nnx.merge(self._head_graphdef, params["lm_head"])(x)
-        return logits.astype(jnp.float32), kv
+            logits = jnp.dot(x, params["head"])
+        # Each device scored its slice of the (padded) vocabulary.
+        logits = jax.lax.all_gather(logits, "model", axis=1, tiled=True)
+        return logits[:, : self.config.vocab_size].astype(jnp.float32), kv
 
     @property
     def num_compiled_shapes(self) -> int:
         return len(self._compiled)
 
-    @staticmethod
-    def _inputs(batch: StepBatch, sampling_rows):
-        """A step's host arrays, in the jitted step's order, sent to the device in one call."""
+    def _inputs(self, batch: StepBatch, sampling_rows):
+        """A step's host arrays, in the jitted step's order, sent to every device of the mesh
+        in one call."""
         real_rows = (np.int32(batch.num_tokens), np.int32(len(batch.sample_seq_ids)))
-        return jax.device_put((batch.token_ids, batch.positions, batch.logits_index,
-                               batch.metadata, real_rows, tuple(sampling_rows)))
+        return _place((batch.token_ids, batch.positions, batch.logits_index, batch.metadata,
+                       real_rows, tuple(sampling_rows)), self._replicated)
 
     def _lower(self, kv, feed, inputs, greedy: bool):
         return self._jitted.lower(self.params, kv, feed, *inputs, greedy=greedy)
 
-    @staticmethod
-    def empty_feed(size: int) -> jax.Array:
+    def empty_feed(self, size: int) -> jax.Array:
         """The feed before a job's first step: `size` is the most rows a step samples."""
-        return jnp.zeros(size, jnp.int32)
+        return _place(np.zeros(size, np.int32), self._replicated)
 
     def warm_up(self, kv, feed, shapes, greedy: bool, progress: bool = True) -> int:
         """Compiles every shape of `shapes` not compiled yet, before any step runs; returns how
@@ -252,3 +315,21 @@ class ModelStep:
         if program is None:  # a shape warm-up did not foresee: compiled here, and counted
             program = self._compiled[key] = self._lower(kv, feed, inputs, greedy).compile()
         return program(self.params, kv, feed, *inputs)
+
+
+def _place(tree, shardings):
+    """`tree`'s arrays on `shardings` (one sharding, or a tree of them). Where every device is
+    this process's, a plain `device_put`; across processes (`jax.distributed`), each process
+    builds its devices' shards from its own copy of the whole array."""
+    leaves = jax.tree.leaves(shardings) if not isinstance(shardings, jax.sharding.Sharding) else [
+        shardings]
+    if all(d.process_index == jax.process_index() for s in leaves for d in s.device_set):
+        return jax.device_put(tree, shardings)
+
+    def one(x, sharding):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    if isinstance(shardings, jax.sharding.Sharding):
+        return jax.tree.map(lambda x: one(x, shardings), tree)
+    return jax.tree.map(one, tree, shardings)
