@@ -25,6 +25,15 @@ from batchjax.schedule.step_plan import (
 )
 
 
+class GroupSource(Protocol):
+    """Where a data-parallel replica's batcher takes its next whole prefix group."""
+
+    def take(self, dry: bool) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
+        """(group_id, prefix_token_ids, request_ids in run order), or None when no group is
+        left for this replica now. `dry`: the replica has nothing left running, and may take
+        another replica's unstarted group."""
+
+
 class BudgetTooSmall(ValueError):
     """The KV budget cannot hold even one request (with its prefix) at its full length."""
 
@@ -108,7 +117,14 @@ class StepCounters:
         self.num_steps = 0
         self.peak_kv_pages = 0
         self.kv_budget_pages = budgets.kv_budget_pages
-        self.num_preemptions = 0
+        self.num_preemptions = 0  # requests preempted (their KV dropped, recomputed later)
+        self.num_preempted_groups = 0  # groups preempted, including ones only their prefix ran
+
+    def add_requests(self, requests) -> None:
+        """Requests a replica took on after it started (`GroupSource`)."""
+        for r in requests:
+            self.num_requests += 1
+            self.logical_prefill_tokens += len(r.prompt_token_ids)
 
     def count_step(self, step: StepPlan) -> None:
         self.num_steps += 1
@@ -131,6 +147,7 @@ class StepCounters:
             "peak_kv_pages": self.peak_kv_pages,
             "kv_budget_pages": self.kv_budget_pages,
             "num_preemptions": self.num_preemptions,
+            "num_preempted_groups": self.num_preempted_groups,
             "plan_s": plan_s,
         }
 
@@ -231,69 +248,103 @@ class BatchLLMBatcher:
         policy: str = "batchllm",
         optimal_saving_ratio: float = 0.0,
         plan_s: float = 0.0,
+        source: "GroupSource | None" = None,
     ):
-        """`groups`: (group_id, prefix_token_ids, request_ids in run order), in run order."""
+        """`groups`: (group_id, prefix_token_ids, request_ids in run order), in run order.
+
+        With `source` (a data-parallel replica), `groups` may be empty: the batcher takes
+        further groups from `source` one at a time, when it has room to start one, so the
+        groups it has not taken stay free for other replicas (`GroupSource`). Request ids
+        index `requests` either way.
+        """
         self._budgets = budgets
         self._page_size = budgets.page_size
         self._pool = PagePool(budgets.kv_budget_pages)
-        self._counters = StepCounters(policy, requests, budgets)
+        self._requests = requests
+        self._source = source
+        self._counters = StepCounters(policy, requests if source is None else (), budgets)
         self._optimal = optimal_saving_ratio
         self._plan_s = plan_s
-        self._num_groups = len(groups)
+        self._num_groups = 0
         self._seqs: dict[int, Sequence_] = {}
         self._groups: dict[int, _GroupState] = {}
         self._estimate_pages: dict[int, int] = {}
         self._group_of_request: dict[int, int] = {}
-        for group_id, prefix_tokens, request_ids in groups:
-            prefix_len = len(prefix_tokens)
-            prefix = None
-            if prefix_len:
-                prefix = Sequence_(prefix_seq_id(group_id), list(prefix_tokens), 0)
-                self._seqs[prefix.seq_id] = prefix
-            group = _GroupState(
-                group_id,
-                prefix,
-                tuple(request_ids),
-                collections.deque(request_ids),
-                {},
-                prefix_pages=pages_for(prefix_len, self._page_size),
-                num_unfinished=len(request_ids),
-            )
-            self._groups[group_id] = group
-            worst = 0
-            for i in request_ids:
-                r = requests[i]
-                if tuple(r.prompt_token_ids[:prefix_len]) != tuple(prefix_tokens):
-                    raise ValueError(f"request {i} does not start with group {group_id}'s prefix")
-                own = list(r.prompt_token_ids[prefix_len:])
-                if not own:
-                    raise ValueError(f"request {i} has no tokens after group {group_id}'s prefix")
-                if i in self._group_of_request:
-                    raise ValueError(f"request {i} is in two groups")
-                self._group_of_request[i] = group_id
-                seq = Sequence_(i, own, r.max_tokens, group_id if prefix_len else None, prefix_len)
-                self._seqs[i] = seq
-                estimate = r.max_tokens if r.decode_estimate is None else r.decode_estimate
-                self._estimate_pages[i] = pages_for(len(own) + int(estimate), self._page_size)
-                worst = max(worst, pages_for(len(own) + r.max_tokens, self._page_size))
-            if group.prefix_pages + worst > budgets.kv_budget_pages:
-                raise BudgetTooSmall(
-                    f"group {group_id} needs {group.prefix_pages} prefix pages + {worst} pages "
-                    f"for its longest request at max_tokens, over the budget of "
-                    f"{budgets.kv_budget_pages} pages of {self._page_size} tokens"
-                )
-        if sorted(self._group_of_request) != list(range(len(requests))):
+        self._pending: collections.deque[int] = collections.deque()
+        self._num_unfinished = 0
+        for group in groups:
+            self._add_group(*group)
+        if source is None and sorted(self._group_of_request) != list(range(len(requests))):
             raise ValueError("the plan's groups must cover every request exactly once")
-        self._pending: collections.deque[int] = collections.deque(g for g, _, _ in groups)
         self._active: dict[int, None] = {}  # admission order: the last one is preempted first
         self._reserved = 0
         self._step_index = 0
-        self._num_unfinished = len(requests)
+
+    def _add_group(self, group_id: int, prefix_tokens, request_ids) -> None:
+        """Registers a group at the end of the run order."""
+        budgets, requests = self._budgets, self._requests
+        prefix_len = len(prefix_tokens)
+        prefix = None
+        if group_id in self._groups:
+            raise ValueError(f"group {group_id} was given twice")
+        if prefix_len:
+            prefix = Sequence_(prefix_seq_id(group_id), list(prefix_tokens), 0)
+            self._seqs[prefix.seq_id] = prefix
+        group = _GroupState(
+            group_id,
+            prefix,
+            tuple(request_ids),
+            collections.deque(request_ids),
+            {},
+            prefix_pages=pages_for(prefix_len, self._page_size),
+            num_unfinished=len(request_ids),
+        )
+        worst = 0
+        for i in request_ids:
+            r = requests[i]
+            if tuple(r.prompt_token_ids[:prefix_len]) != tuple(prefix_tokens):
+                raise ValueError(f"request {i} does not start with group {group_id}'s prefix")
+            own = list(r.prompt_token_ids[prefix_len:])
+            if not own:
+                raise ValueError(f"request {i} has no tokens after group {group_id}'s prefix")
+            if i in self._group_of_request:
+                raise ValueError(f"request {i} is in two groups")
+            worst = max(worst, pages_for(len(own) + r.max_tokens, self._page_size))
+        if group.prefix_pages + worst > budgets.kv_budget_pages:
+            raise BudgetTooSmall(
+                f"group {group_id} needs {group.prefix_pages} prefix pages + {worst} pages "
+                f"for its longest request at max_tokens, over the budget of "
+                f"{budgets.kv_budget_pages} pages of {self._page_size} tokens"
+            )
+        for i in request_ids:
+            r = requests[i]
+            own = list(r.prompt_token_ids[prefix_len:])
+            self._group_of_request[i] = group_id
+            self._seqs[i] = Sequence_(i, own, r.max_tokens, group_id if prefix_len else None,
+                                      prefix_len)
+            estimate = r.max_tokens if r.decode_estimate is None else r.decode_estimate
+            self._estimate_pages[i] = pages_for(len(own) + int(estimate), self._page_size)
+        self._groups[group_id] = group
+        self._pending.append(group_id)
+        self._num_groups += 1
+        self._num_unfinished += len(request_ids)
+        if self._source is not None:
+            self._counters.add_requests(requests[i] for i in request_ids)
+
+    def _take_from_source(self) -> bool:
+        """One more group from `source`, if it has one; False when it is dry."""
+        if self._source is None:
+            return False
+        group = self._source.take(dry=self._num_unfinished == 0)
+        if group is None:
+            return False
+        self._add_group(*group)
+        return True
 
     # -- Batcher ---------------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return self._num_unfinished > 0
+        return self._num_unfinished > 0 or self._take_from_source()
 
     def next_step(self) -> StepPlan:
         preempted = self._reserve_decode_growth()
@@ -325,7 +376,7 @@ class BatchLLMBatcher:
                 n = min(prefix.num_pending, budget)
                 chunks.append(self._run(prefix, n))
                 budget -= n
-        while budget and self._pending:
+        while budget and (self._pending or self._take_from_source()):
             group = self._groups[self._pending[0]]
             pledge = max(self._estimate_pages[i] for i in group.waiting)
             if self._reserved + group.prefix_pages + pledge > self._budgets.kv_budget_pages:
@@ -434,6 +485,7 @@ class BatchLLMBatcher:
             self._pool.release(group.prefix.drop_kv())
         self._pending.appendleft(gid)
         self._counters.num_preemptions += len(victims)
+        self._counters.num_preempted_groups += 1
         return victims
 
     def _finish(self, group: _GroupState, seq: Sequence_) -> None:
