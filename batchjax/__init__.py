@@ -4,14 +4,16 @@
     results = batchjax.generate(["Tell me a joke."], model="smollm2-135m")
 
 `generate` and `Engine` import JAX and the model code on first use, so planning-only users
-(`batchjax.schedule`, `batchjax.sim`) never pay for them.
+(`batchjax.schedule`, `batchjax.sim`) never pay for them. Both take `tensor_parallel`,
+`data_parallel`, `distributed` ("local" or "ray") and `ray_address` to spread a job over chips
+and hosts (`batchjax.cluster`); one device is the default.
 """
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "generate": "batchjax.engine.engine",
-    "Engine": "batchjax.engine.engine",
+    "generate": "batchjax.cluster.engine",
+    "Engine": "batchjax.cluster.engine",
     "Result": "batchjax.engine.results",
     "Request": "batchjax.requests",
     "SamplingParams": "batchjax.requests",

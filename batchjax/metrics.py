@@ -14,6 +14,10 @@ from typing import Any, Mapping
 _ROWS = (
     ("policy", "policy", "{}"),
     ("model", "model", "{}"),
+    ("num_devices", "devices", "{:,}"),
+    ("tensor_parallel", "tensor parallel", "{:,}"),
+    ("data_parallel", "data parallel (replicas)", "{:,}"),
+    ("replica_balance", "replica balance (busiest / mean)", "{:.2f}"),
     ("num_requests", "requests", "{:,}"),
     ("failed_requests", "failed requests", "{:,}"),
     ("num_groups", "prefix groups", "{:,}"),
@@ -60,6 +64,23 @@ def summary_table(metrics: Mapping[str, Any], title: str = "summary") -> str:
     out += [f" {label:<{width}}   {value:>{vwidth}}" for label, value in rows]
     out.append(line)
     return "\n".join(out)
+
+
+def replica_table(metrics: Mapping[str, Any]) -> str:
+    """One row per data-parallel replica: its share of the job and how long it was busy."""
+    head = ("replica", "requests", "groups", "stolen", "output tok", "prefill tok", "busy (s)",
+            "peak KV pages")
+    rows = [head] + [(str(r["replica"]), f"{r['requests']:,}", f"{r['groups']:,}",
+                      f"{r['stolen_groups']:,}", f"{r['output_tokens']:,}",
+                      f"{r['computed_prefill_tokens']:,}",
+                      "-" if r.get("busy_s") is None else f"{r['busy_s']:.2f}",
+                      "-" if r.get("peak_kv_pages") is None else
+                      f"{r['peak_kv_pages']:,} / {r['kv_budget_pages']:,}")
+                     for r in metrics.get("replicas", ())]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    lines = ["  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows]
+    rule = "-" * len(lines[0])
+    return "\n".join([rule, " replicas", rule, lines[0], rule, *lines[1:], rule])
 
 
 def process_age_s() -> float | None:

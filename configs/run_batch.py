@@ -15,6 +15,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.max_tokens_per_step = 512
     c.max_num_seqs = 256
     c.overlap = True  # plan and launch step N+1 while step N runs (same results either way)
+    c.tensor_parallel = 1  # devices per replica (heads and MLP columns split over them)
+    c.data_parallel = 1  # replicas, each with its own KV pool and whole prefix groups
+    c.distributed = "local"  # replicas in this process, or "ray": one Ray actor each
+    c.ray_address = ""  # a Ray cluster to join; "" starts one in this process
     c.strict = False
     c.print_results = 8  # answers echoed to the terminal at the end (0: none)
     return c

@@ -3,7 +3,8 @@
     python -m experiments.run_batch --input=IN.jsonl --output=OUT.jsonl --metrics_out=M.json \
         [--model=smollm2-135m|HF_DIR|FILE.gguf|ORBAX_DIR] [--policy=batchllm|vllm|sglang|none] \
         [--attention=xla|pallas] [--cpu_kernels=auto|native|xla] [--kv_budget_mb=N] \
-        [--max_tokens_per_step=N] \
+        [--max_tokens_per_step=N] [--tensor_parallel=T] [--data_parallel=D] \
+        [--distributed=local|ray] [--ray_address=ADDR] \
         [--config=configs/run_batch.py --config.key=value]
 
 Results are appended as requests finish; rerunning with the same --output resumes.
@@ -17,8 +18,8 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from batchjax.engine.engine import Engine
-from batchjax.metrics import summary_table
+from batchjax.cluster import Engine
+from batchjax.metrics import replica_table, summary_table
 from batchjax.engine.results import ResultsJournal
 from batchjax.requests import read_requests_jsonl
 
@@ -42,6 +43,14 @@ _OVERRIDES = {
     "max_tokens_per_step": flags.DEFINE_integer("max_tokens_per_step", None,
                                                 "Token budget of one step."),
     "strict": flags.DEFINE_bool("strict", None, "Reject unknown fields in input lines."),
+    "tensor_parallel": flags.DEFINE_integer(
+        "tensor_parallel", None, "Devices per replica: heads and MLP columns split over them."),
+    "data_parallel": flags.DEFINE_integer(
+        "data_parallel", None, "Replicas, each with its own KV pool; whole prefix groups each."),
+    "distributed": flags.DEFINE_enum("distributed", None, ["local", "ray"],
+                                     "Replicas in this process (local) or as Ray actors."),
+    "ray_address": flags.DEFINE_string("ray_address", None,
+                                       "A running Ray cluster to join (default: start one)."),
 }
 
 
@@ -68,7 +77,9 @@ def main(argv):
         cpu_kernels=cfg.cpu_kernels,
         page_size=cfg.page_size, kv_budget_mb=cfg.kv_budget_mb,
         max_tokens_per_step=cfg.max_tokens_per_step, max_num_seqs=cfg.max_num_seqs,
-        overlap=cfg.overlap,
+        overlap=cfg.overlap, tensor_parallel=cfg.tensor_parallel,
+        data_parallel=cfg.data_parallel, distributed=cfg.distributed,
+        ray_address=cfg.ray_address or None,
     )
     results = engine.generate(requests, skip_ids=frozenset(journal.finished_ids),
                               on_result=journal.append)
@@ -82,6 +93,8 @@ def main(argv):
     metrics["resumed_requests"] = resumed
     metrics["model"] = cfg.model
     print(summary_table(metrics))
+    if metrics.get("data_parallel", 1) > 1:
+        print(replica_table(metrics))
     if resumed and not results:
         print(f"every request already has a line in {_OUTPUT.value}: nothing was run "
               "(remove that file or choose another --output to run the batch again)")

@@ -31,6 +31,7 @@ from batchjax.requests import (InvalidRequestError, Request, RequestError, Sampl
                                requests_from_python)
 from batchjax.metrics import process_age_s
 from batchjax.schedule.buckets import BucketTable
+from batchjax.sharding.mesh import describe, make_mesh
 from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.policies import make_batcher
 from batchjax.schedule.step_plan import Budgets, SampledToken, SchedRequest, placeholder_token
@@ -65,6 +66,12 @@ def _enable_compilation_cache(path: str) -> None:
     if path and not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", path)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def dtype_of(name: str):
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
 
 
 class _Live:
@@ -117,27 +124,41 @@ def step_flops(config, plan, sampled_rows: int) -> float:
 class Engine:
     """A loaded model and its KV pools, reusable for many `generate` calls."""
 
-    def __init__(self, model: str = "smollm2-135m", *, policy: str = "batchllm", **options):
+    def __init__(self, model: str = "smollm2-135m", *, policy: str = "batchllm",
+                 tensor_parallel: int = 1, mesh=None, loaded=None, **options):
+        """`mesh`: the `[1, T]` mesh of devices this engine runs on (`batchjax.sharding.mesh`;
+        default: the first `tensor_parallel` devices); `loaded`: the model already loaded by
+        `batchjax.models.registry.load_model` (replicas share one load). One engine is one
+        data-parallel replica; `batchjax.cluster.Engine` runs several."""
         from batchjax.models.registry import load_model  # heavy: keep `import batchjax` light
 
+        if mesh is None:  # checked before anything loads
+            mesh = make_mesh(tensor_parallel, 1)
+        elif mesh.devices.shape[1] != tensor_parallel and tensor_parallel != 1:
+            raise ValueError(f"tensor_parallel={tensor_parallel} but the mesh given is "
+                             f"{describe(mesh)}")
         self.options = EngineOptions(**options)
-        if self.options.dtype not in _DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.options.dtype!r}")
-        dtype = _DTYPES[self.options.dtype]
+        dtype = dtype_of(self.options.dtype)
         self.policy = policy
         _enable_compilation_cache(self.options.compilation_cache_dir)
-        loaded = load_model(model, dtype=dtype)
+        if loaded is None:
+            loaded = load_model(model, dtype=dtype)
         self.model_source = model
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.max_model_len = self.config.max_position_embeddings
         o = self.options
-        self.kv_budget_pages = pages_for_budget(self.config, o.page_size, dtype, o.kv_budget_mb)
+        # The step keeps its own stacked copy of the parameters (laid out on `mesh`); the
+        # module itself is dropped.
+        self.step = ModelStep(loaded.model, o.attention, o.cpu_kernels, mesh=mesh)
+        self.mesh = self.step.mesh
+        kv_heads = self.step.layout.pool_kv_heads
+        self.kv_budget_pages = pages_for_budget(self.config, o.page_size, dtype, o.kv_budget_mb,
+                                                kv_heads)
         if self.kv_budget_pages < 1:
             raise ValueError(f"kv_budget_mb={o.kv_budget_mb} holds no page of KV for this model")
-        self.kv = allocate_kv(self.config, self.kv_budget_pages, o.page_size, dtype)
-        # The step keeps its own stacked copy of the parameters; the module itself is dropped.
-        self.step = ModelStep(loaded.model, o.attention, o.cpu_kernels)
+        self.kv = allocate_kv(self.config, self.kv_budget_pages, o.page_size, dtype, kv_heads,
+                              self.step.kv_sharding)
         self.last_metrics: dict[str, Any] = {}
 
     # -- preparing requests -------------------------------------------------------------------
@@ -184,8 +205,21 @@ class Engine:
     ) -> list[Result]:
         """Every request's result, in input order; bad requests get an error result."""
         policy = policy or self.policy
-        reqs = requests_from_python(list(requests), default_sampling=sampling)
         t0 = time.perf_counter()
+        live, done = self.prepare(requests, sampling=sampling, on_result=on_result,
+                                  skip_ids=skip_ids)
+        sched = self.sched_requests(live)
+        batcher = make_batcher(policy, sched, self.budgets()) if live else None
+        self.last_metrics = self.run(live, batcher, done, on_result=on_result, t0=t0,
+                                     policy=policy)
+        return [done[i] for i in sorted(done)]
+
+    def prepare(self, requests, *, sampling: SamplingParams | None = None,
+                on_result: Callable[[Result], None] | None = None,
+                skip_ids: frozenset[str] = frozenset()) -> tuple[list["_Live"], dict]:
+        """Validates and tokenizes: (the requests to run, in input order; results so far by
+        input index: the bad requests' errors, also passed to `on_result`)."""
+        reqs = requests_from_python(list(requests), default_sampling=sampling)
         done: dict[int, Result] = {}
         live: list[_Live] = []
         for r in reqs:
@@ -198,26 +232,45 @@ class Engine:
                     on_result(prepared)
             else:
                 live.append(prepared)
+        return live, done
 
+    @staticmethod
+    def sched_requests(live: Sequence["_Live"]) -> list[SchedRequest]:
+        """What the schedule sees of each request: its prompt and its token limit."""
+        return [SchedRequest(st.prompt_ids, st.stop.token_limit) for st in live]
+
+    def budgets(self) -> Budgets:
         o = self.options
-        budgets = Budgets(o.max_tokens_per_step, self.kv_budget_pages, o.page_size,
-                          max_num_seqs=o.max_num_seqs)
-        sched = [SchedRequest(st.prompt_ids, st.stop.token_limit) for st in live]
-        greedy = all(st.request.sampling.is_greedy for st in live)
+        return Budgets(o.max_tokens_per_step, self.kv_budget_pages, o.page_size,
+                       max_num_seqs=o.max_num_seqs)
+
+    def run(self, live: Sequence["_Live"], batcher, done: dict[int, Result], *,
+            on_result: Callable[[Result], None] | None = None, t0: float | None = None,
+            policy: str | None = None, bar=None, all_live: Sequence["_Live"] | None = None
+            ) -> dict[str, Any]:
+        """Runs `batcher` over `live` to the end, filling `done`; returns the run's metrics.
+
+        A data-parallel replica passes its share's batcher, the whole job's requests as
+        `all_live` (the shapes it warms up are the job's, the same on every replica) and the
+        job's progress `bar`.
+        """
+        t0 = time.perf_counter() if t0 is None else t0
+        o = self.options
+        greedy = all(st.request.sampling.is_greedy for st in (all_live or live))
         compiled_before = self.step.num_compiled_shapes
         stats = _RunStats()
         warmup_s = 0.0
         if live:
-            batcher = make_batcher(policy, sched, budgets)
-            buckets = BucketTable.for_job(sched, o.max_tokens_per_step, o.page_size)
+            job = self.sched_requests(all_live or live)
+            buckets = BucketTable.for_job(job, o.max_tokens_per_step, o.page_size)
             t_warm = time.perf_counter()
             # Every shape this job's steps can take, compiled before its first step.
             feed = self.step.empty_feed(buckets.tokens[-1])
-            self.step.warm_up(self.kv, feed, buckets.job_shapes(sched, o.max_tokens_per_step),
-                              greedy, o.progress)
+            self.step.warm_up(self.kv, feed, buckets.job_shapes(job, o.max_tokens_per_step),
+                              greedy, o.progress and bar is None)
             warmup_s = time.perf_counter() - t_warm
             warm = self.step.num_compiled_shapes
-            steps = _EngineSteps(self, buckets, feed, live, greedy, done, on_result, stats)
+            steps = _EngineSteps(self, buckets, feed, live, greedy, done, on_result, stats, bar)
             try:
                 run_batcher(batcher, steps, overlap=o.overlap)
             finally:
@@ -225,10 +278,13 @@ class Engine:
             stats.compiled_after_warmup = self.step.num_compiled_shapes - warm
             metrics = dict(batcher.metrics())
         else:
-            metrics = {"policy": policy, "num_requests": 0}
+            metrics = {"policy": policy or self.policy, "num_requests": 0}
         wall = time.perf_counter() - t0
         metrics.update(
             wall_s=wall,
+            output_tokens=stats.output_tokens,
+            finished_prompt_tokens=stats.prompt_tokens,
+            busy_s=stats.loop_s,
             output_tokens_per_s=stats.output_tokens / wall if wall > 0 else 0.0,
             total_tokens_per_s=(stats.output_tokens + stats.prompt_tokens) / wall
             if wall > 0 else 0.0,
@@ -262,9 +318,11 @@ class Engine:
             cpu_kernels=self.step.cpu_kernels,
             bf16_matmul=self.step.bf16_matmul,
             dtype=o.dtype,
+            num_devices=self.mesh.devices.size,
+            tensor_parallel=self.step.tensor_parallel,
+            data_parallel=1,
         )
-        self.last_metrics = metrics
-        return [done[i] for i in sorted(done)]
+        return metrics
 
 def _rate(amount: float, seconds: float) -> float | None:
     return amount / seconds if seconds > 0 else None
@@ -335,12 +393,14 @@ class _EngineSteps:
 
     def __init__(self, engine: "Engine", buckets: BucketTable, feed: jax.Array,
                  live: Sequence[_Live], greedy: bool, done: dict[int, Result], on_result,
-                 stats: _RunStats):
+                 stats: _RunStats, bar=None):
         self._engine, self._buckets, self._feed = engine, buckets, feed
         self._live, self._greedy, self._done, self._on_result = live, greedy, done, on_result
         self._stats = stats
-        self._bar = tqdm(total=len(live), unit="req", disable=not engine.options.progress,
-                         desc="generate", dynamic_ncols=True)
+        self._own_bar = bar is None  # a replica of a data-parallel job shares the job's bar
+        self._bar = bar if bar is not None else tqdm(
+            total=len(live), unit="req", disable=not engine.options.progress, desc="generate",
+            dynamic_ncols=True)
         self._t_start = time.perf_counter()
         self._last_collect = self._t_start
         self._waited = 0.0
@@ -391,7 +451,7 @@ class _EngineSteps:
 
     def collect(self, plan, step: _InFlight) -> list[SampledToken]:
         t_wait = time.perf_counter()
-        tokens = np.asarray(step.tokens)
+        tokens = self._engine.step.fetch(step.tokens)
         now = time.perf_counter()
         self._waited += now - t_wait
         stats = self._stats
@@ -419,14 +479,16 @@ class _EngineSteps:
         stats.add_step(step.decode_only, step.compiled, step.flops, now - self._last_collect)
         self._last_collect = now
         elapsed = now - self._t_start
-        self._bar.set_postfix(out_tok_s=f"{stats.output_tokens / max(elapsed, 1e-9):.1f}",
-                              step=plan.step_index, refresh=False)
+        if self._own_bar:
+            self._bar.set_postfix(out_tok_s=f"{stats.output_tokens / max(elapsed, 1e-9):.1f}",
+                                  step=plan.step_index, refresh=False)
         return sampled
 
     def close(self) -> None:
         self._watch.put(None)
         self._watcher.join()
-        self._bar.close()
+        if self._own_bar:
+            self._bar.close()
         stats = self._stats
         stats.loop_s = time.perf_counter() - self._t_start
         stats.host_s = stats.loop_s - self._waited

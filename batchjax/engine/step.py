@@ -280,6 +280,13 @@ class ModelStep:
     def _lower(self, kv, feed, inputs, greedy: bool):
         return self._jitted.lower(self.params, kv, feed, *inputs, greedy=greedy)
 
+    @staticmethod
+    def fetch(tokens: jax.Array) -> np.ndarray:
+        """A step's sampled tokens on the host. They are replicated over the mesh: this
+        process's first copy is the whole array, even where other processes hold devices of
+        the mesh (`jax.distributed`)."""
+        return np.asarray(tokens.addressable_data(0))
+
     def empty_feed(self, size: int) -> jax.Array:
         """The feed before a job's first step: `size` is the most rows a step samples."""
         return _place(np.zeros(size, np.int32), self._replicated)
