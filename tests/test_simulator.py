@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 
 from batchjax import workloads
+from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.policies import POLICIES, make_batcher
 from batchjax.schedule.step_plan import Budgets, ChunkWork, PrefixRef, SampledToken, StepPlan
-from batchjax.sim.cost_model import CostModel
-from batchjax.sim.hardware import get_device, get_model
+from batchjax.sim.cost_model import CostModel, DoesNotFit
+from batchjax.sim.hardware import GIB, get_device, get_model
 from batchjax.sim.plotting import plot_trace
-from batchjax.sim.simulate import simulate
+from batchjax.sim.simulate import ReplaySteps, simulate
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 METRIC_NAMES = (
     "policy num_requests num_groups logical_prefill_tokens computed_prefill_tokens saving_ratio "
@@ -99,3 +107,168 @@ def test_plot_file_is_written(micro, tmp_path):
     path = tmp_path / "trace.png"
     plot_trace(results, path)
     assert path.stat().st_size > 1000
+
+
+# -- scale-out: tensor and data parallelism ------------------------------------------------
+
+
+def _one_chip_roofline(cost: CostModel, step: StepPlan) -> float:
+    """The one-chip step estimate as it was before tensor parallelism, kept verbatim."""
+    m = cost.model
+    flops_per_s = cost.device.peak_flops * cost.compute_efficiency
+    bytes_per_s = cost.device.hbm_bytes_per_s * cost.memory_efficiency
+    tokens = sampled = pairs = kv_read = 0
+    for c in step.chunks:
+        n, start = len(c.token_ids), c.own_start
+        tokens += n
+        sampled += c.sample
+        pairs += n * (start + c.prefix_len) + n * (n + 1) // 2
+        kv_read += start + n
+    kv_read += sum(p.prefix_len for p in step.prefixes)
+    dense_flops = 2 * (m.num_layers * m.layer_params * tokens + m.lm_head_params * sampled)
+    dense = max(dense_flops / flops_per_s, m.weight_bytes / bytes_per_s)
+    attention_flops = 4 * m.num_layers * m.num_heads * m.head_dim * pairs
+    attention_bytes = (kv_read + tokens) * m.kv_bytes_per_token
+    attention = max(attention_flops / flops_per_s, attention_bytes / bytes_per_s)
+    return dense + attention + cost.step_overhead_s
+
+
+def _steps(work: workloads.Workload, policy: str, kv_budget_pages: int) -> list[StepPlan]:
+    steps: list[StepPlan] = []
+    batcher = make_batcher(policy, work.to_sched_requests(), Budgets(8192, kv_budget_pages, 16))
+    run_batcher(batcher, ReplaySteps(work.output_lens.tolist(), steps.append))
+    return steps
+
+
+@pytest.mark.parametrize("device,model", [("a100-80gb", "llama-3.1-8b"), ("h200", "qwen-2.5-14b"),
+                                          ("h200", "llama-3.1-70b")])
+def test_one_chip_estimate_is_unchanged_bit_for_bit(micro, device, model):
+    plain = CostModel(get_device(device), get_model(model))  # none of the new fields set
+    explicit = CostModel(get_device(device), get_model(model), tensor_parallel=1)
+    for policy in ("batchllm", "vllm"):
+        for step in _steps(micro, policy, 30):
+            want = _one_chip_roofline(plain, step)
+            assert plain.step_seconds(step) == want
+            assert explicit.step_seconds(step) == want
+            assert plain.step_cost(step).communication_s == 0.0
+
+
+def test_one_chip_results_equal_the_pre_parallel_numbers(micro):
+    # Produced by the simulator before tensor and data parallelism existed.
+    assert simulate(micro, "batchllm", kv_budget_pages=120).metrics["simulated_s"] == (
+        0.13822188404463723)
+    assert simulate(micro, "vllm", kv_budget_pages=120).metrics["simulated_s"] == (
+        0.24379580807631293)
+    h200 = simulate(micro, "batchllm", "h200", "llama-3.1-8b").metrics
+    assert h200["kv_budget_pages"] == 51828
+    assert h200["simulated_s"] == 0.056197908017526124
+    assert (h200["tensor_parallel"], h200["data_parallel"], h200["num_devices"]) == (1, 1, 1)
+    for device, model, pages in (("a100-80gb", "llama-3.1-8b", 28182),
+                                 ("a100-80gb", "qwen-2.5-14b", 14503),
+                                 ("h200", "qwen-2.5-7b", 119369)):
+        assert CostModel(get_device(device), get_model(model)).kv_budget_pages(16) == pages
+
+
+def _prefill_and_decode_steps() -> tuple[StepPlan, StepPlan]:
+    prefill = StepPlan(0, tuple(
+        ChunkWork(i, tuple(range(1024)), 0, (), None, 0, True) for i in range(8)), ())
+    decode = StepPlan(1, tuple(
+        ChunkWork(i, (5,), 1500, (), None, 0, True, True) for i in range(256)), ())
+    return prefill, decode
+
+
+def test_tensor_parallel_splits_the_work_and_pays_for_collectives():
+    h200, llama = get_device("h200"), get_model("llama-3.1-70b")
+    one, eight = CostModel(h200, llama), CostModel(h200, llama, tensor_parallel=8)
+    for step in _prefill_and_decode_steps():
+        c1, c8 = one.step_cost(step), eight.step_cost(step)
+        assert c8.communication_s > 0
+        assert c8.total_s < c1.dense_s + c1.attention_s  # faster than one chip's compute
+        assert c8.dense_s == pytest.approx(c1.dense_s / 8)  # weights and FLOPs split 8 ways
+        assert c8.attention_s == pytest.approx(c1.attention_s / 8)  # 1 of 8 KV heads per chip
+    # Ring collectives: 2 all-reduces per layer and one for the embedding of tokens x hidden
+    # bf16 values, and an all-gather of the sampled rows' logits.
+    prefill = _prefill_and_decode_steps()[0]
+    link = h200.link_bytes_per_s * eight.link_efficiency
+    all_reduce = 2 * 7 / 8 * 8192 * 8192 * 2 / link + h200.collective_latency_s
+    gather = 7 / 8 * 8 * 128256 * 2 / link + h200.collective_latency_s
+    assert eight.step_cost(prefill).communication_s == pytest.approx(161 * all_reduce + gather)
+
+
+def test_kv_budget_spreads_weights_and_kv_over_the_chips():
+    h200, llama = get_device("h200"), get_model("llama-3.1-70b")
+    pages = {t: CostModel(h200, llama, tensor_parallel=t).kv_budget_pages(16) for t in (2, 4, 8)}
+    free = 141e9 * 0.9 - llama.weight_bytes / 8 - 2 * GIB  # per chip
+    assert pages[8] == int(free // (16 * llama.kv_bytes_per_token / 8))
+    assert pages[2] < pages[4] < pages[8]
+
+
+def test_a_model_that_does_not_fit_says_so_with_sizes(micro):
+    h200, llama = get_device("h200"), get_model("llama-3.1-70b")
+    with pytest.raises(DoesNotFit, match=r"does not fit on one h200: its 131\.4 GiB of weights.*"
+                                         r"131\.3 GiB.*smallest tensor_parallel that fits is 2"):
+        CostModel(h200, llama).kv_budget_pages(16)
+    with pytest.raises(DoesNotFit, match="does not fit"):
+        simulate(micro, "batchllm", "h200", "llama-3.1-70b")
+    with pytest.raises(DoesNotFit, match=r"8 x tpu-v5e.*16\.4 GiB per chip"):
+        CostModel(get_device("tpu-v5e"), llama, tensor_parallel=8).kv_budget_pages(16)
+    with pytest.raises(DoesNotFit, match="28 attention heads do not split over tensor_parallel=8"):
+        CostModel(h200, get_model("qwen-2.5-7b"), tensor_parallel=8)
+    with pytest.raises(DoesNotFit, match="link domain"):
+        CostModel(h200, llama, tensor_parallel=16)
+
+
+def test_data_parallel_halves_a_balanced_job(micro):
+    # 12 equal groups; 30 KV pages per replica hold a few at a time, so each replica works
+    # through its groups in waves and two replicas take half the time.
+    kwargs = dict(device="h200", model="llama-3.1-70b", tensor_parallel=8, kv_budget_pages=30)
+    one = simulate(micro, "batchllm", **kwargs)
+    two = simulate(micro, "batchllm", data_parallel=2, **kwargs)
+    m1, m2 = one.metrics, two.metrics
+    assert m2["simulated_s"] / m1["simulated_s"] == pytest.approx(0.5, abs=0.05)
+    assert m2["saving_ratio"] == pytest.approx(m1["saving_ratio"], abs=0.01)
+    assert m2["saving_ratio"] == pytest.approx(m2["optimal_saving_ratio"])
+    assert (m2["data_parallel"], m2["num_devices"]) == (2, 16)
+    replicas = m2["replicas"]
+    assert [r["requests"] for r in replicas] == [24, 24]
+    assert [r["groups"] for r in replicas] == [6, 6]
+    assert m2["simulated_s"] == max(r["simulated_s"] for r in replicas)
+    assert m2["replica_balance"] == pytest.approx(1.0, abs=0.02)
+    for key in ("num_requests", "output_tokens", "logical_prefill_tokens"):
+        assert m2[key] == m1[key], key
+    assert all(r["kv_budget_pages"] == 30 for r in replicas)  # each its own budget
+    assert len(two.replicas) == 2 and two.trace.seconds.sum() == pytest.approx(m2["simulated_s"])
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_policy_runs_on_replicas(micro, policy):
+    m = simulate(micro, policy, tensor_parallel=2, data_parallel=3, kv_budget_pages=120).metrics
+    assert m["num_requests"] == len(micro) == sum(r["requests"] for r in m["replicas"])
+    assert m["output_tokens"] == int(micro.output_lens.sum())
+    assert m["replica_balance"] >= 1.0
+
+
+def test_more_replicas_than_groups_leaves_some_idle():
+    work = workloads.microbenchmark(32, 4, 3, 4, 8, seed=1)  # 2 groups
+    m = simulate(work, "batchllm", data_parallel=3, kv_budget_pages=60).metrics
+    assert sorted(r["requests"] for r in m["replicas"]) == [0, 4, 4]
+    assert m["output_tokens"] == int(work.output_lens.sum())
+
+
+def test_cli_prints_estimates_for_tensor_and_data_parallel(micro, tmp_path):
+    path, metrics_path = tmp_path / "w.jsonl", tmp_path / "m.json"
+    workloads.write_jsonl(micro, path)
+    cmd = [sys.executable, "-m", "experiments.simulate", f"--input={path}", "--device=h200",
+           "--model=llama-3.1-70b", "--tensor_parallel=4", "--data_parallel=2",
+           f"--metrics_out={metrics_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "estimate" in proc.stdout
+    assert "8 x h200" in proc.stdout and "tensor_parallel=4" in proc.stdout
+    m = json.loads(metrics_path.read_text())
+    assert (m["tensor_parallel"], m["data_parallel"], len(m["replicas"])) == (4, 2, 2)
+    # Too few chips: a clear error, not a traceback.
+    proc = subprocess.run(cmd[:6] + ["--tensor_parallel=1"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "does not fit on one h200" in proc.stderr and "Traceback" not in proc.stderr

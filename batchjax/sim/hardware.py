@@ -1,4 +1,20 @@
-"""Accelerators and model shapes the simulator knows, by name (public spec-sheet figures)."""
+"""Accelerators and model shapes the simulator knows, by name (public spec-sheet figures).
+
+Figures, per chip:
+- A100-80GB SXM: 312 TFLOP/s dense bf16, 2.039 TB/s HBM2e, NVLink 3 at 600 GB/s (both
+  directions together), so 300 GB/s each way (NVIDIA A100 datasheet).
+- H100 SXM: 989 TFLOP/s dense bf16, 3.35 TB/s HBM3, NVLink 4 at 900 GB/s, so 450 GB/s each
+  way (NVIDIA H100 datasheet).
+- H200 SXM: 989 TFLOP/s dense bf16, 4.8 TB/s HBM3e, 141 GB, NVLink 4 at 900 GB/s, so 450 GB/s
+  each way (NVIDIA H200 datasheet).
+- TPU v5e: 197 TFLOP/s bf16, 819 GB/s HBM2, 16 GiB, inter-chip interconnect (ICI) 1,600 Gbps
+  = 200 GB/s per chip (Google Cloud's TPU v5e page); taking all of it as one ring direction's
+  bandwidth is an assumption, an optimistic one.
+A ring collective is limited by one direction of a chip's link, hence the per-direction
+figures. The per-collective latency (launch, synchronisation, the ring's hops for a small
+message) of 10 us is an assumed round figure, not a measurement. Tensor parallelism stays
+within one link domain: 8 GPUs of one NVLink (HGX) board, or a 256-chip v5e slice over ICI.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +25,15 @@ GIB = 1 << 30
 
 @dataclasses.dataclass(frozen=True)
 class Device:
+    """One chip, and the link it has to the other chips of a tensor-parallel group."""
+
     name: str
     peak_flops: float  # dense bf16 FLOP/s
     hbm_bytes_per_s: float
     memory_bytes: int
+    link_bytes_per_s: float | None = None  # one direction, per chip; None: no tensor parallel
+    collective_latency_s: float = 0.0  # fixed cost of one all-reduce or all-gather
+    link_domain_chips: int = 1  # most chips one tensor-parallel group may span
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,10 +80,10 @@ class ModelShape:
 DEVICES = {
     d.name: d
     for d in (
-        Device("a100-80gb", 312e12, 2.039e12, 80 * GIB),
-        Device("h100", 989e12, 3.35e12, 80 * GIB),
-        Device("h200", 989e12, 4.8e12, 141 * 10**9),
-        Device("tpu-v5e", 197e12, 819e9, 16 * GIB),
+        Device("a100-80gb", 312e12, 2.039e12, 80 * GIB, 300e9, 10e-6, 8),
+        Device("h100", 989e12, 3.35e12, 80 * GIB, 450e9, 10e-6, 8),
+        Device("h200", 989e12, 4.8e12, 141 * 10**9, 450e9, 10e-6, 8),
+        Device("tpu-v5e", 197e12, 819e9, 16 * GIB, 200e9, 10e-6, 256),
     )
 }
 
@@ -70,6 +91,7 @@ MODELS = {
     m.name: m
     for m in (
         ModelShape("llama-3.1-8b", 32, 4096, 32, 8, 128, 14336, 128256),
+        ModelShape("llama-3.1-70b", 80, 8192, 64, 8, 128, 28672, 128256),
         ModelShape("qwen-2.5-7b", 28, 3584, 28, 4, 128, 18944, 152064),
         ModelShape("qwen-2.5-14b", 48, 5120, 40, 8, 128, 13824, 152064),
     )

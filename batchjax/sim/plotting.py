@@ -13,7 +13,8 @@ from batchjax.sim.simulate import SimResult  # noqa: E402
 
 
 def plot_trace(results: list[SimResult], path: str | os.PathLike[str]) -> None:
-    """One line per run; the x axis is the simulated (estimated) time."""
+    """One line per run; the x axis is the simulated (estimated) time. A data-parallel run
+    shows its slowest replica."""
     fig, (kv_ax, tok_ax) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     for result in results:
         m, trace = result.metrics, result.trace
@@ -27,7 +28,11 @@ def plot_trace(results: list[SimResult], path: str | os.PathLike[str]) -> None:
     tok_ax.set_ylabel("tokens per step")
     tok_ax.set_xlabel("simulated time (s, roofline estimate)")
     m = results[0].metrics
-    fig.suptitle(f"{m['workload']} on {m['device']} / {m['model']} (simulated)", fontsize=10)
+    chips = m["device"]
+    if m.get("num_devices", 1) > 1:
+        chips = (f"{m['num_devices']} x {chips} (tensor_parallel={m['tensor_parallel']}, "
+                 f"data_parallel={m['data_parallel']}: slowest replica)")
+    fig.suptitle(f"{m['workload']} on {chips} / {m['model']} (simulated)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -3,21 +3,30 @@
 The batcher is the same object the engine drives; here the executor's part is played by the
 workload's true output lengths (a request finishes after exactly `output_len` tokens), so
 token and page counts are those of a real run and only the times are estimates.
+
+Scale-out: each replica is `tensor_parallel` chips (the cost model's split and collectives),
+and `data_parallel` replicas share the job. The job is planned once; whole prefix groups go
+to replicas by longest processing time first (`schedule.replicas.assign_groups`) on the cost
+model's estimate of each group, each replica replays its groups in plan order with its own KV
+budget, and the job takes as long as its slowest replica.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
+from batchjax.metrics import saving_ratio
+from batchjax.schedule.grouping import PrefixGroup
 from batchjax.schedule.ordering import decode_estimates
-from batchjax.schedule.plan import build_plan_from_tokens
+from batchjax.schedule.plan import Plan, build_plan_from_tokens
 from batchjax.schedule.policies import make_batcher
 from batchjax.schedule.driver import run_batcher
-from batchjax.schedule.prefix_tree import identify_prefixes
+from batchjax.schedule.prefix_tree import TokenBatch, identify_prefixes
+from batchjax.schedule.replicas import assign_groups
 from batchjax.schedule.step_plan import Budgets, SampledToken, StepPlan
 from batchjax.sim.cost_model import CostModel
 from batchjax.sim.hardware import get_device, get_model
@@ -25,6 +34,12 @@ from batchjax.workloads import Workload
 
 # What a simulated request "generates": its identity never matters to the schedule.
 SIMULATED_TOKEN_ID = 0
+
+# Options of `plan.build_plan_from_tokens` a batchllm caller may pass through `simulate`.
+_PLAN_OPTIONS = ("grouping_method", "align_to_pages", "order_key")
+# Counters that add up over replicas; budgets and peaks are per replica.
+_SUMMED = ("num_requests", "num_groups", "logical_prefill_tokens", "computed_prefill_tokens",
+           "output_tokens", "num_steps", "num_preemptions", "replay_wall_s")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,8 +57,12 @@ class StepTrace:
 
 @dataclasses.dataclass(frozen=True)
 class SimResult:
+    """A job's metrics and step trace; with data parallelism, the trace is the slowest
+    replica's and `replicas` holds each replica's own result."""
+
     metrics: dict
     trace: StepTrace
+    replicas: tuple[SimResult, ...] = ()
 
 
 class ReplaySteps:
@@ -82,35 +101,63 @@ def simulate(
     kv_budget_pages: int | None = None,
     memory_fraction: float = 0.9,
     cost: CostModel | None = None,
+    tensor_parallel: int = 1,
+    data_parallel: int = 1,
     **policy_options,
 ) -> SimResult:
     """Runs `policy` over `workload` on a simulated `device` serving `model`.
 
     `max_num_seqs` caps running requests of the `none`/`vllm`/`sglang` baselines only (their
     engines' default is 256); `batchllm` is limited by KV memory alone. `kv_budget_pages`
-    overrides the budget derived from device memory.
+    overrides the budget derived from device memory; both are per replica.
+    `tensor_parallel` chips serve each replica (a given `cost` brings its own), and
+    `data_parallel` replicas split the job's prefix groups between them; every policy gets
+    the same split of whole groups, and the baselines run theirs first come, first served.
     """
-    cost = cost or CostModel(get_device(device), get_model(model))
+    if cost is None:
+        cost = CostModel(get_device(device), get_model(model), tensor_parallel=tensor_parallel)
+    elif tensor_parallel not in (1, cost.tensor_parallel):
+        raise ValueError(f"{tensor_parallel=} conflicts with the given cost model's "
+                         f"{cost.tensor_parallel}")
+    if data_parallel < 1:
+        raise ValueError(f"data_parallel must be >= 1, got {data_parallel}")
     if kv_budget_pages is None:
         kv_budget_pages = cost.kv_budget_pages(page_size, memory_fraction)
     budgets = Budgets(max_tokens_per_step, kv_budget_pages, page_size, max_num_seqs)
+    if data_parallel == 1:
+        result = _replay(workload, policy, cost, budgets, policy_options)
+        result.metrics.update(_parallel_metrics(cost, [result]))
+        return result
+    return _simulate_replicas(workload, policy, cost, budgets, data_parallel, policy_options)
+
+
+def _replay(
+    workload: Workload, policy: str, cost: CostModel, budgets: Budgets, policy_options: dict
+) -> SimResult:
+    """One replica's run of `workload`, as if it were the whole job."""
     requests = workload.to_sched_requests()
     started = time.perf_counter()
     # Both planned from the flat TokenBatch: no Python object per prompt token.
+    policy_options = dict(policy_options)
     if policy == "batchllm":
-        policy_options.setdefault(
-            "plan", build_plan_from_tokens(workload.prompts, decode_estimates(requests))
-        )
+        if "plan" not in policy_options:
+            plan_options = {k: policy_options.pop(k) for k in _PLAN_OPTIONS if k in policy_options}
+            policy_options["plan"] = build_plan_from_tokens(
+                workload.prompts, decode_estimates(requests), **plan_options)
     else:
         policy_options.setdefault(
             "optimal_saving_ratio", identify_prefixes(workload.prompts).optimal_saving_ratio
         )
     batcher = make_batcher(policy, requests, budgets, **policy_options)
     trace_rows: list[tuple[int, int, float]] = []  # tokens, KV pages in use, seconds
-    run_batcher(batcher, ReplaySteps(
-        workload.output_lens.tolist(),
-        lambda step: trace_rows.append(
-            (step.num_tokens, step.kv_pages_in_use, cost.step_seconds(step)))))
+    parts = np.zeros(4)  # dense, attention, communication, overhead seconds
+
+    def on_launch(step: StepPlan) -> None:
+        c = cost.step_cost(step)
+        parts[:] += (c.dense_s, c.attention_s, c.communication_s, c.overhead_s)
+        trace_rows.append((step.num_tokens, step.kv_pages_in_use, c.total_s))
+
+    run_batcher(batcher, ReplaySteps(workload.output_lens.tolist(), on_launch))
     tokens, pages, seconds = zip(*trace_rows) if trace_rows else ((), (), ())
     replay_s = time.perf_counter() - started
     trace = StepTrace(
@@ -125,12 +172,147 @@ def simulate(
         workload=workload.name,
         device=cost.device.name,
         model=cost.model.name,
-        page_size=page_size,
-        max_tokens_per_step=max_tokens_per_step,
-        max_num_seqs=max_num_seqs if policy != "batchllm" else None,
+        page_size=budgets.page_size,
+        max_tokens_per_step=budgets.max_tokens_per_step,
+        max_num_seqs=budgets.max_num_seqs if policy != "batchllm" else None,
         simulated_s=simulated_s,
         output_tokens_per_s=metrics["output_tokens"] / simulated_s if simulated_s else 0.0,
         total_tokens_per_s=total / simulated_s if simulated_s else 0.0,
         replay_wall_s=replay_s,
+        dense_s=float(parts[0]),
+        attention_s=float(parts[1]),
+        communication_s=float(parts[2]),
+        overhead_s=float(parts[3]),
     )
     return SimResult(metrics, trace)
+
+
+def _parallel_metrics(cost: CostModel, replicas: Sequence[SimResult]) -> dict:
+    """The job's layout over chips and each replica's share (times are estimates)."""
+    times = [r.metrics["simulated_s"] for r in replicas]
+    mean = sum(times) / len(times)
+    return {
+        "tensor_parallel": cost.tensor_parallel,
+        "data_parallel": len(replicas),
+        "num_devices": cost.tensor_parallel * len(replicas),
+        "replica_balance": max(times) / mean if mean > 0 else 1.0,  # busiest / mean; 1: even
+        "replicas": [
+            {"replica": k, "requests": r.metrics["num_requests"],
+             "groups": r.metrics["num_groups"], "output_tokens": r.metrics["output_tokens"],
+             "computed_prefill_tokens": r.metrics["computed_prefill_tokens"],
+             "steps": r.metrics["num_steps"], "peak_kv_pages": r.metrics["peak_kv_pages"],
+             "kv_budget_pages": r.metrics["kv_budget_pages"],
+             "simulated_s": r.metrics["simulated_s"],
+             "communication_s": r.metrics["communication_s"]}
+            for k, r in enumerate(replicas)
+        ],
+    }
+
+
+def group_costs(plan: Plan, cost: CostModel, decode: np.ndarray) -> list[float]:
+    """Each plan group's estimated time (`CostModel.group_seconds`), in plan order;
+    `decode`: [N] expected output lengths (what the planner knows, not the true ones)."""
+    lengths = plan.prompts.lengths
+    costs = []
+    for group, ids in zip(plan.groups, plan.request_order):
+        members = np.asarray(ids, dtype=np.int64)
+        costs.append(cost.group_seconds(
+            group.prefix_len, lengths[members] - group.prefix_len, decode[members]))
+    return costs
+
+
+def replica_plan(plan: Plan, group_ids: Sequence[int]) -> tuple[np.ndarray, Plan]:
+    """The part of `plan` one replica runs: groups `group_ids` (ascending: plan order), their
+    requests renumbered 0..n-1 in input order. Returns those requests' ids in the job, and
+    the replica's plan (the same groups, prefixes and execution order)."""
+    orders = [np.asarray(plan.request_order[g], dtype=np.int64) for g in group_ids]
+    members = np.sort(np.concatenate(orders)) if orders else np.zeros(0, dtype=np.int64)
+    local = np.full(plan.num_requests, -1, dtype=np.int64)
+    local[members] = np.arange(len(members))
+    prompts = TokenBatch.from_sequences([plan.prompts[i] for i in members.tolist()])
+    groups, request_order = [], []
+    group_of_request = np.empty(len(members), dtype=np.int64)
+    for k, g in enumerate(group_ids):
+        source = plan.groups[g]
+        ids = local[np.asarray(source.request_ids, dtype=np.int64)]
+        groups.append(PrefixGroup(k, source.prefix_tokens, tuple(ids.tolist())))
+        request_order.append(tuple(local[orders[k]].tolist()))
+        group_of_request[ids] = k
+    prefix_len_of_request = plan.prefix_len_of_request[members]
+    shared = sum(g.prefix_len for g in groups)
+    return members, Plan(
+        prompts=prompts,
+        groups=tuple(groups),
+        request_order=tuple(request_order),
+        group_of_request=group_of_request,
+        prefix_len_of_request=prefix_len_of_request,
+        logical_prefill_tokens=prompts.total_tokens,
+        planned_prefill_tokens=shared + prompts.total_tokens - int(prefix_len_of_request.sum()),
+        optimal_saving_ratio=identify_prefixes(prompts).optimal_saving_ratio,
+        plan_s=0.0,  # planned once, for the whole job
+    )
+
+
+def _simulate_replicas(
+    workload: Workload,
+    policy: str,
+    cost: CostModel,
+    budgets: Budgets,
+    data_parallel: int,
+    policy_options: dict,
+) -> SimResult:
+    policy_options = dict(policy_options)
+    decode = workload.max_tokens.astype(np.float64)  # SchedRequest's estimate: max_tokens
+    plan: Plan | None = policy_options.pop("plan", None)
+    if plan is None:
+        plan_options = {k: policy_options.pop(k) for k in _PLAN_OPTIONS if k in policy_options}
+        plan = build_plan_from_tokens(workload.prompts, decode, **plan_options)
+    assignment = assign_groups(group_costs(plan, cost, decode), data_parallel)
+    replicas = []
+    for k, group_ids in enumerate(assignment):
+        members, sub_plan = replica_plan(plan, group_ids)
+        part = Workload(
+            name=f"{workload.name}-replica{k}",
+            prompts=sub_plan.prompts,
+            output_lens=workload.output_lens[members],
+            max_tokens=workload.max_tokens[members],
+        )
+        options = dict(policy_options)
+        if policy == "batchllm":
+            options["plan"] = sub_plan
+        replicas.append(_replay(part, policy, cost, budgets, options) if len(members)
+                        else _idle_replica(part, policy, cost, budgets))
+    slowest = max(replicas, key=lambda r: r.metrics["simulated_s"])
+    metrics = dict(slowest.metrics)
+    for key in _SUMMED:
+        metrics[key] = sum(r.metrics[key] for r in replicas)
+    metrics["peak_kv_pages"] = max(r.metrics["peak_kv_pages"] for r in replicas)
+    metrics["saving_ratio"] = saving_ratio(
+        metrics["logical_prefill_tokens"], metrics["computed_prefill_tokens"])
+    metrics["optimal_saving_ratio"] = plan.optimal_saving_ratio
+    metrics["plan_s"] = plan.plan_s
+    metrics["workload"] = workload.name
+    simulated_s = metrics["simulated_s"]  # the slowest replica's: the job's end
+    total = metrics["logical_prefill_tokens"] + metrics["output_tokens"]
+    metrics["output_tokens_per_s"] = metrics["output_tokens"] / simulated_s if simulated_s else 0.0
+    metrics["total_tokens_per_s"] = total / simulated_s if simulated_s else 0.0
+    metrics.update(_parallel_metrics(cost, replicas))
+    return SimResult(metrics, slowest.trace, tuple(replicas))
+
+
+def _idle_replica(workload: Workload, policy: str, cost: CostModel, budgets: Budgets) -> SimResult:
+    """A replica left without groups (fewer groups than replicas): it runs no step."""
+    empty = np.zeros(0, dtype=np.int64)
+    metrics = {
+        "policy": policy, "num_requests": 0, "num_groups": 0, "logical_prefill_tokens": 0,
+        "computed_prefill_tokens": 0, "saving_ratio": 0.0, "optimal_saving_ratio": 0.0,
+        "output_tokens": 0, "num_steps": 0, "peak_kv_pages": 0,
+        "kv_budget_pages": budgets.kv_budget_pages, "num_preemptions": 0, "plan_s": 0.0,
+        "workload": workload.name, "device": cost.device.name, "model": cost.model.name,
+        "page_size": budgets.page_size, "max_tokens_per_step": budgets.max_tokens_per_step,
+        "max_num_seqs": budgets.max_num_seqs if policy != "batchllm" else None,
+        "simulated_s": 0.0, "output_tokens_per_s": 0.0, "total_tokens_per_s": 0.0,
+        "replay_wall_s": 0.0, "dense_s": 0.0, "attention_s": 0.0, "communication_s": 0.0,
+        "overhead_s": 0.0,
+    }
+    return SimResult(metrics, StepTrace(empty, empty, np.zeros(0)))
