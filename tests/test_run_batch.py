@@ -68,14 +68,28 @@ def _input_lines() -> tuple[list[str], list[str]]:
     return lines, ids
 
 
-def _start(model_dir, input_path, output_path, metrics_path) -> subprocess.Popen:
+# Two data-parallel replicas on two forced host devices (fixed when JAX starts, so set in the
+# child's environment).
+REPLICAS = ("--data_parallel=2",)
+
+
+def _env(extra_flags) -> dict | None:
+    if not extra_flags:
+        return None
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") +
+                        " --xla_force_host_platform_device_count=2").strip()
+    return env
+
+
+def _start(model_dir, input_path, output_path, metrics_path, extra_flags=()) -> subprocess.Popen:
     log = open(f"{output_path}.log", "ab")  # a file, not a pipe: a full pipe would stall the run
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "experiments.run_batch", f"--input={input_path}",
              f"--output={output_path}", f"--metrics_out={metrics_path}", f"--model={model_dir}",
-             *RUN_FLAGS],
-            cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+             *RUN_FLAGS, *extra_flags],
+            cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=_env(extra_flags))
     finally:
         log.close()
 
@@ -184,10 +198,13 @@ def test_metrics_hold_the_documented_fields_within_the_kv_budget(runs):
         assert m[key] > 0, key
 
 
-def test_killed_run_resumes_to_the_uninterrupted_file(runs, tmp_path):
+@pytest.mark.parametrize("extra_flags", [(), REPLICAS], ids=["one-replica", "two-replicas"])
+def test_killed_run_resumes_to_the_uninterrupted_file(runs, tmp_path, extra_flags):
+    """Also with two replicas: whichever replica finished an id, the rerun skips it, and the
+    requests in flight on either replica at the kill run again."""
     model_dir = runs["model_dir"]  # the reference runs' model (another worker may have made it)
     out, metrics = tmp_path / "killed.jsonl", tmp_path / "killed.json"
-    proc = _start(model_dir, runs["native_in"], out, metrics)
+    proc = _start(model_dir, runs["native_in"], out, metrics, extra_flags)
     try:
         deadline = time.monotonic() + 240
         # Error lines are written before the first step: wait for a generated result.
@@ -208,7 +225,7 @@ def test_killed_run_resumes_to_the_uninterrupted_file(runs, tmp_path):
     assert 1 <= len(done) < NUM_GOOD, "the kill must land mid-run"
     assert not os.path.exists(metrics)
 
-    _finish(_start(model_dir, runs["native_in"], out, metrics), out)
+    _finish(_start(model_dir, runs["native_in"], out, metrics, extra_flags), out)
     final = _complete_lines(out)
     assert [line["id"] for line in final] == runs["ids"]  # every id once, in input order
     full = _complete_lines(runs["tmp"] / "full.jsonl")
@@ -218,6 +235,9 @@ def test_killed_run_resumes_to_the_uninterrupted_file(runs, tmp_path):
     assert m["num_requests"] == NUM_GOOD - len(done)  # finished requests did not run again
     assert m["failed_requests"] == len(BAD_LINES)  # counted from the file, resumed or not
     assert m["peak_kv_pages"] <= m["kv_budget_pages"]
+    if extra_flags:
+        assert m["data_parallel"] == 2 and len(m["replicas"]) == 2
+        assert all(r["peak_kv_pages"] <= r["kv_budget_pages"] for r in m["replicas"])
 
 
 def test_openai_batch_input_gets_openai_shaped_output(runs):
