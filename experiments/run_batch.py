@@ -5,6 +5,7 @@
         [--attention=xla|pallas] [--cpu_kernels=auto|native|xla] [--kv_budget_mb=N] \
         [--max_tokens_per_step=N] [--tensor_parallel=T] [--data_parallel=D] \
         [--distributed=local|ray] [--ray_address=ADDR] \
+        [--coordinator_address=HOST:PORT --num_processes=N --process_id=I] \
         [--config=configs/run_batch.py --config.key=value]
 
 Results are appended as requests finish; rerunning with the same --output resumes.
@@ -18,7 +19,7 @@ import os
 from absl import app, flags
 from ml_collections import config_flags
 
-from batchjax.cluster import Engine
+from batchjax.cluster import Engine, multihost
 from batchjax.metrics import replica_table, summary_table
 from batchjax.engine.results import ResultsJournal
 from batchjax.requests import read_requests_jsonl
@@ -30,6 +31,11 @@ _INPUT = flags.DEFINE_string("input", None, "JSONL of requests.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "JSONL of results (resumed if it exists).",
                               required=True)
 _METRICS = flags.DEFINE_string("metrics_out", None, "Where to write the metrics JSON.")
+# A multi-host job (tensor parallel across hosts): the same command on every host.
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0 of a multi-host job.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1, "Processes (hosts) in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's rank in the job.")
 # Shortcuts for the most used config keys; a flag given here wins over --config.*.
 _OVERRIDES = {
     "model": flags.DEFINE_string("model", None, "smollm2-135m, an HF dir, a .gguf or orbax dir."),
@@ -61,14 +67,25 @@ def main(argv):
         if flag.value is not None:
             cfg[key] = flag.value
 
+    if _COORDINATOR.value:  # before anything touches a JAX device
+        multihost.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    # Process 0 alone writes the output; every process runs every step of the same job.
+    leader = multihost.is_leader()
+
     requests, errors, fmt = read_requests_jsonl(_INPUT.value, strict=cfg.strict)
-    out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
-    os.makedirs(out_dir, exist_ok=True)
-    journal = ResultsJournal(_OUTPUT.value, fmt, model=cfg.model)
-    resumed = len(journal.finished_ids)
-    for err in errors:
-        if journal.error_key(err) not in journal.finished_ids:
-            journal.append_error(err)
+    journal, finished, resumed = None, [], 0
+    if leader:
+        out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
+        os.makedirs(out_dir, exist_ok=True)
+        journal = ResultsJournal(_OUTPUT.value, fmt, model=cfg.model)
+        resumed = len(journal.finished_ids)
+        for err in errors:
+            if journal.error_key(err) not in journal.finished_ids:
+                journal.append_error(err)
+        finished = sorted(journal.finished_ids)
+    if multihost.num_processes() > 1:  # the same job everywhere, resumed from process 0's file
+        finished = multihost.broadcast_from_leader(finished)
+        multihost.check_same_inputs(requests)
     if resumed:
         print(f"resuming {_OUTPUT.value}: {resumed} lines already written")
 
@@ -81,8 +98,11 @@ def main(argv):
         data_parallel=cfg.data_parallel, distributed=cfg.distributed,
         ray_address=cfg.ray_address or None,
     )
-    results = engine.generate(requests, skip_ids=frozenset(journal.finished_ids),
-                              on_result=journal.append)
+    results = engine.generate(requests, skip_ids=frozenset(finished),
+                              on_result=journal.append if leader else None)
+    if not leader:
+        multihost.barrier("run_batch_done")
+        return
     input_order = sorted([(r.index, r.id) for r in requests]
                          + [(e.line - 1, journal.error_key(e)) for e in errors])
     journal.finalize([request_id for _, request_id in input_order])
@@ -106,6 +126,8 @@ def main(argv):
         with open(_METRICS.value, "w") as f:
             json.dump(metrics, f, indent=2, sort_keys=True)
             f.write("\n")
+    if multihost.num_processes() > 1:
+        multihost.barrier("run_batch_done")
 
 
 if __name__ == "__main__":

@@ -156,6 +156,14 @@ class Engine:
         if ray_address is not None:
             raise ValueError("ray_address needs distributed='ray'")
         self._ray = None
+        import jax
+
+        if jax.process_count() > 1 and data_parallel > 1:
+            raise ValueError(
+                f"data_parallel={data_parallel} over {jax.process_count()} processes is not "
+                f"supported: every process takes part in every step of a multi-host job, so "
+                f"use tensor_parallel over all its devices and data_parallel=1 (or Ray "
+                f"actors, distributed='ray', for replicas on many hosts)")
         mesh = make_mesh(tensor_parallel, data_parallel, devices)  # before anything loads
         from batchjax.models.registry import load_model
 
