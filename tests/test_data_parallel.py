@@ -71,3 +71,10 @@ def test_baseline_shares_are_contiguous_and_even():
     assert [i for s in shares for i in s] == list(range(10))
     assert max(map(len, shares)) - min(map(len, shares)) <= 1
     assert sorted(map(len, contiguous_shares([5.0], 2))) == [0, 1]
+
+
+def test_work_put_back_at_no_cost_is_still_taken_by_a_dry_replica():
+    queues = ReplicaQueues([(0, (), (0,)), (1, (), (1,))], [3.0, 1.0], [[0], [1]])
+    assert queues.take(0)[0] == 0 and queues.take(1)[0] == 1
+    queues.put_back(1, [(7, (), (7,))])  # cost 0, on replica 1's queue
+    assert queues.take(0, dry=True)[0] == 7  # replica 0 has less left, but an empty queue

@@ -26,7 +26,7 @@ from batchjax.sharding.mesh import make_mesh, replica_meshes
 
 DISTRIBUTED = ("local", "ray")
 # Counters that add up over replicas; the others are per replica (budgets, peaks) or per job.
-_SUMMED = ("num_requests", "num_groups", "logical_prefill_tokens", "computed_prefill_tokens",
+SUMMED_METRICS = ("num_requests", "num_groups", "logical_prefill_tokens", "computed_prefill_tokens",
            "output_tokens", "num_steps", "num_preemptions", "num_preempted_groups", "model_tokens", "model_flops",
            "prefill_steps", "prefill_flops", "decode_steps", "decode_flops", "compiling_steps",
            "padded_tokens", "compiled_after_warmup")
@@ -84,7 +84,7 @@ def merge_metrics(per_replica: Sequence[dict], *, wall_s: float, plan=None,
     """One job's metrics from its replicas' (each as `batchjax.engine.Engine.run` reports)."""
     first = per_replica[0]
     m = dict(first)
-    for key in _SUMMED:
+    for key in SUMMED_METRICS:
         if any(key in r for r in per_replica):
             m[key] = sum(r.get(key) or 0 for r in per_replica)
     for key in ("peak_kv_pages", "num_compiled_shapes", "warmup_s"):

@@ -52,9 +52,10 @@ class ReplicaQueues:
             elif not dry:
                 return None
             else:
-                owner = max(range(len(self._queues)), key=lambda r: (self._left[r], -r))
-                if not self._queues[owner]:
+                others = [r for r in range(len(self._queues)) if self._queues[r]]
+                if not others:
                     return None
+                owner = max(others, key=lambda r: (self._left[r], -r))
                 i = self._queues[owner].pop()  # the group its owner would have run last
                 self.stolen[replica] += 1
             self._left[owner] -= self._costs[i]
