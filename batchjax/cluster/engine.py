@@ -176,6 +176,13 @@ class Engine:
     def options(self):
         return self._ray.options if self._ray is not None else self.replicas[0].options
 
+    @property
+    def kv_budget_pages(self) -> int | None:
+        """KV pages of each replica's budget (None for Ray replicas until a job reports)."""
+        if self._ray is not None:
+            return self.last_metrics.get("kv_budget_pages")
+        return self.replicas[0].kv_budget_pages
+
     def generate(
         self,
         requests: Iterable[str | dict | Request],
