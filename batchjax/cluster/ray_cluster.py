@@ -133,20 +133,6 @@ def _tokenizer_from(parts: dict | None):
     return Tokenizer(tokenizers.Tokenizer.from_str(parts.pop("backend")), **parts)
 
 
-class _HostSide:
-    """What the driver runs of `batchjax.engine.Engine`: validating and tokenizing requests,
-    with the model's config and tokenizer (no weights)."""
-
-    _prompt_ids = engine_lib.Engine._prompt_ids
-    _prepare = engine_lib.Engine._prepare
-    prepare = engine_lib.Engine.prepare
-    sched_requests = staticmethod(engine_lib.Engine.sched_requests)
-
-    def __init__(self, config, tokenizer):
-        self.config, self.tokenizer = config, tokenizer
-        self.max_model_len = config.max_position_embeddings
-
-
 # -- the coordinator: the job's queues and what has been reported of it ------------------------
 
 
@@ -389,7 +375,7 @@ class _Replica:
         age0 = process_age_s()
         t0 = time.perf_counter()
         e = self._engine
-        live = [e._prepare(r) for r in ray.get(requests[0])]
+        live = [e.prepare_one(r) for r in ray.get(requests[0])]
         bad = next((st for st in live if isinstance(st, Result)), None)
         if bad is not None:
             raise RuntimeError(f"replica {replica} rejects request {bad.id!r}, which the "
@@ -509,7 +495,7 @@ class RayReplicas:
             self.close()
             raise
         self.tokenizer = _tokenizer_from(parts)
-        self._host = _HostSide(self.config, self.tokenizer)
+        self._host = engine_lib.RequestPreparer(self.config, self.tokenizer)
 
     def _spawn(self, replicas: Iterable[int]) -> None:
         ray = self._rayapi

@@ -121,7 +121,71 @@ def step_flops(config, plan, sampled_rows: int) -> float:
     return forward_flops(config, context, sampled_rows)
 
 
-class Engine:
+class RequestPreparer:
+    """Validates and tokenizes requests for a model: what a driver needs of an engine without
+    its weights (`Engine` is one; the Ray driver holds one of its own)."""
+
+    def __init__(self, config, tokenizer):
+        self.config, self.tokenizer = config, tokenizer
+        self.max_model_len = config.max_position_embeddings
+
+    def _prompt_ids(self, request: Request) -> tuple[int, ...]:
+        if request.prompt_token_ids is not None:
+            bad = [t for t in request.prompt_token_ids if t >= self.config.vocab_size]
+            if bad:
+                raise InvalidRequestError("prompt_token_ids",
+                               f"token id {bad[0]} is outside the vocabulary of "
+                               f"{self.config.vocab_size}")
+            return request.prompt_token_ids
+        if self.tokenizer is None:
+            raise InvalidRequestError("prompt", "this model has no tokenizer: give prompt_token_ids")
+        if request.messages is not None:
+            text = self.tokenizer.apply_chat_template(list(request.messages))
+            return tuple(self.tokenizer.encode(text, add_special_tokens=False))
+        return tuple(self.tokenizer.encode(request.prompt))
+
+    def prepare_one(self, request: Request) -> _Live | Result:
+        try:
+            ids = self._prompt_ids(request)
+        except InvalidRequestError as e:
+            return _error_result(request, e.field, e.reason)
+        if len(ids) >= self.max_model_len:
+            field = "messages" if request.messages is not None else (
+                "prompt" if request.prompt is not None else "prompt_token_ids")
+            return _error_result(
+                request, field,
+                f"prompt has {len(ids)} tokens; the model context is {self.max_model_len}")
+        eos = () if request.sampling.ignore_eos else self.config.eos_token_ids
+        return _Live(request, ids, self.tokenizer, eos, self.max_model_len)
+
+    def prepare(self, requests, *, sampling: SamplingParams | None = None,
+                on_result: Callable[[Result], None] | None = None,
+                skip_ids: frozenset[str] = frozenset()) -> tuple[list["_Live"], dict]:
+        """Validates and tokenizes: (the requests to run, in input order; results so far by
+        input index: the bad requests' errors, also passed to `on_result`)."""
+        reqs = requests_from_python(list(requests), default_sampling=sampling)
+        done: dict[int, Result] = {}
+        live: list[_Live] = []
+        for r in reqs:
+            if r.id in skip_ids:
+                continue
+            prepared = self.prepare_one(r)
+            if isinstance(prepared, Result):
+                done[r.index] = prepared
+                if on_result is not None:
+                    on_result(prepared)
+            else:
+                live.append(prepared)
+        return live, done
+
+    @staticmethod
+    def sched_requests(live: Sequence["_Live"]) -> list[SchedRequest]:
+        """What the schedule sees of each request: its prompt and its token limit."""
+        return [SchedRequest(st.prompt_ids, st.stop.token_limit) for st in live]
+
+
+
+class Engine(RequestPreparer):
     """A loaded model and its KV pools, reusable for many `generate` calls."""
 
     def __init__(self, model: str = "smollm2-135m", *, policy: str = "batchllm",
@@ -144,9 +208,7 @@ class Engine:
         if loaded is None:
             loaded = load_model(model, dtype=dtype)
         self.model_source = model
-        self.config = loaded.config
-        self.tokenizer = loaded.tokenizer
-        self.max_model_len = self.config.max_position_embeddings
+        RequestPreparer.__init__(self, loaded.config, loaded.tokenizer)
         o = self.options
         # The step keeps its own stacked copy of the parameters (laid out on `mesh`); the
         # module itself is dropped.
@@ -160,37 +222,6 @@ class Engine:
         self.kv = allocate_kv(self.config, self.kv_budget_pages, o.page_size, dtype, kv_heads,
                               self.step.kv_sharding)
         self.last_metrics: dict[str, Any] = {}
-
-    # -- preparing requests -------------------------------------------------------------------
-
-    def _prompt_ids(self, request: Request) -> tuple[int, ...]:
-        if request.prompt_token_ids is not None:
-            bad = [t for t in request.prompt_token_ids if t >= self.config.vocab_size]
-            if bad:
-                raise InvalidRequestError("prompt_token_ids",
-                               f"token id {bad[0]} is outside the vocabulary of "
-                               f"{self.config.vocab_size}")
-            return request.prompt_token_ids
-        if self.tokenizer is None:
-            raise InvalidRequestError("prompt", "this model has no tokenizer: give prompt_token_ids")
-        if request.messages is not None:
-            text = self.tokenizer.apply_chat_template(list(request.messages))
-            return tuple(self.tokenizer.encode(text, add_special_tokens=False))
-        return tuple(self.tokenizer.encode(request.prompt))
-
-    def _prepare(self, request: Request) -> _Live | Result:
-        try:
-            ids = self._prompt_ids(request)
-        except InvalidRequestError as e:
-            return _error_result(request, e.field, e.reason)
-        if len(ids) >= self.max_model_len:
-            field = "messages" if request.messages is not None else (
-                "prompt" if request.prompt is not None else "prompt_token_ids")
-            return _error_result(
-                request, field,
-                f"prompt has {len(ids)} tokens; the model context is {self.max_model_len}")
-        eos = () if request.sampling.ignore_eos else self.config.eos_token_ids
-        return _Live(request, ids, self.tokenizer, eos, self.max_model_len)
 
     # -- running ------------------------------------------------------------------------------
 
@@ -214,31 +245,6 @@ class Engine:
                                      policy=policy)
         return [done[i] for i in sorted(done)]
 
-    def prepare(self, requests, *, sampling: SamplingParams | None = None,
-                on_result: Callable[[Result], None] | None = None,
-                skip_ids: frozenset[str] = frozenset()) -> tuple[list["_Live"], dict]:
-        """Validates and tokenizes: (the requests to run, in input order; results so far by
-        input index: the bad requests' errors, also passed to `on_result`)."""
-        reqs = requests_from_python(list(requests), default_sampling=sampling)
-        done: dict[int, Result] = {}
-        live: list[_Live] = []
-        for r in reqs:
-            if r.id in skip_ids:
-                continue
-            prepared = self._prepare(r)
-            if isinstance(prepared, Result):
-                done[r.index] = prepared
-                if on_result is not None:
-                    on_result(prepared)
-            else:
-                live.append(prepared)
-        return live, done
-
-    @staticmethod
-    def sched_requests(live: Sequence["_Live"]) -> list[SchedRequest]:
-        """What the schedule sees of each request: its prompt and its token limit."""
-        return [SchedRequest(st.prompt_ids, st.stop.token_limit) for st in live]
-
     def budgets(self) -> Budgets:
         o = self.options
         return Budgets(o.max_tokens_per_step, self.kv_budget_pages, o.page_size,
@@ -256,12 +262,13 @@ class Engine:
         """
         t0 = time.perf_counter() if t0 is None else t0
         o = self.options
-        greedy = all(st.request.sampling.is_greedy for st in (all_live or live))
+        all_live = all_live or live
+        greedy = all(st.request.sampling.is_greedy for st in all_live)
         compiled_before = self.step.num_compiled_shapes
         stats = _RunStats()
         warmup_s = 0.0
         if live:
-            job = self.sched_requests(all_live or live)
+            job = self.sched_requests(all_live)
             buckets = BucketTable.for_job(job, o.max_tokens_per_step, o.page_size)
             t_warm = time.perf_counter()
             # Every shape this job's steps can take, compiled before its first step.

@@ -147,8 +147,10 @@ class ModelStep:
         params["layers"] = _stack_states(layer_states)
         self._param_specs = jax.tree_util.tree_map_with_path(
             lambda path, x: rules.param_spec(rules.tree_path_names(path), x.ndim, x.size), params)
+        # Whether every device of the mesh is this process's (not a `jax.distributed` job).
+        self._local = all(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
         self.params = _place(params, jax.tree.map(
-            lambda spec: NamedSharding(self.mesh, spec), self._param_specs))
+            lambda spec: NamedSharding(self.mesh, spec), self._param_specs), self._local)
         self.kv_sharding = NamedSharding(self.mesh, rules.kv_spec())
         self._replicated = replicated(self.mesh)
         self.dtype = model.dtype
@@ -275,7 +277,7 @@ class ModelStep:
         in one call."""
         real_rows = (np.int32(batch.num_tokens), np.int32(len(batch.sample_seq_ids)))
         return _place((batch.token_ids, batch.positions, batch.logits_index, batch.metadata,
-                       real_rows, tuple(sampling_rows)), self._replicated)
+                       real_rows, tuple(sampling_rows)), self._replicated, self._local)
 
     def _lower(self, kv, feed, inputs, greedy: bool):
         return self._jitted.lower(self.params, kv, feed, *inputs, greedy=greedy)
@@ -289,7 +291,7 @@ class ModelStep:
 
     def empty_feed(self, size: int) -> jax.Array:
         """The feed before a job's first step: `size` is the most rows a step samples."""
-        return _place(np.zeros(size, np.int32), self._replicated)
+        return _place(np.zeros(size, np.int32), self._replicated, self._local)
 
     def warm_up(self, kv, feed, shapes, greedy: bool, progress: bool = True) -> int:
         """Compiles every shape of `shapes` not compiled yet, before any step runs; returns how
@@ -324,13 +326,12 @@ class ModelStep:
         return program(self.params, kv, feed, *inputs)
 
 
-def _place(tree, shardings):
-    """`tree`'s arrays on `shardings` (one sharding, or a tree of them). Where every device is
-    this process's, a plain `device_put`; across processes (`jax.distributed`), each process
-    builds its devices' shards from its own copy of the whole array."""
-    leaves = jax.tree.leaves(shardings) if not isinstance(shardings, jax.sharding.Sharding) else [
-        shardings]
-    if all(d.process_index == jax.process_index() for s in leaves for d in s.device_set):
+def _place(tree, shardings, local: bool):
+    """`tree`'s arrays on `shardings` (one sharding, or a tree of them). With `local` (every
+    device of the mesh is this process's), a plain `device_put`; across processes
+    (`jax.distributed`), each process builds its devices' shards from its own copy of the
+    whole array."""
+    if local:
         return jax.device_put(tree, shardings)
 
     def one(x, sharding):
