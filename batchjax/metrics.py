@@ -21,6 +21,8 @@ _ROWS = (
     ("num_requests", "requests", "{:,}"),
     ("failed_requests", "failed requests", "{:,}"),
     ("num_groups", "prefix groups", "{:,}"),
+    ("prefix_levels", "prefix tree depth (levels)", "{:,}"),
+    ("num_prefix_nodes", "shared segments (tree nodes)", "{:,}"),
     ("logical_prefill_tokens", "logical prefill tokens", "{:,}"),
     ("computed_prefill_tokens", "computed prefill tokens", "{:,}"),
     ("saving_ratio", "saving ratio", "{:.1%}"),

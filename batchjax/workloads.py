@@ -183,6 +183,55 @@ def industry_like(
     )
 
 
+def nested(
+    segment_lens: tuple[int, ...] = (512, 768, 64),
+    fanouts: tuple[int, ...] = (1, 16, 16),
+    output_len: int = 32,
+    vocab_size: int = 32000,
+    shuffle: bool = True,
+    seed: int = 0,
+) -> Workload:
+    """Prompts that nest: `fanouts[0]` random segments of `segment_lens[0]` tokens, each
+    followed by `fanouts[1]` of `segment_lens[1]`, and so on; every path is one prompt.
+
+    The default is a system prompt over 16 documents over 16 questions each (256 requests):
+    sharing at two levels, then each question's own tokens. Segment lengths may be tuples
+    of (low, high) ranges drawn per segment instead of one length.
+    """
+    if len(segment_lens) != len(fanouts) or not fanouts:
+        raise ValueError("segment_lens and fanouts need one entry per level")
+    rng = np.random.default_rng(seed)
+
+    def draw(level: int) -> np.ndarray:
+        n = segment_lens[level]
+        if isinstance(n, tuple):
+            n = int(rng.integers(n[0], n[1] + 1))
+        return rng.integers(0, vocab_size, size=n, dtype=np.int32)
+
+    prompts: list[np.ndarray] = []
+
+    def expand(level: int, head: np.ndarray) -> None:
+        for _ in range(fanouts[level]):
+            path = np.concatenate([head, draw(level)])
+            if level + 1 == len(fanouts):
+                prompts.append(path)
+            else:
+                expand(level + 1, path)
+
+    expand(0, np.zeros(0, dtype=np.int32))
+    if shuffle:
+        prompts = [prompts[i] for i in rng.permutation(len(prompts))]
+    num = len(prompts)
+    shape = "x".join(f"{n}" if not isinstance(n, tuple) else f"{n[0]}-{n[1]}"
+                     for n in segment_lens)
+    return Workload(
+        name=f"nested_{shape}_f{'x'.join(map(str, fanouts))}",
+        prompts=TokenBatch.from_sequences(prompts),
+        output_lens=np.full(num, output_len, dtype=np.int64),
+        max_tokens=np.full(num, output_len, dtype=np.int64),
+    )
+
+
 def write_jsonl(workload: Workload, path: str | os.PathLike[str]) -> None:
     """One line per request: {"id", "prompt_token_ids", "max_tokens", "output_len"}."""
     with open(path, "w", encoding="utf-8") as f:

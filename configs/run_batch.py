@@ -14,6 +14,10 @@ def get_config() -> ml_collections.ConfigDict:
     c.kv_budget_mb = 1024.0
     c.max_tokens_per_step = 512
     c.max_num_seqs = 256
+    # batchllm: shared segments per request's chain (1: BatchLLM's single level; more: the
+    # prefix tree, a cascade of shared segments) and the least tokens a segment must save.
+    c.prefix_levels = 4
+    c.min_saved_tokens = 16
     c.overlap = True  # plan and launch step N+1 while step N runs (same results either way)
     c.tensor_parallel = 1  # devices per replica (heads and MLP columns split over them)
     c.data_parallel = 1  # replicas, each with its own KV pool and whole prefix groups

@@ -94,6 +94,7 @@ def main(argv):
         cpu_kernels=cfg.cpu_kernels,
         page_size=cfg.page_size, kv_budget_mb=cfg.kv_budget_mb,
         max_tokens_per_step=cfg.max_tokens_per_step, max_num_seqs=cfg.max_num_seqs,
+        prefix_levels=cfg.prefix_levels, min_saved_tokens=cfg.min_saved_tokens,
         overlap=cfg.overlap, tensor_parallel=cfg.tensor_parallel,
         data_parallel=cfg.data_parallel, distributed=cfg.distributed,
         ray_address=cfg.ray_address or None,

@@ -7,7 +7,8 @@ python -m experiments.simulate --device=h200 --model=llama-3.1-70b --tensor_para
     --data_parallel=2
 
 Without --input the workload is make_workload's default microbenchmark (6,400 requests, a
-2,000-token prefix shared by 16, 200 tokens of their own, 100 output tokens).
+2,000-token prefix shared by 16, 200 tokens of their own, 100 output tokens), or with
+--workload=nested the three-level one (`batchjax.workloads.nested`).
 """
 
 import json
@@ -35,6 +36,13 @@ _TENSOR_PARALLEL = flags.DEFINE_integer(
     "tensor_parallel", 1, "Chips per replica, each holding 1/T of every layer.", lower_bound=1)
 _DATA_PARALLEL = flags.DEFINE_integer(
     "data_parallel", 1, "Replicas; whole prefix groups are split between them.", lower_bound=1)
+_PREFIX_LEVELS = flags.DEFINE_integer(
+    "prefix_levels", 4, "batchllm: shared segments per chain (1: BatchLLM's single level).",
+    lower_bound=1)
+_WORKLOAD = flags.DEFINE_enum(
+    "workload", "micro", ["micro", "nested"],
+    "Without --input: the paper's microbenchmark, or the nested one (a 512-token system "
+    "prompt over 16 documents of 768 tokens x 16 questions of 64, 32 output tokens).")
 _METRICS_OUT = flags.DEFINE_string("metrics_out", None, "Write the metrics JSON here.")
 _PLOT = flags.DEFINE_string("plot", None, "Write a PNG of KV pages and tokens per step here.")
 
@@ -68,13 +76,17 @@ def main(argv: list[str]) -> None:
     del argv
     if _INPUT.value:
         workload = workloads.read_jsonl(_INPUT.value)
+    elif _WORKLOAD.value == "nested":
+        workload = workloads.nested()
     else:
         workload = workloads.microbenchmark(**DEFAULT_WORKLOAD)
+    options = {"prefix_levels": _PREFIX_LEVELS.value} if _POLICY.value == "batchllm" else {}
     try:
         result = simulate(
             workload, _POLICY.value, _DEVICE.value, _MODEL.value, page_size=_PAGE_SIZE.value,
             max_tokens_per_step=_MAX_TOKENS_PER_STEP.value, max_num_seqs=_MAX_NUM_SEQS.value,
             tensor_parallel=_TENSOR_PARALLEL.value, data_parallel=_DATA_PARALLEL.value,
+            **options,
         )
     except DoesNotFit as e:
         raise SystemExit(f"error: {e}") from None

@@ -7,6 +7,9 @@ Three functions, one contract (see DESIGN.md, "Attention in a step"):
 * `shared_prefix_attention_reference`: every group's query tokens against the group's prefix
   pages, no mask. Computed per group as one dense `[queries x prefix]` matrix product.
 * `merge_attention_states_reference`: the stable log-sum-exp merge of two partial results.
+* `cascade_attention_reference`: every query token against its whole context at once, the
+  chain of shared segments above it (one per level) and its own keys, in one softmax: what
+  the cascade of the three above must equal.
 
 Every function returns `lse` in float32, and a row that saw no key comes out with `out = 0` and
 `lse = NO_KEYS_LSE`, a finite sentinel, so merging it is exact and NaN-free.
@@ -157,3 +160,58 @@ def merge_attention_states_reference(
     out = w1[..., None] * out1.astype(jnp.float32) + w2[..., None] * out2.astype(jnp.float32)
     out = out / safe[..., None]
     return out.astype(out1.dtype), jnp.where(seen, top + jnp.log(safe), NO_KEYS_LSE)
+
+
+def cascade_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    seq_page_tables: jax.Array,
+    seq_kv_lens: jax.Array,
+    seq_q_start: jax.Array,
+    seq_q_len: jax.Array,
+    level_page_tables: jax.Array,
+    level_lens: jax.Array,
+    level_q_start: jax.Array,
+    level_q_len: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One softmax per query token over its whole context: the keys of the segment that owns
+    its row at each level (no mask), then its own sequence's keys (causal, as in
+    `ragged_paged_attention_reference`). Nothing is merged: the keys are concatenated.
+
+    q: [T, Hq, D]; pools [N, page, Hkv, D]; seq_*: [S, P] / [S]; level_page_tables:
+    [L, G, Pg]; level_lens, level_q_start, level_q_len: [L, G].
+    Returns out: [T, Hq, D] (q.dtype) and lse: [T, Hq] float32.
+    """
+    num_tokens, q_heads, head_dim = q.shape
+    kv_heads = k_pages.shape[2]
+    group = q_heads // kv_heads
+    keys, values, masks = [], [], []
+    for level in range(level_q_len.shape[0]):
+        owner, owned = _token_owner(num_tokens, level_q_start[level], level_q_len[level])
+        table = level_page_tables[level][owner]  # [T, Pg]
+        k = _gather_keys(k_pages, table)
+        keys.append(k)
+        values.append(_gather_keys(v_pages, table))
+        length = jnp.where(owned, level_lens[level][owner], 0)
+        masks.append(jnp.arange(k.shape[1])[None, :] < length[:, None])
+    owner, owned = _token_owner(num_tokens, seq_q_start, seq_q_len)
+    k = _gather_keys(k_pages, seq_page_tables[owner])
+    keys.append(k)
+    values.append(_gather_keys(v_pages, seq_page_tables[owner]))
+    kv_len = seq_kv_lens[owner]
+    query_pos = kv_len - seq_q_len[owner] + (jnp.arange(num_tokens) - seq_q_start[owner])
+    key_pos = jnp.arange(k.shape[1])
+    masks.append((key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < kv_len[:, None])
+                 & owned[:, None])
+    keys = jnp.concatenate(keys, axis=1)  # [T, K, Hkv, D]
+    values = jnp.concatenate(values, axis=1)
+    mask = jnp.concatenate(masks, axis=1)[:, None, None, :]  # [T, 1, 1, K]
+    q_grouped = q.reshape(num_tokens, kv_heads, group, head_dim).astype(jnp.float32)
+    scores = jnp.einsum("tkgd,tlkd->tkgl", q_grouped, keys.astype(jnp.float32))
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    out, lse = _softmax_with_lse(scores, mask, values, "tkgl,tlkd->tkgd")
+    return (
+        out.reshape(num_tokens, q_heads, head_dim).astype(q.dtype),
+        lse.reshape(num_tokens, q_heads),
+    )

@@ -108,9 +108,11 @@ def test_shared_prefix_attention_matches_full_context_attention(seed, native):
     # Pages held for tokens to come are left out of the own tables.
     assert not np.isin(md.seq_page_tables, [34, 35, 36]).any()
     # Group 0's two chunks were moved next to each other: one span of 1 + 70 queries.
-    assert (md.group_q_start[0], md.group_q_len[0], md.group_prefix_lens[0]) == (0, 71, 7)
-    assert (md.group_q_start[1], md.group_q_len[1], md.group_prefix_lens[1]) == (71, 41, 1)
-    assert np.all(md.group_q_len[2:] == 0) and np.all(md.seq_q_len[len(CHUNKS):] == 0)
+    assert md.prefix_levels == 1
+    start, q_len, lens = md.group_q_start[0], md.group_q_len[0], md.group_prefix_lens[0]
+    assert (start[0], q_len[0], lens[0]) == (0, 71, 7)
+    assert (start[1], q_len[1], lens[1]) == (71, 41, 1)
+    assert np.all(q_len[2:] == 0) and np.all(md.seq_q_len[len(CHUNKS):] == 0)
 
 
 def test_a_step_s_shape_depends_on_its_token_count_alone():

@@ -51,6 +51,16 @@ def generated_token(seq_id: int, index: int) -> int:
     return 7 + (seq_id * 31 + index * 17) % 5  # few distinct values: generated text repeats
 
 
+def context_slot(chunk, prefixes, pos: int, page_size: int) -> tuple[int, int]:
+    """(page, slot) of context position `pos` (< prefix_len) along the chunk's chain."""
+    for seg in chunk.prefix_chain:
+        ref = prefixes[seg]
+        if pos < ref.prefix_len:
+            return ref.page_table[pos // page_size], pos % page_size
+        pos -= ref.prefix_len
+    raise AssertionError(f"position past the chain of sequence {chunk.seq_id}")
+
+
 class CheckingExecutor:
     """A `StepExecutor` that models the KV pages and checks every step as it launches.
 
@@ -102,9 +112,11 @@ class CheckingExecutor:
             assert self.overlap or tokens == list(c.token_ids), "placeholder without overlap"
             assert len(c.page_table) * ps >= c.own_start + c.num_tokens
             if c.prefix_group is not None:
-                ref = prefixes[c.prefix_group]
-                assert ref.prefix_len == c.prefix_len
-                assert len(ref.page_table) * ps >= ref.prefix_len
+                refs = [prefixes[s] for s in c.prefix_chain]
+                assert c.prefix_chain[-1] == c.prefix_group
+                assert [r.level for r in refs] == list(range(len(refs)))
+                assert sum(r.prefix_len for r in refs) == c.prefix_len
+                assert all(len(r.page_table) * ps >= r.prefix_len for r in refs)
             dropped = c.seq_id in self.ended_at
             if dropped:  # known finished only after this step was planned
                 assert self.overlap and self.ended_at[c.seq_id] == index - 1, (
@@ -113,8 +125,7 @@ class CheckingExecutor:
                 i = c.seq_id
                 # The whole context it attends holds its own true sequence.
                 for pos in range(c.prefix_len):
-                    ref = prefixes[c.prefix_group]
-                    assert kv.get((ref.page_table[pos // ps], pos % ps)) == self.key_at(i, pos)
+                    assert kv.get(context_slot(c, prefixes, pos, ps)) == self.key_at(i, pos)
                 for j in range(c.own_start):
                     slot = (c.page_table[j // ps], j % ps)
                     assert kv.get(slot) == self.key_at(i, c.prefix_len + j), (
@@ -123,16 +134,15 @@ class CheckingExecutor:
                 assert tokens == expected, f"wrong tokens fed for request {i}"
                 assert c.sample == (c.prefix_len + c.own_start + c.num_tokens
                                     == len(self.truth[i]))
-            else:
-                assert not c.sample and c.prefix_group is None and c.prefix_len == 0
+            else:  # a shared segment: its context is its chain of ancestors
+                assert not c.sample
+                assert (c.prefix_group is None) == (c.prefix_len == 0) == (not c.prefix_chain)
             for t, token in enumerate(tokens):
                 j = c.own_start + t
                 if j > 0:
                     before = kv[(c.page_table[(j - 1) // ps], (j - 1) % ps)]
                 elif c.prefix_group is not None:
-                    ref = prefixes[c.prefix_group]
-                    last = ref.prefix_len - 1
-                    before = kv[(ref.page_table[last // ps], last % ps)]
+                    before = kv[context_slot(c, prefixes, c.prefix_len - 1, ps)]
                 else:
                     before = 0
                 kv[(c.page_table[j // ps], j % ps)] = chain(before, token)

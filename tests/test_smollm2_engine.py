@@ -182,8 +182,16 @@ def test_batchllm_computes_each_document_once(smollm2):
     batchllm, none = runs["batchllm"]["metrics"], runs["none"]["metrics"]
     assert batchllm["logical_prefill_tokens"] == none["logical_prefill_tokens"] == logical
     assert none["computed_prefill_tokens"] == logical
-    # Two questions per document: the second copy of each document is never computed.
-    assert batchllm["computed_prefill_tokens"] == logical - sum(shared)
+    # Two questions per document: the second copy of each document is never computed, and
+    # the chat template's system turn, which every document's prompts open with, is computed
+    # once for all of them (a second level of sharing).
+    firsts = [p[0] for p in by_doc.values()]
+    system = min(_common_prefix(firsts[0], p) for p in firsts[1:])
+    assert system > 10
+    assert batchllm["prefix_levels"] == 2
+    assert batchllm["computed_prefill_tokens"] == (
+        logical - sum(shared) - (len(by_doc) - 1) * system)
+    assert batchllm["saving_ratio"] == pytest.approx(batchllm["optimal_saving_ratio"], abs=2e-3)
     assert batchllm["num_groups"] == len(by_doc)
 
 

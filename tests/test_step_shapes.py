@@ -31,10 +31,12 @@ def test_generated_workloads_stay_within_the_shapes_warm_up_compiles(
         policy, work, page_size, slack, overlap):
     requests, output_lens = work
     budgets = tight_budgets(requests, page_size, slack)
-    table = BucketTable.for_job(requests, budgets.max_tokens_per_step, page_size)
+    result = replay(policy, requests, output_lens, budgets, overlap)
+    # The cascade levels are the plan's, known before the first step (Engine.run).
+    levels = result.metrics.get("prefix_levels", 1)
+    table = BucketTable.for_job(requests, budgets.max_tokens_per_step, page_size, levels)
     foreseen = table.job_shapes(requests, budgets.max_tokens_per_step)
     assert len(foreseen) <= MAX_SHAPES
-    result = replay(policy, requests, output_lens, budgets, overlap)
     assert _shapes_of(result.steps, page_size, table) <= set(foreseen)
 
 
@@ -45,10 +47,10 @@ def test_the_benchmark_workloads_take_at_most_16_shapes(policy):
     for work in cpu_peers(quick=True, num_requests=64):
         requests = work.to_sched_requests()
         budgets = Budgets(512, kv_budget_pages=800, page_size=16, max_num_seqs=256)
-        table = BucketTable.for_job(requests, 512, 16)
+        batcher = make_batcher(policy, requests, budgets)
+        table = BucketTable.for_job(requests, 512, 16, getattr(batcher, "prefix_levels", 1))
         foreseen = table.job_shapes(requests, 512)
         assert len(foreseen) <= MAX_SHAPES
         steps = []
-        run_batcher(make_batcher(policy, requests, budgets),
-                    ReplaySteps(work.output_lens.tolist(), steps.append))
+        run_batcher(batcher, ReplaySteps(work.output_lens.tolist(), steps.append))
         assert _shapes_of(steps, 16, table) <= set(foreseen), work.name

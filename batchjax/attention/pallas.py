@@ -1,8 +1,9 @@
 """The `--attention=pallas` path: the same shared-prefix attention through Pallas kernels.
 
 Own part: `ragged_paged_attention` (causal over each sequence's own pages); prefix part:
-`shared_prefix_attention` (each group's queries against its prefix pages, one dense problem);
-merged by `merge_attention_states`. On CPU the kernels run in interpret mode.
+`cascade_attention` (per level of shared segments, `shared_prefix_attention`: each
+segment's queries against its pages, one dense problem), merged level by level by
+`merge_attention_states`. On CPU the kernels run in interpret mode.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import jax
 
 from batchjax.attention import xla
 from batchjax.attention.metadata import PagedAttentionMetadata
-from pallas_kernels import merge_attention_states, ragged_paged_attention, shared_prefix_attention
+from pallas_kernels import cascade_attention, ragged_paged_attention
 
 
 def shared_prefix_paged_attention(
@@ -27,8 +28,6 @@ def shared_prefix_paged_attention(
     own_o, own_l = ragged_paged_attention(
         q, k_pages, v_pages, md.seq_page_tables, md.seq_kv_lens, md.seq_q_start, md.seq_q_len,
         interpret=interpret)
-    pre_o, pre_l = shared_prefix_attention(
-        q, k_pages, v_pages, md.group_page_tables, md.group_prefix_lens, md.group_q_start,
-        md.group_q_len, interpret=interpret)
-    out, _ = merge_attention_states(own_o, own_l, pre_o, pre_l, interpret=interpret)
-    return out
+    return cascade_attention(q, k_pages, v_pages, (own_o, own_l), md.group_page_tables,
+                             md.group_prefix_lens, md.group_q_start, md.group_q_len,
+                             interpret=interpret)[0]

@@ -1,10 +1,11 @@
 """Shared-prefix paged attention in plain jnp: the reference path, and the CPU default's
 wrapper around the native kernel.
 
-A step's attention has two parts, each one ragged paged attention over fixed-size metadata
+A step's attention has two parts, each ragged paged attention over fixed-size metadata
 (`PagedAttentionMetadata`): the own part, every sequence's queries causally over its own
-pages, and the prefix part, every group's queries over the group's shared prefix pages, no
-mask. The two merge by log-sum-exp. With the native CPU kernel each part is one call that
+pages, and the prefix part, a cascade with one level per depth of shared segments, where
+every segment's subtree of queries attends its pages without a mask. The parts merge by
+log-sum-exp. With the native CPU kernel each part is one call that
 reads every page once for up to 64 of a sequence's (or a group's) queries; without it, each
 query token reads its keys page by page (`paged_rows_attention`).
 """
@@ -218,20 +219,23 @@ def shared_prefix_paged_attention(
     q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, md: PagedAttentionMetadata,
     layer=None, native: bool = False,
 ) -> jax.Array:
-    """Own part (causal over own keys) + prefix part (dense over the group's prefix), merged.
+    """Own part (causal over own keys) + a cascade over the shared segments, merged.
 
-    q: [T, Hq, D]; k_pages/v_pages: [N, page_size, Hkv, D] already holding this step's keys,
-    or, with `layer` (may be traced), the stacked pools `[L, N, page_size, Hkv, D]`. With
-    `native`, both parts run in the native CPU kernel where it applies.
+    Each level of `md`'s prefix part is one ragged problem: every segment of that level with
+    all the queries below it, dense over its keys. q: [T, Hq, D]; k_pages/v_pages:
+    [N, page_size, Hkv, D] already holding this step's keys, or, with `layer` (may be
+    traced), the stacked pools `[L, N, page_size, Hkv, D]`. With `native`, every part runs
+    in the native CPU kernel where it applies.
     """
     k_pages, v_pages = jnp.asarray(k_pages), jnp.asarray(v_pages)
-    own = ragged_paged_attention(q, k_pages, v_pages, md.seq_page_tables, md.seq_kv_lens,
-                                 md.seq_q_start, md.seq_q_len, causal=True, layer=layer,
-                                 native=native)
-    prefix = ragged_paged_attention(q, k_pages, v_pages, md.group_page_tables,
-                                    md.group_prefix_lens, md.group_q_start, md.group_q_len,
-                                    causal=False, layer=layer, native=native)
-    return merge_attention_states([own, prefix]).astype(q.dtype)
+    parts = [ragged_paged_attention(q, k_pages, v_pages, md.seq_page_tables, md.seq_kv_lens,
+                                    md.seq_q_start, md.seq_q_len, causal=True, layer=layer,
+                                    native=native)]
+    for level in range(md.prefix_levels):
+        tables, lens, q_start, q_len = md.level(level)
+        parts.append(ragged_paged_attention(q, k_pages, v_pages, tables, lens, q_start, q_len,
+                                            causal=False, layer=layer, native=native))
+    return merge_attention_states(parts).astype(q.dtype)
 
 
 def make_stacked_paged_attention(md: PagedAttentionMetadata, impl=shared_prefix_paged_attention):

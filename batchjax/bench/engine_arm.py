@@ -10,6 +10,17 @@ from batchjax.bench.peers import PeerOutcome
 from batchjax.workloads import Workload
 
 POLICIES = ("batchllm", "vllm", "sglang", "none")
+# Arms that are a policy with a plan option: BatchLLM's single level beside the tree.
+VARIANTS = {"batchllm-1level": ("batchllm", {"prefix_levels": 1})}
+
+
+def arm(name: str) -> tuple[str, dict[str, Any]]:
+    """(policy, generate options) of a `--policies` entry."""
+    if name in VARIANTS:
+        return VARIANTS[name]
+    if name not in POLICIES:
+        raise ValueError(f"unknown batchjax arm {name!r}: one of {POLICIES + tuple(VARIANTS)}")
+    return name, {}
 
 
 def request_dicts(workload: Workload) -> list[dict[str, Any]]:
@@ -75,7 +86,8 @@ def run_batchjax(
         requests = request_dicts(workload)
         if warmup:
             for policy in policies:
-                engine.generate(requests, policy=policy)
+                name, options = arm(policy)
+                engine.generate(requests, policy=name, **options)
         # Utilisation is against the f32 matmul rate measured now, beside this workload's runs.
         roofline = matmul_gflops(2048, 5)
         first: dict[str, dict[str, list[int]]] = {}
@@ -83,7 +95,8 @@ def run_batchjax(
         # machine (or the first timed run after the warm-ups) weighs on every policy alike.
         for rep in range(reps):
             for policy in policies:
-                results = engine.generate(requests, policy=policy)
+                name, options = arm(policy)
+                results = engine.generate(requests, policy=name, **options)
                 metrics = engine.last_metrics
                 token_ids = {r.id: list(r.token_ids) for r in results}
                 failed = [r.id for r in results if r.error is not None]

@@ -49,4 +49,22 @@ def smoke(quick: bool = False, vocab_size: int = 128,
     return [fixed_output(w) for w in suite]
 
 
-SUITES: dict[str, Callable[..., list[Workload]]] = {"cpu-peers": cpu_peers, "smoke": smoke}
+def nested(quick: bool = False, vocab_size: int = 32000,
+           num_requests: int | None = None) -> list[Workload]:
+    """Multi-level sharing: a 512-token system prompt over 16 documents of 768 tokens x 16
+    questions of 64 tokens, 32 output tokens (256 requests; `quick`: 4 documents x 8), and
+    the paper's single-level microbenchmark shape beside it (`cpu-peers`' first workload),
+    where the tree must lose nothing."""
+    docs, questions = (4, 8) if quick else (16, 16)
+    if num_requests is not None:
+        questions = max(1, num_requests // docs)
+    return [fixed_output(w) for w in (
+        workloads.nested((512, 768, 64), (1, docs, questions), output_len=32,
+                         vocab_size=vocab_size, seed=7),
+        workloads.microbenchmark(1024, 64, 32, 16, 32 if not quick else 16,
+                                 vocab_size=vocab_size, seed=1),
+    )]
+
+
+SUITES: dict[str, Callable[..., list[Workload]]] = {"cpu-peers": cpu_peers, "smoke": smoke,
+                                                    "nested": nested}

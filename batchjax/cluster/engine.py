@@ -21,7 +21,7 @@ from batchjax.requests import Request, SamplingParams
 from batchjax.schedule.batching import BatchLLMBatcher
 from batchjax.schedule.plan import build_plan
 from batchjax.schedule.policies import make_batcher
-from batchjax.schedule.replicas import assign_groups
+from batchjax.schedule.replicas import assign_subtrees
 from batchjax.sharding.mesh import make_mesh, replica_meshes
 
 DISTRIBUTED = ("local", "ray")
@@ -29,7 +29,7 @@ DISTRIBUTED = ("local", "ray")
 SUMMED_METRICS = ("num_requests", "num_groups", "logical_prefill_tokens", "computed_prefill_tokens",
            "output_tokens", "num_steps", "num_preemptions", "num_preempted_groups", "model_tokens", "model_flops",
            "prefill_steps", "prefill_flops", "decode_steps", "decode_flops", "compiling_steps",
-           "padded_tokens", "compiled_after_warmup")
+           "padded_tokens", "compiled_after_warmup", "kv_pages_at_end")
 
 
 def group_cost(prefix_len: int, own_lens: Sequence[int], max_tokens: Sequence[int]) -> float:
@@ -52,16 +52,17 @@ def contiguous_shares(costs: Sequence[float], num_replicas: int) -> list[list[in
     return shares
 
 
-def plan_replicas(sched, num_replicas: int):
-    """The job's plan, its groups as batcher work, and their per-replica queues."""
-    plan = build_plan(sched)
-    groups, costs = [], []
-    for g, ids in zip(plan.groups, plan.request_order):
+def plan_replicas(sched, num_replicas: int, **plan_options):
+    """The job's plan, its groups as batcher work, and their per-replica queues (whole
+    subtrees of shared segments per replica; `plan_options` go to `build_plan`)."""
+    plan = build_plan(sched, **plan_options)
+    groups, costs = plan.group_work(), []
+    for g, ids, new in zip(plan.groups, plan.request_order, plan.new_prefix_lens().tolist()):
         prefix_len = len(g.prefix_token_ids)
-        groups.append((g.group_id, tuple(g.prefix_token_ids), tuple(ids)))
-        costs.append(group_cost(prefix_len, [len(sched[i].prompt_token_ids) - prefix_len
-                                             for i in ids], [sched[i].max_tokens for i in ids]))
-    queues = ReplicaQueues(groups, costs, assign_groups(costs, num_replicas))
+        costs.append(group_cost(new, [len(sched[i].prompt_token_ids) - prefix_len for i in ids],
+                                [sched[i].max_tokens for i in ids]))
+    queues = ReplicaQueues(groups, costs,
+                           assign_subtrees(costs, plan.subtree_of_group(), num_replicas))
     return plan, queues
 
 
@@ -87,7 +88,7 @@ def merge_metrics(per_replica: Sequence[dict], *, wall_s: float, plan=None,
     for key in SUMMED_METRICS:
         if any(key in r for r in per_replica):
             m[key] = sum(r.get(key) or 0 for r in per_replica)
-    for key in ("peak_kv_pages", "num_compiled_shapes", "warmup_s"):
+    for key in ("peak_kv_pages", "num_compiled_shapes", "warmup_s", "prefix_levels"):
         if key in first:
             m[key] = max(r.get(key) or 0 for r in per_replica)
     for key in ("prefill_s", "decode_s", "compiling_s", "device_idle_s"):
@@ -97,6 +98,8 @@ def merge_metrics(per_replica: Sequence[dict], *, wall_s: float, plan=None,
         m["num_groups"] = plan.num_groups
         m["optimal_saving_ratio"] = plan.optimal_saving_ratio
         m["plan_s"] = plan.plan_s
+        m["prefix_levels"] = plan.prefix_levels
+        m["num_prefix_nodes"] = plan.num_prefix_nodes
     if "logical_prefill_tokens" in m:
         m["saving_ratio"] = saving_ratio(m["logical_prefill_tokens"],
                                          m["computed_prefill_tokens"])
@@ -218,7 +221,7 @@ class Engine:
         if not live:
             work = [([], None)] * n
         elif policy == "batchllm":
-            plan, queues = plan_replicas(sched, n)
+            plan, queues = plan_replicas(sched, n, **lead.plan_options(policy))
             # Every group must fit one replica's budget: checked before any replica starts.
             BatchLLMBatcher(sched, queues.groups, budgets)
             work = [(live, BatchLLMBatcher(sched, (), budgets, optimal_saving_ratio=
@@ -245,7 +248,7 @@ class Engine:
             try:
                 per_replica[r] = self.replicas[r].run(
                     part, batcher, done, on_result=on_result, t0=t0, policy=policy, bar=bar,
-                    all_live=live)
+                    all_live=live, prefix_levels=plan.prefix_levels if plan else None)
             except BaseException as e:  # noqa: BLE001 - re-raised in the caller's thread
                 errors.append(e)
 

@@ -14,7 +14,8 @@ import collections
 import threading
 from typing import Sequence
 
-GroupWork = tuple[int, tuple[int, ...], tuple[int, ...]]  # group id, prefix tokens, request ids
+# group id, prefix tokens, request ids[, chain of (segment id, end)] (`Plan.group_work`)
+GroupWork = tuple
 
 
 class ReplicaQueues:

@@ -46,7 +46,8 @@ _DRAIN_S = 1.0  # a drain waits at most this long for a result (the driver waits
 _RECHECK_S = 1.0  # a replica whose queue was empty asks again after this long, or when dry
 _ABANDON_S = 60.0  # after an error, how long runs get to stop before their actors are killed
 
-GroupWork = tuple[int, tuple[int, ...], tuple[int, ...]]  # group id, prefix, request positions
+# group id, prefix, request positions[, chain of (segment id, end)] (`Plan.group_work`)
+GroupWork = tuple
 
 
 def import_ray():
@@ -147,7 +148,8 @@ class _Coordinator:
         self._cond = threading.Condition()
         self._job = None
 
-    def start(self, job: int, sched, policy: str, num_replicas: int) -> dict:
+    def start(self, job: int, sched, policy: str, num_replicas: int,
+              plan_options: dict | None = None) -> dict:
         with self._cond:
             self._job = job
             self._queues = None
@@ -159,9 +161,11 @@ class _Coordinator:
             self._aborted = False
             self._runs: dict[tuple[int, int], dict] = {}
             if policy == "batchllm":
-                plan, self._queues = plan_replicas(sched, num_replicas)
+                plan, self._queues = plan_replicas(sched, num_replicas, **(plan_options or {}))
                 return {"plan": {"num_groups": plan.num_groups, "plan_s": plan.plan_s,
-                                 "optimal_saving_ratio": plan.optimal_saving_ratio},
+                                 "optimal_saving_ratio": plan.optimal_saving_ratio,
+                                 "prefix_levels": plan.prefix_levels,
+                                 "num_prefix_nodes": plan.num_prefix_nodes},
                         "shares": None}
             # The baselines have no groups: input order in contiguous, even shares.
             shares = contiguous_shares([len(r.prompt_token_ids) + r.max_tokens for r in sched],
@@ -228,10 +232,10 @@ class _Coordinator:
                 return {"rerun": [], "moved": []}
             self._dead.add(replica)
             rerun = []
-            for gid, prefix, ids in self._taken[replica]:
-                left = tuple(i for i in ids if i not in self._reported)
-                if left:
-                    rerun.append((gid, prefix, left))
+            for group in self._taken[replica]:
+                left = tuple(i for i in group[2] if i not in self._reported)
+                if left:  # the same group (and chain of segments), less what reported
+                    rerun.append(group[:2] + (left,) + group[3:])
             self._taken[replica] = []
             moved = []
             if self._queues is not None:
@@ -394,7 +398,8 @@ class _Replica:
         crash, self._crash_after = self._crash_after, None
         reporter = _Reporter(ray, coordinator, job, replica, run, batcher, pos_of, crash)
         metrics = e.run(part, batcher, {}, on_result=reporter.add, t0=t0, policy=policy,
-                        bar=_NoBar(), all_live=live)
+                        bar=_NoBar(), all_live=live,
+                        prefix_levels=plan["prefix_levels"] if share is None else None)
         reporter.close()
         if metrics.get("startup_s") is not None and age0 is not None:
             metrics["run_start_to_first_step_s"] = metrics["startup_s"] - age0
@@ -572,7 +577,10 @@ class RayReplicas:
                                       prompt_token_ids=st.prompt_ids) for st in live]
         requests_ref = ray.put(to_run)
         coord = self._coordinator
-        started = ray.get(coord.start.remote(job, sched, policy, n))
+        plan_options = ({"prefix_levels": self.options.prefix_levels,
+                         "min_saved_tokens": self.options.min_saved_tokens}
+                        if policy == "batchllm" else None)
+        started = ray.get(coord.start.remote(job, sched, policy, n, plan_options))
         plan_info = started["plan"]
         run_ids = itertools.count()
         runs: dict[Any, tuple[int, int]] = {}  # in flight: ref -> (replica, run)
@@ -603,14 +611,14 @@ class RayReplicas:
             except Exception:  # noqa: BLE001 - gone
                 pass
             lost = ray.get(coord.fail.remote(job, r))
-            rerun += sum(len(ids) for _, _, ids in lost["rerun"])
+            rerun += sum(len(group[2]) for group in lost["rerun"])
             survivors = alive()
             if not survivors:
                 raise RuntimeError(
                     f"every Ray replica died; {outstanding} request(s) have no result (those "
                     "that finished reached on_result: a rerun with the same journal resumes)")
             if plan_info is None and lost["rerun"]:  # a baseline: the rest of its shares
-                ids = sorted(i for _, _, left in lost["rerun"] for i in left)
+                ids = sorted(i for group in lost["rerun"] for i in group[2])
                 cuts = contiguous_shares([len(sched[i].prompt_token_ids) + sched[i].max_tokens
                                           for i in ids], len(survivors))
                 for s, cut in zip(survivors, cuts):

@@ -53,6 +53,10 @@ class EngineOptions:
     kv_budget_mb: float = 1024.0
     max_tokens_per_step: int = 512
     max_num_seqs: int = 256  # request cap of the `none`/`vllm`/`sglang` baselines
+    # `batchllm`: the most shared segments in a request's chain (multi-level sharing; 1 is
+    # BatchLLM's single level), and the least tokens a segment must save to be kept.
+    prefix_levels: int = 4
+    min_saved_tokens: int = 16
     # Plan and launch step N+1 while step N runs (its tokens come back one step late); the
     # results are the same either way.
     overlap: bool = True
@@ -233,17 +237,28 @@ class Engine(RequestPreparer):
         sampling: SamplingParams | None = None,
         on_result: Callable[[Result], None] | None = None,
         skip_ids: frozenset[str] = frozenset(),
+        prefix_levels: int | None = None,
     ) -> list[Result]:
-        """Every request's result, in input order; bad requests get an error result."""
+        """Every request's result, in input order; bad requests get an error result.
+        `prefix_levels` overrides the engine's option for this call (`batchllm`)."""
         policy = policy or self.policy
         t0 = time.perf_counter()
         live, done = self.prepare(requests, sampling=sampling, on_result=on_result,
                                   skip_ids=skip_ids)
         sched = self.sched_requests(live)
-        batcher = make_batcher(policy, sched, self.budgets()) if live else None
+        batcher = make_batcher(policy, sched, self.budgets(),
+                               **self.plan_options(policy, prefix_levels)) if live else None
         self.last_metrics = self.run(live, batcher, done, on_result=on_result, t0=t0,
                                      policy=policy)
         return [done[i] for i in sorted(done)]
+
+    def plan_options(self, policy: str, prefix_levels: int | None = None) -> dict:
+        """What `make_batcher` takes for `policy` besides the requests and budgets."""
+        o = self.options
+        if policy != "batchllm":
+            return {}
+        return {"prefix_levels": o.prefix_levels if prefix_levels is None else prefix_levels,
+                "min_saved_tokens": o.min_saved_tokens}
 
     def budgets(self) -> Budgets:
         o = self.options
@@ -252,13 +267,13 @@ class Engine(RequestPreparer):
 
     def run(self, live: Sequence["_Live"], batcher, done: dict[int, Result], *,
             on_result: Callable[[Result], None] | None = None, t0: float | None = None,
-            policy: str | None = None, bar=None, all_live: Sequence["_Live"] | None = None
-            ) -> dict[str, Any]:
+            policy: str | None = None, bar=None, all_live: Sequence["_Live"] | None = None,
+            prefix_levels: int | None = None) -> dict[str, Any]:
         """Runs `batcher` over `live` to the end, filling `done`; returns the run's metrics.
 
         A data-parallel replica passes its share's batcher, the whole job's requests as
-        `all_live` (the shapes it warms up are the job's, the same on every replica) and the
-        job's progress `bar`.
+        `all_live` and the job plan's `prefix_levels` (the shapes it warms up are the job's,
+        the same on every replica) and the job's progress `bar`.
         """
         t0 = time.perf_counter() if t0 is None else t0
         o = self.options
@@ -269,7 +284,10 @@ class Engine(RequestPreparer):
         warmup_s = 0.0
         if live:
             job = self.sched_requests(all_live)
-            buckets = BucketTable.for_job(job, o.max_tokens_per_step, o.page_size)
+            if prefix_levels is None:  # the cascade levels the batcher's chains need
+                prefix_levels = getattr(batcher, "prefix_levels", 1)
+            buckets = BucketTable.for_job(job, o.max_tokens_per_step, o.page_size,
+                                          prefix_levels)
             t_warm = time.perf_counter()
             # Every shape this job's steps can take, compiled before its first step.
             feed = self.step.empty_feed(buckets.tokens[-1])

@@ -37,11 +37,15 @@ def _reached_pages(chunk, page_size: int) -> tuple[int, ...]:
 
 
 def _group_contiguous(chunks):
-    """Chunks reordered so each group's chunks are adjacent (stable, by first appearance)."""
+    """Chunks reordered so the chunks below each shared segment are adjacent, at every level:
+    by their chains, each segment keyed by where it first appears (stable; the chunks that
+    attend nothing sit together, where the first of them was). A segment's own chunk sits with
+    its parent's subtree."""
     first: dict[int | None, int] = {}
     for i, c in enumerate(chunks):
-        first.setdefault(c.prefix_group, i)
-    return sorted(chunks, key=lambda c: first[c.prefix_group])
+        for s in c.prefix_chain or (None,):
+            first.setdefault(s, i)
+    return sorted(chunks, key=lambda c: tuple(first[s] for s in c.prefix_chain or (None,)))
 
 
 def _put_table(out: np.ndarray, row: int, table, what: str) -> None:
@@ -61,16 +65,17 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
     token_ids = np.zeros(t_pad, np.int32)
     positions = np.zeros(t_pad, np.int32)
     slot_mapping = np.full(t_pad, NULL_PAGE * page_size, np.int32)
-    # Sequences and groups: at most one per token, padded with q_len 0.
+    # Sequences and segments: at most one per token (per level), padded with q_len 0.
+    levels = shape.prefix_levels
     seq_tables = np.full((t_pad, width), NULL_PAGE, np.int32)
     seq_kv, seq_start, seq_len = (np.zeros(t_pad, np.int32) for _ in range(3))
-    group_tables = np.full((t_pad, width), NULL_PAGE, np.int32)
-    group_len, group_start, group_q = (np.zeros(t_pad, np.int32) for _ in range(3))
+    group_tables = np.full((levels, t_pad, width), NULL_PAGE, np.int32)
+    group_len, group_start, group_q = (np.zeros((levels, t_pad), np.int32) for _ in range(3))
     logits_index = np.zeros(s_pad, np.int32)
     sample_positions = np.zeros(s_pad, np.int32)
     sample_seqs = []
     prefixes = {p.group_id: p for p in plan.prefixes}
-    group_row: dict[int, int] = {}
+    group_row: list[dict[int, int]] = [{} for _ in range(levels)]
 
     r0 = 0
     for i, c in enumerate(chunks):
@@ -82,14 +87,20 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
         slot_mapping[r0 : r0 + n] = table[own_idx // page_size] * page_size + own_idx % page_size
         _put_table(seq_tables, i, table, f"sequence {c.seq_id}")
         seq_kv[i], seq_start[i], seq_len[i] = c.own_start + n, r0, n
-        if c.prefix_group is not None and c.prefix_len > 0:
-            g = group_row.get(c.prefix_group)
+        if len(c.prefix_chain) > levels:
+            raise ValueError(f"sequence {c.seq_id} attends {len(c.prefix_chain)} shared "
+                             f"segments; the step holds {levels} (BucketTable.prefix_levels)")
+        for level, seg in enumerate(c.prefix_chain):
+            rows = group_row[level]
+            g = rows.get(seg)
             if g is None:
-                g = group_row[c.prefix_group] = len(group_row)
-                pref = prefixes[c.prefix_group]
-                _put_table(group_tables, g, pref.page_table, f"group {c.prefix_group}'s prefix")
-                group_len[g], group_start[g] = pref.prefix_len, r0
-            group_q[g] += n
+                g = rows[seg] = len(rows)
+                pref = prefixes[seg]
+                _put_table(group_tables[level], g, pref.page_table, f"segment {seg}")
+                group_len[level, g], group_start[level, g] = pref.prefix_len, r0
+            elif group_start[level, g] + group_q[level, g] != r0:
+                raise AssertionError(f"segment {seg}'s rows are not contiguous")
+            group_q[level, g] += n
         if c.sample:
             k = len(sample_seqs)
             logits_index[k] = r0 + n - 1
@@ -122,13 +133,14 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
 
 def empty_step_batch(shape: StepShape) -> StepBatch:
     """A step of `shape` with no work in it (every row padding): what warm-up compiles on."""
-    t, width = shape.tokens, shape.table_pages
+    t, width, levels = shape.tokens, shape.table_pages, shape.prefix_levels
     zeros = lambda *dims: np.zeros(dims, np.int32)  # noqa: E731
     md = PagedAttentionMetadata(
         slot_mapping=np.full(t, NULL_PAGE, np.int32),
         seq_page_tables=zeros(t, width), seq_kv_lens=zeros(t), seq_q_start=zeros(t),
-        seq_q_len=zeros(t), group_page_tables=zeros(t, width), group_prefix_lens=zeros(t),
-        group_q_start=zeros(t), group_q_len=zeros(t))
+        seq_q_len=zeros(t), group_page_tables=zeros(levels, t, width),
+        group_prefix_lens=zeros(levels, t), group_q_start=zeros(levels, t),
+        group_q_len=zeros(levels, t))
     return StepBatch(token_ids=zeros(t), positions=zeros(t), logits_index=zeros(shape.sampled),
                      sample_seq_ids=(), sample_positions=zeros(shape.sampled), metadata=md,
                      num_tokens=0, shape=shape)

@@ -65,7 +65,8 @@ class Sequence_:
     """Mutable run-time state of one sequence: a request, or a group's shared prefix.
 
     `tokens` is the own part known so far (a request: its prompt after the group prefix, then
-    what it generated; a prefix: the prefix). The first `num_computed` have KV in `pages`.
+    what it generated; a shared segment: its tokens). The first `num_computed` have KV in
+    `pages`. It attends the segments of `chain` (top-level first), `prefix_len` tokens in all.
     """
 
     seq_id: int
@@ -73,6 +74,7 @@ class Sequence_:
     max_tokens: int
     prefix_group: int | None = None
     prefix_len: int = 0
+    chain: tuple[int, ...] = ()
     pages: list[int] = dataclasses.field(default_factory=list)
     num_computed: int = 0
     num_generated: int = 0
@@ -166,6 +168,7 @@ def make_chunk(seq: Sequence_, num_tokens: int, attends_prefix: bool) -> ChunkWo
         prefix_len=seq.prefix_len if attends_prefix else 0,
         sample=seq.is_request and last,
         is_decode=seq.is_request and last and seq.num_generated > 0 and num_tokens == 1,
+        prefix_chain=seq.chain if attends_prefix else (),
     )
 
 
@@ -205,44 +208,64 @@ def apply_sampled(
     return finished
 
 
+# A chain as the plan gives it: (segment id, end), top-level first; segment k holds the
+# prefix's tokens from the previous end (0) to its own.
+Chain = tuple[tuple[int, int], ...]
+
+
+@dataclasses.dataclass(eq=False, slots=True)
+class _SegmentState:
+    """A shared segment at run time. It is resident (its pages reserved, computed or under
+    way) from the admission of the first group below it until its last request below is done,
+    unless preemption or a stalled admission drops it first (it is then recomputed)."""
+
+    seq: Sequence_  # its tokens; `seq.chain` holds its ancestors
+    level: int  # ancestors above it: its cascade level
+    pages: int
+    resident: bool = False
+    active: int = 0  # admitted groups below it
+    unfinished: int = 0  # unfinished requests below it
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class _GroupState:
-    """A plan group at run time. Its reservation is `prefix_pages + max(pledge, running)`:
-    the pledge keeps room for one of its requests, so an admitted group can always progress."""
+    """A plan group (requests that join the same deepest segment) at run time. Its own
+    reservation is `max(pledge, running)`, the segments of its chain reserve theirs once
+    however many groups use them: the pledge keeps room for one of its requests, so an
+    admitted group can always progress."""
 
     group_id: int
-    prefix: Sequence_ | None  # None: nothing shared, nothing to compute first
+    chain: tuple[int, ...]  # segment ids, top-level first
     request_ids: tuple[int, ...]
     waiting: collections.deque[int]
     running: dict[int, None]
-    prefix_pages: int = 0
+    chain_pages: int = 0
     pledge_pages: int = 0
     running_pages: int = 0
     num_unfinished: int = 0
 
     @property
-    def prefix_ready(self) -> bool:
-        return self.prefix is None or self.prefix.num_pending == 0
-
-    @property
     def reserved_pages(self) -> int:
-        return self.prefix_pages + max(self.pledge_pages, self.running_pages)
+        return max(self.pledge_pages, self.running_pages)
 
 
 class BatchLLMBatcher:
-    """Groups in plan order; each step: decode, then suffixes of computed groups, then prefixes.
+    """Groups in plan order; each step: decode, then suffixes of computed groups, then segments.
 
     Admission is by KV memory only: a request reserves pages for its own prompt part plus its
-    decode estimate (`decode_estimate`, else `max_tokens`); a group adds its prefix pages once.
-    When decoding outgrows a reservation and the budget would be exceeded, the most recently
-    admitted group is preempted whole (its KV dropped and recomputed later); its requests keep
-    what they generated and reserve for their full `max_tokens` from then on.
+    decode estimate (`decode_estimate`, else `max_tokens`); each shared segment adds its pages
+    once, however many groups below it run. A segment is computed once its parent is, and
+    freed when the last request below it finishes. When decoding outgrows a reservation and
+    the budget would be exceeded, the most recently admitted group is preempted whole (its KV
+    dropped and recomputed later, with the segments no other running group uses); its
+    requests keep what they generated and reserve for their full `max_tokens` from then on.
+    Single-level sharing is the case of chains of one segment.
     """
 
     def __init__(
         self,
         requests: Sequence[SchedRequest],
-        groups: Sequence[tuple[int, tuple[int, ...], tuple[int, ...]]],
+        groups: Sequence[tuple],
         budgets: Budgets,
         *,
         policy: str = "batchllm",
@@ -250,7 +273,10 @@ class BatchLLMBatcher:
         plan_s: float = 0.0,
         source: "GroupSource | None" = None,
     ):
-        """`groups`: (group_id, prefix_token_ids, request_ids in run order), in run order.
+        """`groups`: (group_id, prefix_token_ids, request_ids in run order[, chain]), in run
+        order. `chain` ((segment id, end), top-level first; `Plan.group_work`) splits the
+        prefix into shared segments; without it a group's whole prefix is one segment, whose
+        id is the group's.
 
         With `source` (a data-parallel replica), `groups` may be empty: the batcher takes
         further groups from `source` one at a time, when it has room to start one, so the
@@ -266,8 +292,10 @@ class BatchLLMBatcher:
         self._optimal = optimal_saving_ratio
         self._plan_s = plan_s
         self._num_groups = 0
+        self._levels = 0
         self._seqs: dict[int, Sequence_] = {}
         self._groups: dict[int, _GroupState] = {}
+        self._segments: dict[int, _SegmentState] = {}
         self._estimate_pages: dict[int, int] = {}
         self._group_of_request: dict[int, int] = {}
         self._pending: collections.deque[int] = collections.deque()
@@ -280,50 +308,73 @@ class BatchLLMBatcher:
         self._reserved = 0
         self._step_index = 0
 
-    def _add_group(self, group_id: int, prefix_tokens, request_ids) -> None:
+    def _add_segments(self, group_id: int, prefix_tokens, chain: Chain) -> tuple[int, ...]:
+        """Registers the chain's segments (once each); returns their ids."""
+        ids: list[int] = []
+        start = 0
+        for seg_id, end in chain:
+            seg = self._segments.get(seg_id)
+            if seg is None:
+                if not start < end <= len(prefix_tokens):
+                    raise ValueError(f"group {group_id}'s chain has segment {seg_id} ending at "
+                                     f"{end}, after {start}, in a prefix of {len(prefix_tokens)}")
+                seq = Sequence_(prefix_seq_id(seg_id), list(prefix_tokens[start:end]), 0,
+                                ids[-1] if ids else None, start, tuple(ids))
+                seg = _SegmentState(seq, len(ids), pages_for(end - start, self._page_size))
+                self._segments[seg_id] = seg
+                self._seqs[seq.seq_id] = seq
+            elif (seg.seq.chain != tuple(ids) or seg.seq.prefix_len != start
+                  or tuple(seg.seq.tokens) != tuple(prefix_tokens[start:end])):
+                raise ValueError(f"group {group_id}'s chain disagrees with segment {seg_id} "
+                                 f"as an earlier group gave it")
+            ids.append(seg_id)
+            start = end
+        if start != len(prefix_tokens):
+            raise ValueError(f"group {group_id}'s chain covers {start} of its "
+                             f"{len(prefix_tokens)} prefix tokens")
+        return tuple(ids)
+
+    def _add_group(self, group_id: int, prefix_tokens, request_ids,
+                   chain: Chain | None = None) -> None:
         """Registers a group at the end of the run order."""
         budgets, requests = self._budgets, self._requests
         prefix_len = len(prefix_tokens)
-        prefix = None
         if group_id in self._groups:
             raise ValueError(f"group {group_id} was given twice")
-        if prefix_len:
-            prefix = Sequence_(prefix_seq_id(group_id), list(prefix_tokens), 0)
-            self._seqs[prefix.seq_id] = prefix
-        group = _GroupState(
-            group_id,
-            prefix,
-            tuple(request_ids),
-            collections.deque(request_ids),
-            {},
-            prefix_pages=pages_for(prefix_len, self._page_size),
-            num_unfinished=len(request_ids),
-        )
+        if chain is None:
+            chain = ((group_id, prefix_len),) if prefix_len else ()
         worst = 0
         for i in request_ids:
             r = requests[i]
             if tuple(r.prompt_token_ids[:prefix_len]) != tuple(prefix_tokens):
                 raise ValueError(f"request {i} does not start with group {group_id}'s prefix")
-            own = list(r.prompt_token_ids[prefix_len:])
-            if not own:
+            if len(r.prompt_token_ids) <= prefix_len:
                 raise ValueError(f"request {i} has no tokens after group {group_id}'s prefix")
             if i in self._group_of_request:
                 raise ValueError(f"request {i} is in two groups")
-            worst = max(worst, pages_for(len(own) + r.max_tokens, self._page_size))
-        if group.prefix_pages + worst > budgets.kv_budget_pages:
+            own = len(r.prompt_token_ids) - prefix_len
+            worst = max(worst, pages_for(own + r.max_tokens, self._page_size))
+        seg_ids = self._add_segments(group_id, prefix_tokens, chain)
+        chain_pages = sum(self._segments[s].pages for s in seg_ids)
+        if chain_pages + worst > budgets.kv_budget_pages:
             raise BudgetTooSmall(
-                f"group {group_id} needs {group.prefix_pages} prefix pages + {worst} pages "
+                f"group {group_id} needs {chain_pages} prefix pages + {worst} pages "
                 f"for its longest request at max_tokens, over the budget of "
                 f"{budgets.kv_budget_pages} pages of {self._page_size} tokens"
             )
+        group = _GroupState(group_id, seg_ids, tuple(request_ids), collections.deque(request_ids),
+                            {}, chain_pages=chain_pages, num_unfinished=len(request_ids))
+        deepest = seg_ids[-1] if seg_ids else None
         for i in request_ids:
             r = requests[i]
             own = list(r.prompt_token_ids[prefix_len:])
             self._group_of_request[i] = group_id
-            self._seqs[i] = Sequence_(i, own, r.max_tokens, group_id if prefix_len else None,
-                                      prefix_len)
+            self._seqs[i] = Sequence_(i, own, r.max_tokens, deepest, prefix_len, seg_ids)
             estimate = r.max_tokens if r.decode_estimate is None else r.decode_estimate
             self._estimate_pages[i] = pages_for(len(own) + int(estimate), self._page_size)
+        for s in seg_ids:
+            self._segments[s].unfinished += len(request_ids)
+        self._levels = max(self._levels, len(seg_ids))
         self._groups[group_id] = group
         self._pending.append(group_id)
         self._num_groups += 1
@@ -357,10 +408,10 @@ class BatchLLMBatcher:
                 if budget and seq.is_decoding:
                     chunks.append(self._run(seq, 1))
                     budget -= 1
-        # (b) suffix prefill of groups whose prefix is computed: running chunks first.
+        # (b) suffix prefill of groups whose segments are computed: running chunks first.
         for gid in self._active:
             group = self._groups[gid]
-            if not group.prefix_ready:
+            if not self._chain_ready(group):
                 continue
             for rid in group.running:
                 seq = self._seqs[rid]
@@ -369,28 +420,33 @@ class BatchLLMBatcher:
                     chunks.append(self._run(seq, n))
                     budget -= n
             budget = self._admit_requests(group, budget, chunks)
-        # (c) prefix prefill: the prefixes under way, then new groups in plan order.
+        # (c) segment prefill: the segments under way, then new groups in plan order.
+        scheduled: set[int] = set()
         for gid in self._active:
-            prefix = self._groups[gid].prefix
-            if budget and prefix is not None and prefix.num_pending:
-                n = min(prefix.num_pending, budget)
-                chunks.append(self._run(prefix, n))
-                budget -= n
+            budget = self._advance_chain(self._groups[gid], budget, chunks, scheduled)
         while budget and (self._pending or self._take_from_source()):
             group = self._groups[self._pending[0]]
             pledge = max(self._estimate_pages[i] for i in group.waiting)
-            if self._reserved + group.prefix_pages + pledge > self._budgets.kv_budget_pages:
+            need = pledge + sum(self._segments[s].pages for s in group.chain
+                                if not self._segments[s].resident)
+            if self._reserved + need > self._budgets.kv_budget_pages:
+                if not self._active and self._drop_idle_segments(keep=group.chain):
+                    continue
                 break
             self._pending.popleft()
             group.pledge_pages = pledge
             self._active[group.group_id] = None
+            for s in group.chain:
+                seg = self._segments[s]
+                seg.active += 1
+                if not seg.resident:
+                    seg.resident = True
+                    self._reserved += seg.pages
             self._reserved += group.reserved_pages
-            if group.prefix is not None:
-                n = min(group.prefix.num_pending, budget)
-                chunks.append(self._run(group.prefix, n))
-                budget -= n
-            else:
+            if self._chain_ready(group):
                 budget = self._admit_requests(group, budget, chunks)
+            else:
+                budget = self._advance_chain(group, budget, chunks, scheduled)
         prefixes = self._attended_prefixes(chunks)
         step = StepPlan(
             self._step_index, tuple(chunks), prefixes, tuple(preempted), self._pool.num_allocated
@@ -414,7 +470,22 @@ class BatchLLMBatcher:
                 self._count_finished(group)
 
     def metrics(self) -> dict:
-        return self._counters.as_dict(self._num_groups, self._optimal, self._plan_s)
+        m = self._counters.as_dict(self._num_groups, self._optimal, self._plan_s)
+        m["prefix_levels"] = self._levels
+        m["num_prefix_nodes"] = len(self._segments)
+        # Pages still allocated when read: 0 after a finished run, every segment freed.
+        m["kv_pages_at_end"] = self._pool.num_allocated
+        return m
+
+    @property
+    def prefix_levels(self) -> int:
+        """Segments in the longest chain of the groups registered so far (at least 1)."""
+        return max(1, self._levels)
+
+    @property
+    def kv_pages_in_use(self) -> int:
+        """Pages allocated now: 0 once every request has finished."""
+        return self._pool.num_allocated
 
     # -- internals -------------------------------------------------------------------------
 
@@ -422,7 +493,41 @@ class BatchLLMBatcher:
         need = pages_for(seq.num_computed + n, self._page_size) - len(seq.pages)
         if need > 0:
             seq.pages.extend(self._pool.allocate(need))
-        return make_chunk(seq, n, attends_prefix=seq.prefix_group is not None)
+        return make_chunk(seq, n, attends_prefix=bool(seq.chain))
+
+    def _chain_ready(self, group: _GroupState) -> bool:
+        return all(self._segments[s].seq.num_pending == 0 for s in group.chain)
+
+    def _advance_chain(self, group: _GroupState, budget: int, chunks: list[ChunkWork],
+                       scheduled: set[int]) -> int:
+        """A chunk of the group's first segment still to compute, once its parent is done and
+        unless another group scheduled it in this step."""
+        for s in group.chain:
+            seq = self._segments[s].seq
+            if not seq.num_pending:
+                continue
+            if budget and s not in scheduled:
+                n = min(seq.num_pending, budget)
+                chunks.append(self._run(seq, n))
+                budget -= n
+                scheduled.add(s)
+            break
+        return budget
+
+    def _release_segment(self, seg: _SegmentState) -> None:
+        self._pool.release(seg.seq.drop_kv())
+        if seg.resident:
+            seg.resident = False
+            self._reserved -= seg.pages
+
+    def _drop_idle_segments(self, keep: tuple[int, ...]) -> bool:
+        """With no group running, drops resident segments outside `keep` (they are recomputed
+        when their groups come), so that the next group in order can start; False if none."""
+        idle = [seg for s, seg in self._segments.items()
+                if seg.resident and seg.active == 0 and s not in keep]
+        for seg in idle:
+            self._release_segment(seg)
+        return bool(idle)
 
     def _set_running_pages(self, group: _GroupState, running_pages: int) -> None:
         self._reserved -= group.reserved_pages
@@ -434,9 +539,7 @@ class BatchLLMBatcher:
             rid = group.waiting[0]
             seq = self._seqs[rid]
             before = group.reserved_pages
-            after = group.prefix_pages + max(
-                group.pledge_pages, group.running_pages + self._estimate_pages[rid]
-            )
+            after = max(group.pledge_pages, group.running_pages + self._estimate_pages[rid])
             if self._reserved - before + after > self._budgets.kv_budget_pages:
                 break
             group.waiting.popleft()
@@ -462,7 +565,7 @@ class BatchLLMBatcher:
             if grown:
                 self._set_running_pages(group, group.running_pages + grown)
         preempted: list[int] = []
-        while self._reserved > self._budgets.kv_budget_pages:
+        while self._reserved > self._budgets.kv_budget_pages and self._active:
             preempted.extend(self._preempt(next(reversed(self._active))))
         return preempted
 
@@ -481,8 +584,12 @@ class BatchLLMBatcher:
             group.waiting.appendleft(rid)
         group.running.clear()
         group.running_pages = 0
-        if group.prefix is not None:
-            self._pool.release(group.prefix.drop_kv())
+        for s in group.chain:
+            self._segments[s].active -= 1
+        for s in reversed(group.chain):  # what no running group uses goes with it
+            seg = self._segments[s]
+            if seg.active == 0 and seg.resident:
+                self._release_segment(seg)
         self._pending.appendleft(gid)
         self._counters.num_preemptions += len(victims)
         self._counters.num_preempted_groups += 1
@@ -496,26 +603,32 @@ class BatchLLMBatcher:
         self._count_finished(group)
 
     def _count_finished(self, group: _GroupState) -> None:
-        """One more of the group's requests is done; the last one frees the group."""
+        """One more of the group's requests is done; a segment goes with its last request."""
         group.num_unfinished -= 1
         self._num_unfinished -= 1
+        for s in group.chain:
+            self._segments[s].unfinished -= 1
         if group.num_unfinished:
             return
         if group.group_id in self._active:
             self._reserved -= group.reserved_pages
             del self._active[group.group_id]
-            if group.prefix is not None:
-                self._pool.release(group.prefix.drop_kv())
+            for s in group.chain:
+                self._segments[s].active -= 1
         else:  # preempted whole: its pages are already back
             self._pending.remove(group.group_id)
+        for s in group.chain:
+            seg = self._segments[s]
+            if seg.unfinished == 0:
+                self._release_segment(seg)
 
     def _attended_prefixes(self, chunks: Sequence[ChunkWork]) -> tuple[PrefixRef, ...]:
         seen: dict[int, None] = {}
         for c in chunks:
-            if c.prefix_group is not None:
-                seen[c.prefix_group] = None
+            for s in c.prefix_chain:
+                seen[s] = None
         refs = []
-        for gid in seen:
-            prefix = self._groups[gid].prefix
-            refs.append(PrefixRef(gid, prefix.page_table(), len(prefix.tokens)))
+        for s in seen:
+            seg = self._segments[s]
+            refs.append(PrefixRef(s, seg.seq.page_table(), len(seg.seq.tokens), seg.level))
         return tuple(refs)

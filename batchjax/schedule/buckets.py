@@ -33,11 +33,13 @@ MAX_TOKEN_SIZES = 8  # the ladder starts higher for large step budgets
 
 @dataclasses.dataclass(frozen=True)
 class StepShape:
-    """The compiled shape of a step: padded tokens, padded sampled rows, page-table width."""
+    """The compiled shape of a step: padded tokens, padded sampled rows, page-table width,
+    and the cascade levels of shared segments its attention runs (fixed for a job)."""
 
     tokens: int
     sampled: int
     table_pages: int
+    prefix_levels: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,6 +49,11 @@ class BucketTable:
 
     tokens: tuple[int, ...] = powers_of_two(MIN_TOKENS, 512)
     table_pages: int = 64  # pages in every page table of a step (own and prefix)
+    prefix_levels: int = 1  # shared segments a sequence's chain may hold (cascade levels)
+
+    def __post_init__(self) -> None:
+        if self.prefix_levels < 1:
+            raise ValueError(f"prefix_levels must be >= 1, got {self.prefix_levels}")
 
     @staticmethod
     def round_up(ladder: tuple[int, ...], n: int, what: str) -> int:
@@ -66,7 +73,8 @@ class BucketTable:
     def shape(self, num_tokens: int, num_sampled: int) -> StepShape:
         t = self.tokens_bucket(num_tokens)
         small = self.small_sampled(t)
-        return StepShape(t, small if num_sampled <= small else t, self.table_pages)
+        return StepShape(t, small if num_sampled <= small else t, self.table_pages,
+                         self.prefix_levels)
 
     def shapes(self, max_tokens: int | None = None,
                max_sampled: int | None = None) -> tuple[StepShape, ...]:
@@ -78,9 +86,9 @@ class BucketTable:
             if t > top:
                 break
             small = self.small_sampled(t)
-            out.append(StepShape(t, small, self.table_pages))
+            out.append(StepShape(t, small, self.table_pages, self.prefix_levels))
             if small < t and (max_sampled is None or max_sampled > small):
-                out.append(StepShape(t, t, self.table_pages))
+                out.append(StepShape(t, t, self.table_pages, self.prefix_levels))
         return tuple(out)
 
     def job_shapes(self, requests: Sequence[SchedRequest],
@@ -92,17 +100,19 @@ class BucketTable:
 
     @classmethod
     def for_job(cls, requests: Sequence[SchedRequest], max_tokens_per_step: int,
-                page_size: int) -> "BucketTable":
+                page_size: int, prefix_levels: int = 1) -> "BucketTable":
         """The table of a job: page tables as wide as its longest request can grow."""
         longest = max(len(r.prompt_token_ids) + r.max_tokens for r in requests)
-        return cls.for_budget(max_tokens_per_step, -(-longest // page_size))
+        return cls.for_budget(max_tokens_per_step, -(-longest // page_size), prefix_levels)
 
     @classmethod
-    def for_budget(cls, max_tokens_per_step: int, table_pages: int) -> "BucketTable":
+    def for_budget(cls, max_tokens_per_step: int, table_pages: int,
+                   prefix_levels: int = 1) -> "BucketTable":
         """A ladder whose top covers a step of `max_tokens_per_step` tokens, at most
         `MAX_TOKEN_SIZES` long; page tables `table_pages` wide (rounded up to a power of two,
         so jobs of similar lengths share programs)."""
         top = 1 << max(4, (max_tokens_per_step - 1).bit_length())
         lo = max(MIN_TOKENS, top >> (MAX_TOKEN_SIZES - 1))
         return cls(tokens=powers_of_two(lo, top),
-                   table_pages=1 << max(0, (max(1, table_pages) - 1).bit_length()))
+                   table_pages=1 << max(0, (max(1, table_pages) - 1).bit_length()),
+                   prefix_levels=max(1, prefix_levels))

@@ -22,6 +22,10 @@ class PrefixGroup:
     group_id: int
     prefix_tokens: np.ndarray  # [prefix_len] int32
     request_ids: tuple[int, ...]  # indices into the input, ascending
+    # The shared segments that make up the prefix, top-level first, as (segment id, end):
+    # segment k covers the prefix's tokens from the previous end (0) to its own. Single-level
+    # grouping gives one segment per shared prefix (`schedule.tree` for several).
+    chain: tuple[tuple[int, int], ...] = ()
 
     def __post_init__(self) -> None:
         # Accepts any token sequence; an int32 view passes through without a copy.
@@ -42,6 +46,7 @@ class PrefixGroup:
             self.group_id == other.group_id
             and self.request_ids == other.request_ids
             and np.array_equal(self.prefix_tokens, other.prefix_tokens)
+            and self.chain == other.chain
         )
 
     def __hash__(self) -> int:

@@ -210,7 +210,8 @@ def make_batcher(
     """A batcher for `policy` (one of POLICIES) over `requests`.
 
     Options of `batchllm`: `plan` (a `Plan` of these requests, built here when absent) or the
-    keyword arguments of `plan.build_plan` (`grouping_method`, `align_to_pages`, `order_key`).
+    keyword arguments of `plan.build_plan` (`grouping_method`, `align_to_pages`, `order_key`,
+    `prefix_levels`, `min_saved_tokens`).
     Options of the baselines: `optimal_saving_ratio` (reported as is; computed from the
     prompts when absent).
     """
@@ -224,12 +225,9 @@ def make_batcher(
             raise ValueError(f"options {sorted(options)} conflict with a given plan")
         if plan.num_requests != len(requests):
             raise ValueError(f"the plan covers {plan.num_requests} requests, not {len(requests)}")
-        groups = [
-            (g.group_id, g.prefix_token_ids, ids) for g, ids in zip(plan.groups, plan.request_order)
-        ]
         return BatchLLMBatcher(
             requests,
-            groups,
+            plan.group_work(),
             budgets,
             optimal_saving_ratio=plan.optimal_saving_ratio,
             plan_s=plan.plan_s,

@@ -38,3 +38,25 @@ def assign_groups(costs: Sequence[float], num_replicas: int) -> list[list[int]]:
         owner[g] = r
         heapq.heappush(loads, (load + values[g], r))
     return [np.flatnonzero(owner == r).tolist() for r in range(num_replicas)]
+
+
+def assign_subtrees(costs: Sequence[float], subtree_of_group: Sequence[int],
+                    num_replicas: int) -> list[list[int]]:
+    """`assign_groups` over whole subtrees: groups with the same `subtree_of_group` key
+    (multi-level sharing: the same top-level segment) go to one replica, weighed by their
+    summed cost. Group indices per replica, each list ascending."""
+    keys = np.asarray(subtree_of_group, dtype=np.int64).reshape(-1)
+    cost = np.asarray(costs, dtype=np.float64).reshape(-1)
+    if keys.shape != cost.shape:
+        raise ValueError("one subtree key per group cost")
+    # Subtrees numbered by their first group, so ties keep plan order.
+    _, first, unit_of_group = np.unique(keys, return_index=True, return_inverse=True)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    unit_of_group = rank[unit_of_group.reshape(-1)]
+    unit_cost = np.bincount(unit_of_group, weights=cost, minlength=len(first))
+    per_replica = assign_groups(unit_cost, num_replicas)
+    owner = np.empty(len(first), dtype=np.int64)
+    for r, units in enumerate(per_replica):
+        owner[units] = r
+    return [np.flatnonzero(owner[unit_of_group] == r).tolist() for r in range(num_replicas)]

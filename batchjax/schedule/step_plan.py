@@ -27,23 +27,30 @@ class Budgets:
 
 @dataclasses.dataclass(frozen=True)
 class PrefixRef:
-    """A group's shared prefix as the executor sees it: pages and length (its KV is computed)."""
+    """A shared segment as the executor sees it: pages and length (its KV is computed).
+
+    `group_id` names the segment (in single-level sharing, a group's whole prefix); `level`
+    is its place in the chains that attend it (0: top-level), the cascade level its
+    attention runs at.
+    """
 
     group_id: int
     page_table: tuple[int, ...]
-    prefix_len: int
+    prefix_len: int  # the segment's own tokens
+    level: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
 class ChunkWork:
     """Tokens of one sequence computed in one step.
 
-    A sequence is a request (`seq_id >= 0`, its index in the input) or the prefix of group g
-    (`seq_id == prefix_seq_id(g)`), whose own pages are that group's shared prefix pages.
-    Token i of the chunk has own-part index `own_start + i` and model position
-    `prefix_len + own_start + i`, where `prefix_len` is that of the group the sequence attends
-    (0 if none). It attends, causally, to own-part indices `<= own_start + i` in `page_table`,
-    and, without a mask, to the whole shared prefix of `prefix_group`.
+    A sequence is a request (`seq_id >= 0`, its index in the input) or shared segment g
+    (`seq_id == prefix_seq_id(g)`), whose own pages are that segment's pages. Token i of the
+    chunk has own-part index `own_start + i` and model position `prefix_len + own_start + i`,
+    where `prefix_len` is the length of everything the sequence attends before its own part
+    (0 if nothing). It attends, causally, to own-part indices `<= own_start + i` in
+    `page_table`, and, without a mask, to every segment of `prefix_chain` (top-level first;
+    `prefix_group` is its last, the deepest).
     """
 
     seq_id: int
@@ -54,6 +61,11 @@ class ChunkWork:
     prefix_len: int  # that prefix's length in tokens (0 when prefix_group is None)
     sample: bool  # sample a token from the last position (last prompt chunk, or decode)
     is_decode: bool = False
+    prefix_chain: tuple[int, ...] = ()  # segments attended, top-level first
+
+    def __post_init__(self) -> None:
+        if self.prefix_group is not None and not self.prefix_chain:
+            object.__setattr__(self, "prefix_chain", (self.prefix_group,))
 
     @property
     def num_tokens(self) -> int:
@@ -66,7 +78,7 @@ class StepPlan:
 
     step_index: int
     chunks: tuple[ChunkWork, ...]
-    prefixes: tuple[PrefixRef, ...]  # every group that a chunk in this step attends
+    prefixes: tuple[PrefixRef, ...]  # every segment that a chunk in this step attends
     preempted: tuple[int, ...] = ()  # requests sent back to waiting before this step
     kv_pages_in_use: int = 0
 
@@ -97,7 +109,7 @@ def placeholder_row(token_id: int) -> int:
 
 
 def prefix_seq_id(group_id: int) -> int:
-    """Sequence id of a group's prefix computation (negative, so it never clashes)."""
+    """Sequence id of a shared segment's computation (negative, so it never clashes)."""
     return -(group_id + 1)
 
 

@@ -5,9 +5,9 @@ workload's true output lengths (a request finishes after exactly `output_len` to
 token and page counts are those of a real run and only the times are estimates.
 
 Scale-out: each replica is `tensor_parallel` chips (the cost model's split and collectives),
-and `data_parallel` replicas share the job. The job is planned once; whole prefix groups go
-to replicas by longest processing time first (`schedule.replicas.assign_groups`) on the cost
-model's estimate of each group, each replica replays its groups in plan order with its own KV
+and `data_parallel` replicas share the job. The job is planned once; whole subtrees of shared
+segments go to replicas by longest processing time first (`schedule.replicas.assign_subtrees`)
+on the cost model's estimate of their groups, each replica replays its groups in plan order with its own KV
 budget, and the job takes as long as its slowest replica.
 """
 
@@ -26,7 +26,7 @@ from batchjax.schedule.plan import Plan, build_plan_from_tokens
 from batchjax.schedule.policies import make_batcher
 from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.prefix_tree import TokenBatch, identify_prefixes
-from batchjax.schedule.replicas import assign_groups
+from batchjax.schedule.replicas import assign_subtrees
 from batchjax.schedule.step_plan import Budgets, SampledToken, StepPlan
 from batchjax.sim.cost_model import CostModel
 from batchjax.sim.hardware import get_device, get_model
@@ -36,7 +36,8 @@ from batchjax.workloads import Workload
 SIMULATED_TOKEN_ID = 0
 
 # Options of `plan.build_plan_from_tokens` a batchllm caller may pass through `simulate`.
-_PLAN_OPTIONS = ("grouping_method", "align_to_pages", "order_key")
+_PLAN_OPTIONS = ("grouping_method", "align_to_pages", "order_key", "prefix_levels",
+                 "min_saved_tokens")
 # Counters that add up over replicas; budgets and peaks are per replica.
 _SUMMED = ("num_requests", "num_groups", "logical_prefill_tokens", "computed_prefill_tokens",
            "output_tokens", "num_steps", "num_preemptions", "replay_wall_s")
@@ -214,10 +215,11 @@ def group_costs(plan: Plan, cost: CostModel, decode: np.ndarray) -> list[float]:
     `decode`: [N] expected output lengths (what the planner knows, not the true ones)."""
     lengths = plan.prompts.lengths
     costs = []
-    for group, ids in zip(plan.groups, plan.request_order):
+    new = plan.new_prefix_lens().tolist()  # each segment counted at its first group
+    for group, ids, first in zip(plan.groups, plan.request_order, new):
         members = np.asarray(ids, dtype=np.int64)
         costs.append(cost.group_seconds(
-            group.prefix_len, lengths[members] - group.prefix_len, decode[members]))
+            first, lengths[members] - group.prefix_len, decode[members]))
     return costs
 
 
@@ -235,11 +237,13 @@ def replica_plan(plan: Plan, group_ids: Sequence[int]) -> tuple[np.ndarray, Plan
     for k, g in enumerate(group_ids):
         source = plan.groups[g]
         ids = local[np.asarray(source.request_ids, dtype=np.int64)]
-        groups.append(PrefixGroup(k, source.prefix_tokens, tuple(ids.tolist())))
+        groups.append(PrefixGroup(k, source.prefix_tokens, tuple(ids.tolist()), source.chain))
         request_order.append(tuple(local[orders[k]].tolist()))
         group_of_request[ids] = k
     prefix_len_of_request = plan.prefix_len_of_request[members]
-    shared = sum(g.prefix_len for g in groups)
+    segments = {seg: end - start for g in groups
+                for (seg, end), start in zip(g.chain, (0,) + tuple(e for _, e in g.chain))}
+    shared = sum(segments.values())
     return members, Plan(
         prompts=prompts,
         groups=tuple(groups),
@@ -250,6 +254,7 @@ def replica_plan(plan: Plan, group_ids: Sequence[int]) -> tuple[np.ndarray, Plan
         planned_prefill_tokens=shared + prompts.total_tokens - int(prefix_len_of_request.sum()),
         optimal_saving_ratio=identify_prefixes(prompts).optimal_saving_ratio,
         plan_s=0.0,  # planned once, for the whole job
+        segments=plan.segments,  # the job's (ids are the job's); its groups use a subset
     )
 
 
@@ -267,7 +272,8 @@ def _simulate_replicas(
     if plan is None:
         plan_options = {k: policy_options.pop(k) for k in _PLAN_OPTIONS if k in policy_options}
         plan = build_plan_from_tokens(workload.prompts, decode, **plan_options)
-    assignment = assign_groups(group_costs(plan, cost, decode), data_parallel)
+    assignment = assign_subtrees(group_costs(plan, cost, decode), plan.subtree_of_group(),
+                                 data_parallel)
     replicas = []
     for k, group_ids in enumerate(assignment):
         members, sub_plan = replica_plan(plan, group_ids)
@@ -291,6 +297,8 @@ def _simulate_replicas(
         metrics["logical_prefill_tokens"], metrics["computed_prefill_tokens"])
     metrics["optimal_saving_ratio"] = plan.optimal_saving_ratio
     metrics["plan_s"] = plan.plan_s
+    metrics["prefix_levels"] = plan.prefix_levels
+    metrics["num_prefix_nodes"] = plan.num_prefix_nodes
     metrics["workload"] = workload.name
     simulated_s = metrics["simulated_s"]  # the slowest replica's: the job's end
     total = metrics["logical_prefill_tokens"] + metrics["output_tokens"]
