@@ -32,6 +32,8 @@ _MODEL = flags.DEFINE_enum("model", "llama-3.1-8b", sorted(hardware.MODELS), "Mo
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Tokens per KV page.")
 _MAX_TOKENS_PER_STEP = flags.DEFINE_integer("max_tokens_per_step", 8192, "Step token budget.")
 _MAX_NUM_SEQS = flags.DEFINE_integer("max_num_seqs", 256, "Request cap of the baselines.")
+_KV_BUDGET_PAGES = flags.DEFINE_integer(
+    "kv_budget_pages", None, "KV pages per replica; default: what the device's memory holds.")
 _TENSOR_PARALLEL = flags.DEFINE_integer(
     "tensor_parallel", 1, "Chips per replica, each holding 1/T of every layer.", lower_bound=1)
 _DATA_PARALLEL = flags.DEFINE_integer(
@@ -86,7 +88,7 @@ def main(argv: list[str]) -> None:
             workload, _POLICY.value, _DEVICE.value, _MODEL.value, page_size=_PAGE_SIZE.value,
             max_tokens_per_step=_MAX_TOKENS_PER_STEP.value, max_num_seqs=_MAX_NUM_SEQS.value,
             tensor_parallel=_TENSOR_PARALLEL.value, data_parallel=_DATA_PARALLEL.value,
-            **options,
+            kv_budget_pages=_KV_BUDGET_PAGES.value, **options,
         )
     except DoesNotFit as e:
         raise SystemExit(f"error: {e}") from None

@@ -261,3 +261,34 @@ def test_the_pallas_cascade_gives_the_xla_tokens(tiny_llama_dir, nested_referenc
     results = engine.generate(_requests(prompts[:6], 4))
     assert [r.token_ids for r in results] == [w[:4] for w in want[:6]]
     assert engine.last_metrics["prefix_levels"] == 2
+
+
+def test_the_cascade_benchmark_compares_equal_work():
+    """bench_cascade's two layouts of each step: the same tokens over the same contexts."""
+    from batchjax.engine.engine import step_flops
+    from batchjax.models.config import ModelConfig
+    from batchjax.bench.cascade import step_pairs
+
+    config = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64,
+                         intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=16, rope_theta=10000.0, rms_norm_eps=1e-5,
+                         max_position_embeddings=4096)
+    for name, pair in step_pairs().items():
+        tree, one = pair["tree"], pair["one level"]
+        assert tree.num_tokens == one.num_tokens, name
+        assert step_flops(config, tree, 0) == step_flops(config, one, 0), name
+        assert max(len(c.prefix_chain) for c in tree.chunks) == (1 if "document" in name
+                                                                 and "after" in name else 2)
+
+
+def test_the_nested_suite_and_the_one_level_arm():
+    from batchjax.bench import engine_arm, suite
+
+    nested, micro = suite.nested(quick=True)
+    plan = build_plan_from_tokens(nested.prompts, nested.max_tokens)
+    assert len(nested) == 32 and plan.prefix_levels == 2
+    assert plan.saving_ratio == pytest.approx(plan.optimal_saving_ratio)
+    assert build_plan_from_tokens(micro.prompts, micro.max_tokens).prefix_levels == 1
+    assert engine_arm.arm("batchllm-1level") == ("batchllm", {"prefix_levels": 1})
+    with pytest.raises(ValueError, match="unknown batchjax arm"):
+        engine_arm.arm("batchllm-7")

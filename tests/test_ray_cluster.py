@@ -51,6 +51,9 @@ def reference(tiny_llama_dir):
 @pytest.fixture(scope="module")
 def ray_engine(ray_cluster, tiny_llama_dir):
     engine = Engine(str(tiny_llama_dir), data_parallel=2, distributed="ray", **OPTIONS)
+    # Both replicas compile before the first test: a cold one could otherwise still be
+    # compiling when the other has run dry and taken all of its groups.
+    engine.generate(_requests())
     yield engine
     engine._ray.close()
 
