@@ -79,21 +79,35 @@ def ragged_paged_attention_reference(
     `seq_kv_lens[s] - seq_q_len[s] + i` and sees keys up to and including it.
     Returns out: [T, Hq, D] (q.dtype) and lse: [T, Hq] float32.
     """
-    num_tokens, q_heads, head_dim = q.shape
-    kv_heads = k_pages.shape[2]
-    group = q_heads // kv_heads
+    keys, values, mask = _own_context(k_pages, v_pages, seq_page_tables, seq_kv_lens,
+                                      seq_q_start, seq_q_len, q.shape[0])
+    return _per_token_softmax(q, keys, values, mask)
+
+
+def _own_context(k_pages, v_pages, seq_page_tables, seq_kv_lens, seq_q_start, seq_q_len,
+                 num_tokens: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Each row's own sequence's keys and values [T, L, Hkv, D] and its causal mask [T, L]:
+    query i of sequence s sits at key `seq_kv_lens[s] - seq_q_len[s] + i`."""
     owner, owned = _token_owner(num_tokens, seq_q_start, seq_q_len)
-    keys = _gather_keys(k_pages, seq_page_tables[owner])  # [T, L, Hkv, D]
+    keys = _gather_keys(k_pages, seq_page_tables[owner])
     values = _gather_keys(v_pages, seq_page_tables[owner])
-    q_grouped = q.reshape(num_tokens, kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,tlkd->tkgl", q_grouped, keys.astype(jnp.float32))
-    scores = scores / jnp.sqrt(jnp.float32(head_dim))
     kv_len = seq_kv_lens[owner]
     query_pos = kv_len - seq_q_len[owner] + (jnp.arange(num_tokens) - seq_q_start[owner])
     key_pos = jnp.arange(keys.shape[1])
     mask = (key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < kv_len[:, None])
-    mask = (mask & owned[:, None])[:, None, None, :]  # [T, 1, 1, L]
-    out, lse = _softmax_with_lse(scores, mask, values, "tkgl,tlkd->tkgd")
+    return keys, values, mask & owned[:, None]
+
+
+def _per_token_softmax(q, keys, values, mask) -> tuple[jax.Array, jax.Array]:
+    """q: [T, Hq, D] against its row's keys/values [T, K, Hkv, D] where mask [T, K]: one
+    softmax per token. Returns out [T, Hq, D] (q.dtype) and lse [T, Hq] float32."""
+    num_tokens, q_heads, head_dim = q.shape
+    kv_heads = keys.shape[2]
+    q_grouped = q.reshape(num_tokens, kv_heads, q_heads // kv_heads, head_dim)
+    scores = jnp.einsum("tkgd,tlkd->tkgl", q_grouped.astype(jnp.float32),
+                        keys.astype(jnp.float32))
+    scores = scores / jnp.sqrt(jnp.float32(head_dim))
+    out, lse = _softmax_with_lse(scores, mask[:, None, None, :], values, "tkgl,tlkd->tkgd")
     return (
         out.reshape(num_tokens, q_heads, head_dim).astype(q.dtype),
         lse.reshape(num_tokens, q_heads),
@@ -183,9 +197,7 @@ def cascade_attention_reference(
     [L, G, Pg]; level_lens, level_q_start, level_q_len: [L, G].
     Returns out: [T, Hq, D] (q.dtype) and lse: [T, Hq] float32.
     """
-    num_tokens, q_heads, head_dim = q.shape
-    kv_heads = k_pages.shape[2]
-    group = q_heads // kv_heads
+    num_tokens = q.shape[0]
     keys, values, masks = [], [], []
     for level in range(level_q_len.shape[0]):
         owner, owned = _token_owner(num_tokens, level_q_start[level], level_q_len[level])
@@ -195,23 +207,9 @@ def cascade_attention_reference(
         values.append(_gather_keys(v_pages, table))
         length = jnp.where(owned, level_lens[level][owner], 0)
         masks.append(jnp.arange(k.shape[1])[None, :] < length[:, None])
-    owner, owned = _token_owner(num_tokens, seq_q_start, seq_q_len)
-    k = _gather_keys(k_pages, seq_page_tables[owner])
-    keys.append(k)
-    values.append(_gather_keys(v_pages, seq_page_tables[owner]))
-    kv_len = seq_kv_lens[owner]
-    query_pos = kv_len - seq_q_len[owner] + (jnp.arange(num_tokens) - seq_q_start[owner])
-    key_pos = jnp.arange(k.shape[1])
-    masks.append((key_pos[None, :] <= query_pos[:, None]) & (key_pos[None, :] < kv_len[:, None])
-                 & owned[:, None])
-    keys = jnp.concatenate(keys, axis=1)  # [T, K, Hkv, D]
-    values = jnp.concatenate(values, axis=1)
-    mask = jnp.concatenate(masks, axis=1)[:, None, None, :]  # [T, 1, 1, K]
-    q_grouped = q.reshape(num_tokens, kv_heads, group, head_dim).astype(jnp.float32)
-    scores = jnp.einsum("tkgd,tlkd->tkgl", q_grouped, keys.astype(jnp.float32))
-    scores = scores / jnp.sqrt(jnp.float32(head_dim))
-    out, lse = _softmax_with_lse(scores, mask, values, "tkgl,tlkd->tkgd")
-    return (
-        out.reshape(num_tokens, q_heads, head_dim).astype(q.dtype),
-        lse.reshape(num_tokens, q_heads),
-    )
+    own = _own_context(k_pages, v_pages, seq_page_tables, seq_kv_lens, seq_q_start, seq_q_len,
+                       num_tokens)
+    for part, new in zip((keys, values, masks), own):
+        part.append(new)
+    return _per_token_softmax(q, jnp.concatenate(keys, axis=1), jnp.concatenate(values, axis=1),
+                              jnp.concatenate(masks, axis=1))
