@@ -18,11 +18,10 @@ import os
 
 from absl import app, flags
 
-from batchjax.bench.roofline import matmul_gflops, median_seconds
-from batchjax.engine.engine import Engine, step_flops
-from batchjax.engine.sampling import sampling_row_arrays
-from batchjax.engine.step_batch import build_step_batch
 from batchjax.bench.cascade import PAGE, step_pairs
+from batchjax.bench.roofline import matmul_gflops
+from batchjax.bench.steps import step_seconds
+from batchjax.engine.engine import Engine
 from batchjax.schedule.buckets import BucketTable
 
 _MODEL = flags.DEFINE_string("model", "smollm2-135m", "Model spec.")
@@ -43,17 +42,10 @@ def main(argv):
         for kind, plan in pair.items():
             levels = max((len(c.prefix_chain) for c in plan.chunks), default=1) or 1
             buckets = BucketTable.for_budget(engine.options.max_tokens_per_step, 128, levels)
-            feed = feeds.setdefault(levels, engine.step.empty_feed(buckets.tokens[-1]))
-            batch = build_step_batch(plan, PAGE, buckets)
-            rows = sampling_row_arrays(batch.logits_index.shape[0],
-                                       positions=batch.sample_positions)
-
-            def run():
-                tokens, _, engine.kv = engine.step(engine.kv, feed, batch, rows, True)
-                return tokens
-
-            seconds = median_seconds(run, _REPEATS.value)
-            flops = step_flops(engine.config, plan, len(batch.sample_seq_ids))
+            if levels not in feeds:
+                feeds[levels] = engine.step.empty_feed(buckets.tokens[-1])
+            seconds, flops = step_seconds(engine, plan, buckets, feeds[levels], PAGE,
+                                          _REPEATS.value)
             row[kind] = {"seconds": seconds, "gflop_per_s": flops / seconds / 1e9,
                          "levels": levels}
         ratio = row["one level"]["seconds"] / row["tree"]["seconds"]

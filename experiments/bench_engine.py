@@ -21,10 +21,9 @@ import os
 
 from absl import app, flags
 
-from batchjax.bench.roofline import matmul_gflops, median_seconds
-from batchjax.engine.engine import Engine, step_flops
-from batchjax.engine.sampling import sampling_row_arrays
-from batchjax.engine.step_batch import build_step_batch
+from batchjax.bench.roofline import matmul_gflops
+from batchjax.bench.steps import step_seconds
+from batchjax.engine.engine import Engine
 from batchjax.schedule.buckets import BucketTable
 from batchjax.schedule.step_plan import ChunkWork, PrefixRef, StepPlan
 
@@ -99,15 +98,7 @@ def main(argv):
         if used >= engine.kv_budget_pages:  # XLA's gather would clamp, timing other pages
             raise ValueError(f"{name}: page {used} outside the pool's "
                              f"{engine.kv_budget_pages}; raise kv_budget_mb")
-        batch = build_step_batch(plan, PAGE, buckets)
-        rows = sampling_row_arrays(batch.logits_index.shape[0], positions=batch.sample_positions)
-
-        def run():
-            tokens, _, engine.kv = engine.step(engine.kv, feed, batch, rows, True)
-            return tokens
-
-        seconds = median_seconds(run, _REPEATS.value)
-        flops = step_flops(engine.config, plan, len(batch.sample_seq_ids))
+        seconds, flops = step_seconds(engine, plan, buckets, feed, PAGE, _REPEATS.value)
         gflops = flops / seconds / 1e9
         results["steps"][name] = {"seconds": seconds, "gflop_per_s": gflops,
                                   "mfu": gflops / roofline}

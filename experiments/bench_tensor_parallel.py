@@ -30,10 +30,8 @@ import json  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
-from batchjax.bench.roofline import median_seconds  # noqa: E402
+from batchjax.bench.steps import step_seconds  # noqa: E402
 from batchjax.engine.engine import Engine  # noqa: E402
-from batchjax.engine.sampling import sampling_row_arrays  # noqa: E402
-from batchjax.engine.step_batch import build_step_batch  # noqa: E402
 from batchjax.schedule.buckets import BucketTable  # noqa: E402
 # The step layouts and the flags --model, --dtype, --repeats, --only and --json_out are
 # experiments.bench_engine's.
@@ -60,15 +58,7 @@ def main(argv):
         feed = engine.step.empty_feed(buckets.tokens[-1])
         times[t] = {}
         for name, plan in plans.items():
-            batch = build_step_batch(plan, PAGE, buckets)
-            rows = sampling_row_arrays(batch.logits_index.shape[0],
-                                       positions=batch.sample_positions)
-
-            def run():
-                tokens, _, engine.kv = engine.step(engine.kv, feed, batch, rows, True)
-                return tokens
-
-            times[t][name] = median_seconds(run, _REPEATS.value)
+            times[t][name], _ = step_seconds(engine, plan, buckets, feed, PAGE, _REPEATS.value)
             print(f"T={t} {name:<47} {times[t][name] * 1000:8.1f} ms", flush=True)
         del engine
     base = sizes[0]
