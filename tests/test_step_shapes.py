@@ -48,7 +48,7 @@ def test_the_benchmark_workloads_take_at_most_16_shapes(policy):
         requests = work.to_sched_requests()
         budgets = Budgets(512, kv_budget_pages=800, page_size=16, max_num_seqs=256)
         batcher = make_batcher(policy, requests, budgets)
-        table = BucketTable.for_job(requests, 512, 16, getattr(batcher, "prefix_levels", 1))
+        table = BucketTable.for_job(requests, 512, 16, batcher.prefix_levels)
         foreseen = table.job_shapes(requests, 512)
         assert len(foreseen) <= MAX_SHAPES
         steps = []

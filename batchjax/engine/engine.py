@@ -188,7 +188,6 @@ class RequestPreparer:
         return [SchedRequest(st.prompt_ids, st.stop.token_limit) for st in live]
 
 
-
 class Engine(RequestPreparer):
     """A loaded model and its KV pools, reusable for many `generate` calls."""
 
@@ -285,7 +284,7 @@ class Engine(RequestPreparer):
         if live:
             job = self.sched_requests(all_live)
             if prefix_levels is None:  # the cascade levels the batcher's chains need
-                prefix_levels = getattr(batcher, "prefix_levels", 1)
+                prefix_levels = batcher.prefix_levels
             buckets = BucketTable.for_job(job, o.max_tokens_per_step, o.page_size,
                                           prefix_levels)
             t_warm = time.perf_counter()

@@ -55,6 +55,11 @@ class Batcher(Protocol):
 
     def metrics(self) -> dict: ...
 
+    @property
+    def prefix_levels(self) -> int:
+        """Shared segments in the longest chain a step may attend (at least 1): the cascade
+        levels the executor lays out (`BucketTable.prefix_levels`)."""
+
 
 def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
@@ -72,7 +77,6 @@ class Sequence_:
     seq_id: int
     tokens: list[int]
     max_tokens: int
-    prefix_group: int | None = None
     prefix_len: int = 0
     chain: tuple[int, ...] = ()
     pages: list[int] = dataclasses.field(default_factory=list)
@@ -85,6 +89,11 @@ class Sequence_:
     @property
     def is_request(self) -> bool:
         return self.seq_id >= 0
+
+    @property
+    def prefix_group(self) -> int | None:
+        """The deepest segment it attends (None: it attends none)."""
+        return self.chain[-1] if self.chain else None
 
     @property
     def num_pending(self) -> int:
@@ -154,8 +163,9 @@ class StepCounters:
         }
 
 
-def make_chunk(seq: Sequence_, num_tokens: int, attends_prefix: bool) -> ChunkWork:
-    """The next `num_tokens` of `seq`; its pages must already cover them."""
+def make_chunk(seq: Sequence_, num_tokens: int) -> ChunkWork:
+    """The next `num_tokens` of `seq`, attending its chain; its pages must already cover
+    them."""
     start = seq.num_computed
     end = start + num_tokens
     last = end == len(seq.tokens)
@@ -164,11 +174,11 @@ def make_chunk(seq: Sequence_, num_tokens: int, attends_prefix: bool) -> ChunkWo
         token_ids=tuple(seq.tokens[start:end]),
         own_start=start,
         page_table=seq.page_table(),
-        prefix_group=seq.prefix_group if attends_prefix else None,
-        prefix_len=seq.prefix_len if attends_prefix else 0,
+        prefix_group=seq.prefix_group,
+        prefix_len=seq.prefix_len,
         sample=seq.is_request and last,
         is_decode=seq.is_request and last and seq.num_generated > 0 and num_tokens == 1,
-        prefix_chain=seq.chain if attends_prefix else (),
+        prefix_chain=seq.chain,
     )
 
 
@@ -219,8 +229,7 @@ class _SegmentState:
     way) from the admission of the first group below it until its last request below is done,
     unless preemption or a stalled admission drops it first (it is then recomputed)."""
 
-    seq: Sequence_  # its tokens; `seq.chain` holds its ancestors
-    level: int  # ancestors above it: its cascade level
+    seq: Sequence_  # its tokens; `seq.chain` holds its ancestors (as many as its level)
     pages: int
     resident: bool = False
     active: int = 0  # admitted groups below it
@@ -239,7 +248,6 @@ class _GroupState:
     request_ids: tuple[int, ...]
     waiting: collections.deque[int]
     running: dict[int, None]
-    chain_pages: int = 0
     pledge_pages: int = 0
     running_pages: int = 0
     num_unfinished: int = 0
@@ -319,8 +327,8 @@ class BatchLLMBatcher:
                     raise ValueError(f"group {group_id}'s chain has segment {seg_id} ending at "
                                      f"{end}, after {start}, in a prefix of {len(prefix_tokens)}")
                 seq = Sequence_(prefix_seq_id(seg_id), list(prefix_tokens[start:end]), 0,
-                                ids[-1] if ids else None, start, tuple(ids))
-                seg = _SegmentState(seq, len(ids), pages_for(end - start, self._page_size))
+                                start, tuple(ids))
+                seg = _SegmentState(seq, pages_for(end - start, self._page_size))
                 self._segments[seg_id] = seg
                 self._seqs[seq.seq_id] = seq
             elif (seg.seq.chain != tuple(ids) or seg.seq.prefix_len != start
@@ -363,13 +371,12 @@ class BatchLLMBatcher:
                 f"{budgets.kv_budget_pages} pages of {self._page_size} tokens"
             )
         group = _GroupState(group_id, seg_ids, tuple(request_ids), collections.deque(request_ids),
-                            {}, chain_pages=chain_pages, num_unfinished=len(request_ids))
-        deepest = seg_ids[-1] if seg_ids else None
+                            {}, num_unfinished=len(request_ids))
         for i in request_ids:
             r = requests[i]
             own = list(r.prompt_token_ids[prefix_len:])
             self._group_of_request[i] = group_id
-            self._seqs[i] = Sequence_(i, own, r.max_tokens, deepest, prefix_len, seg_ids)
+            self._seqs[i] = Sequence_(i, own, r.max_tokens, prefix_len, seg_ids)
             estimate = r.max_tokens if r.decode_estimate is None else r.decode_estimate
             self._estimate_pages[i] = pages_for(len(own) + int(estimate), self._page_size)
         for s in seg_ids:
@@ -493,7 +500,7 @@ class BatchLLMBatcher:
         need = pages_for(seq.num_computed + n, self._page_size) - len(seq.pages)
         if need > 0:
             seq.pages.extend(self._pool.allocate(need))
-        return make_chunk(seq, n, attends_prefix=bool(seq.chain))
+        return make_chunk(seq, n)
 
     def _chain_ready(self, group: _GroupState) -> bool:
         return all(self._segments[s].seq.num_pending == 0 for s in group.chain)
@@ -630,5 +637,6 @@ class BatchLLMBatcher:
         refs = []
         for s in seen:
             seg = self._segments[s]
-            refs.append(PrefixRef(s, seg.seq.page_table(), len(seg.seq.tokens), seg.level))
+            refs.append(PrefixRef(s, seg.seq.page_table(), len(seg.seq.tokens),
+                                  len(seg.seq.chain)))
         return tuple(refs)

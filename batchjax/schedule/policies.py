@@ -39,6 +39,8 @@ SGLANG_LPM_MAX_WAITING = 128
 class CachedFcfsBatcher:
     """FCFS with an optional prefix cache (`hashed`: vLLM, `radix`: SGLang), chunked prefill."""
 
+    prefix_levels = 1  # cached pages sit in each request's own table: no segment is attended
+
     def __init__(
         self,
         policy: str,
@@ -154,7 +156,7 @@ class CachedFcfsBatcher:
     def _run(self, seq: Sequence_, n: int, need: int) -> ChunkWork:
         if need > 0:
             seq.pages.extend(self._pages.allocate(need))
-        return make_chunk(seq, n, attends_prefix=False)
+        return make_chunk(seq, n)
 
     def _preempt_last(self) -> int:
         rid = next(reversed(self._running))
