@@ -88,7 +88,7 @@ def merge_metrics(per_replica: Sequence[dict], *, wall_s: float, plan=None,
     for key in SUMMED_METRICS:
         if any(key in r for r in per_replica):
             m[key] = sum(r.get(key) or 0 for r in per_replica)
-    for key in ("peak_kv_pages", "num_compiled_shapes", "warmup_s", "prefix_levels"):
+    for key in ("peak_kv_pages", "num_compiled_shapes", "warmup_s"):
         if key in first:
             m[key] = max(r.get(key) or 0 for r in per_replica)
     for key in ("prefill_s", "decode_s", "compiling_s", "device_idle_s"):

@@ -49,18 +49,8 @@ class Plan:
         return self.segments.num_nodes
 
     def new_prefix_lens(self) -> np.ndarray:
-        """[G] prefix tokens each group is the first (in run order) to need: the segments
-        of its chain that no earlier group's chain holds. They sum to the shared tokens."""
-        seen: set[int] = set()
-        out = np.zeros(self.num_groups, dtype=np.int64)
-        for g, group in enumerate(self.groups):
-            start = 0
-            for seg, end in group.chain:
-                if seg not in seen:
-                    seen.add(seg)
-                    out[g] += end - start
-                start = end
-        return out
+        """[G] `new_prefix_lens` of the plan's groups."""
+        return new_prefix_lens(self.groups)
 
     def subtree_of_group(self) -> np.ndarray:
         """[G] the top-level segment above each group; a group that shares nothing is a
@@ -202,6 +192,21 @@ def build_plan_from_tokens(
         plan_s=time.perf_counter() - start,
         segments=segments,
     )
+
+
+def new_prefix_lens(groups: Sequence[PrefixGroup]) -> np.ndarray:
+    """[G] prefix tokens each group is the first (in this order) to need: the segments of its
+    chain that no earlier group's chain holds. They sum to the groups' shared tokens."""
+    seen: set[int] = set()
+    out = np.zeros(len(groups), dtype=np.int64)
+    for g, group in enumerate(groups):
+        start = 0
+        for seg, end in group.chain:
+            if seg not in seen:
+                seen.add(seg)
+                out[g] += end - start
+            start = end
+    return out
 
 
 def _chain(segments: SegmentTree, segment: int) -> tuple[tuple[int, int], ...]:

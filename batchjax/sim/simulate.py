@@ -22,7 +22,7 @@ import numpy as np
 from batchjax.metrics import saving_ratio
 from batchjax.schedule.grouping import PrefixGroup
 from batchjax.schedule.ordering import decode_estimates
-from batchjax.schedule.plan import Plan, build_plan_from_tokens
+from batchjax.schedule.plan import Plan, build_plan_from_tokens, new_prefix_lens
 from batchjax.schedule.policies import make_batcher
 from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.prefix_tree import TokenBatch, identify_prefixes
@@ -241,9 +241,7 @@ def replica_plan(plan: Plan, group_ids: Sequence[int]) -> tuple[np.ndarray, Plan
         request_order.append(tuple(local[orders[k]].tolist()))
         group_of_request[ids] = k
     prefix_len_of_request = plan.prefix_len_of_request[members]
-    segments = {seg: end - start for g in groups
-                for (seg, end), start in zip(g.chain, (0,) + tuple(e for _, e in g.chain))}
-    shared = sum(segments.values())
+    shared = int(new_prefix_lens(groups).sum())  # each segment once
     return members, Plan(
         prompts=prompts,
         groups=tuple(groups),
