@@ -14,7 +14,8 @@ from batchjax.schedule.plan import build_plan, build_plan_from_tokens
 from batchjax.schedule.prefix_tree import identify_prefixes
 from batchjax.schedule.step_plan import Budgets, SchedRequest
 from batchjax.sim.simulate import simulate
-from tests.test_batching import replay, run_checked
+from batchjax.schedule.driver import run_batcher
+from tests.test_batching import CheckingExecutor, replay, run_checked
 from batchjax.schedule.policies import make_batcher
 
 
@@ -139,27 +140,38 @@ def test_without_preemption_each_segment_is_computed_once_and_lives_with_its_sub
     plan = build_plan(requests)
     # Room for about one document's subtree at a time: the batch does not fit.
     budgets = Budgets(64, 40, 4)
-    result = replay("batchllm", requests, work.output_lens.tolist(), budgets)
-    m = result.metrics
+    below = {}  # segment -> the requests below it
+    for g in plan.groups:
+        for seg, _ in g.chain:
+            below.setdefault(seg, set()).update(g.request_ids)
+    batcher = make_batcher("batchllm", requests, budgets, plan=plan)
+    residency = []  # per step: (segments resident, segments expected to be)
+
+    class Watching(CheckingExecutor):
+        """Before each step runs: every segment computed (or under way) whose subtree has an
+        unfinished request holds its pages, and no segment whose subtree has ended does
+        (pages are reserved from its first group's admission)."""
+
+        def launch(self, step):
+            started = {s for st in self.steps + [step] for c in st.chunks
+                       for s in c.prefix_chain + ((-c.seq_id - 1,) if c.seq_id < 0 else ())}
+            live = {s for s in below if not below[s] <= set(self.ended_at)}
+            resident = {s for s, seg in batcher._segments.items() if seg.resident}
+            residency.append((resident, started & live, live))
+            return super().launch(step)
+
+    executor = Watching(requests, work.output_lens.tolist(), budgets, overlap=False)
+    run_batcher(batcher, executor)
+    m = batcher.metrics()
     assert m["num_preemptions"] == 0
     assert m["computed_prefill_tokens"] == plan.planned_prefill_tokens
     assert m["saving_ratio"] == pytest.approx(m["optimal_saving_ratio"], abs=1e-9)
     assert (m["prefix_levels"], m["num_prefix_nodes"]) == (2, 2 + 6)
     assert m["kv_pages_at_end"] == 0
-    # A segment's pages are in no step after the last request below it finished.
-    last_step_of_request = {}
-    for k, step in enumerate(result.steps):
-        for c in step.chunks:
-            if c.seq_id >= 0:
-                last_step_of_request[c.seq_id] = k
-    for g in plan.groups:
-        top = g.chain[0][0]
-        ends = max(last_step_of_request[i] for h in plan.groups if h.chain[0][0] == top
-                   for i in h.request_ids)
-        assert all(top not in {p.group_id for p in step.prefixes}
-                   for step in result.steps[ends + 1:])
-    # The system prompt is one segment, in every step's chains at level 0.
-    assert {p.level for step in result.steps for p in step.prefixes} == {0, 1}
+    assert all(started <= resident <= live for resident, started, live in residency)
+    assert max(len(r) for r, _, _ in residency) < len(below)  # never the whole tree at once
+    # Segments sit at level 0 (the two system prompts) and level 1 (the documents).
+    assert {p.level for step in executor.steps for p in step.prefixes} == {0, 1}
 
 
 def test_the_simulator_replays_the_tree():
