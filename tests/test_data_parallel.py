@@ -56,6 +56,7 @@ def test_a_dry_replica_takes_the_last_group_of_the_longest_queue():
     # Replica 0 has 5 + 2 + 1 left; replica 1, dry, takes the group it would run last.
     assert queues.take(1, dry=True)[0] == 4
     assert queues.stolen == [0, 1]
+    assert queues.planned == [3, 2]  # what the planner gave, whoever ran it
     assert [queues.take(0)[0] for _ in range(2)] == [0, 3]
     assert queues.take(0) is None and queues.take(1) is None
     assert sorted(i for t in queues.taken for i in t) == list(range(5))

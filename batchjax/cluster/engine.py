@@ -81,7 +81,8 @@ class _SharedBar:
 
 
 def merge_metrics(per_replica: Sequence[dict], *, wall_s: float, plan=None,
-                  devices: Sequence[Sequence[Any]] = (), stolen: Sequence[int] = ()) -> dict:
+                  devices: Sequence[Sequence[Any]] = (), stolen: Sequence[int] = (),
+                  planned: Sequence[int] = ()) -> dict:
     """One job's metrics from its replicas' (each as `batchjax.engine.Engine.run` reports)."""
     first = per_replica[0]
     m = dict(first)
@@ -119,6 +120,7 @@ def merge_metrics(per_replica: Sequence[dict], *, wall_s: float, plan=None,
     m["replicas"] = [
         {"replica": k, "devices": [str(d) for d in (devices[k] if k < len(devices) else ())],
          "requests": r.get("num_requests", 0), "groups": r.get("num_groups", 0),
+         "planned_groups": planned[k] if k < len(planned) else None,
          "stolen_groups": stolen[k] if k < len(stolen) else 0,
          "output_tokens": r.get("output_tokens", 0), "computed_prefill_tokens":
          r.get("computed_prefill_tokens", 0), "busy_s": r.get("busy_s"),
@@ -268,7 +270,8 @@ class Engine:
         wall = time.perf_counter() - t0
         metrics = merge_metrics(per_replica, wall_s=wall, plan=plan,
                                 devices=[list(e.mesh.devices.flat) for e in self.replicas],
-                                stolen=queues.stolen if queues is not None else ())
+                                stolen=queues.stolen if queues is not None else (),
+                                planned=queues.planned if queues is not None else ())
         metrics["failed_requests"] = sum(1 for r in done.values() if r.error is not None)
         metrics["policy"] = policy
         self.last_metrics = metrics

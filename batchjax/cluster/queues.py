@@ -33,6 +33,7 @@ class ReplicaQueues:
         self._lock = threading.Lock()
         self.taken: list[list[int]] = [[] for _ in assignment]  # group indices, per replica
         self.stolen = [0] * len(assignment)  # groups each replica took from another's queue
+        self.planned = [len(queue) for queue in assignment]  # groups the planner gave each
 
     @property
     def groups(self) -> list[GroupWork]:

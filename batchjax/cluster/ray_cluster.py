@@ -258,7 +258,8 @@ class _Coordinator:
         with self._cond:
             n = len(self._taken)
             return {"runs": dict(self._runs), "num_reported": len(self._reported),
-                    "stolen": list(self._queues.stolen) if self._queues is not None else [0] * n}
+                    "stolen": list(self._queues.stolen) if self._queues is not None else [0] * n,
+                    "planned": list(self._queues.planned) if self._queues is not None else []}
 
 
 # -- a replica --------------------------------------------------------------------------------
@@ -701,7 +702,7 @@ class RayReplicas:
         m = merge_metrics(per_replica, wall_s=wall,
                           plan=types.SimpleNamespace(**plan_info) if plan_info else None,
                           devices=[info.get("devices", ()) for info in self.replica_info],
-                          stolen=summary["stolen"])
+                          stolen=summary["stolen"], planned=summary["planned"])
         complete = next((x for runs_ in finished for x in runs_), {})
         for key, value in complete.items():  # a dead first replica has no engine-wide keys
             m.setdefault(key, value)
