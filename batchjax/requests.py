@@ -17,8 +17,14 @@ import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from batchjax.structured import (StructuredSpec, StructuredSpecError, from_response_format,
+                                 parse_structured)
+
 # Seeds key a JAX PRNG as uint32, so larger values would silently alias.
 _MAX_SEED = 2**32
+MAX_LOGPROBS = 20  # the most alternatives a token's logprobs list (the step computes this many)
+MAX_SAMPLES = 64  # the most samples `n` asks of one prompt
+LOGPROBS_MODES = ("raw", "processed")
 
 
 class InputFormat(enum.Enum):
@@ -71,7 +77,14 @@ class SamplingParams:
 
     temperature 0 is greedy; top_k 0, top_p 1 and min_p 0 switch their filter off. The
     filters apply after temperature in the order top-k, top-p, min-p. Randomness is keyed by
-    (seed, position) only, so a request's output never depends on its batch.
+    (seed, sample index, position) only, so a request's output never depends on its batch.
+
+    `n` samples of one prompt; `logprobs` k returns each generated token's logprob and its k
+    most likely alternatives, of the model's distribution (`logprobs_mode` "raw") or of the
+    one sampled from, after temperature, filters and grammar ("processed");
+    `prompt_logprobs` k does the same for every prompt token after the first, and with it
+    `max_tokens` may be 0 (score the prompt, generate nothing). `structured` constrains the
+    output to a JSON schema, regex, choice or grammar (`batchjax.structured`).
     """
 
     max_tokens: int = 16
@@ -83,10 +96,32 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
+    n: int = 1
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logprobs_mode: str = "raw"
+    structured: StructuredSpec | None = None
 
     def __post_init__(self) -> None:
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            raise InvalidRequestError("max_tokens", "must be an integer >= 1")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                raise InvalidRequestError(name, f"must be an integer in [0, {MAX_LOGPROBS}]")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not _is_int(self.max_tokens) or self.max_tokens < least:
+            raise InvalidRequestError(
+                "max_tokens", "must be an integer >= 1" + (
+                    "" if least else " (0 with prompt_logprobs: score without generating)"))
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
+            raise InvalidRequestError("n", f"must be an integer in [1, {MAX_SAMPLES}]")
+        if self.logprobs_mode not in LOGPROBS_MODES:
+            raise InvalidRequestError("logprobs_mode", f"must be one of {', '.join(LOGPROBS_MODES)}")
+        if self.structured is not None and not isinstance(self.structured, StructuredSpec):
+            try:
+                object.__setattr__(self, "structured", parse_structured(self.structured))
+            except StructuredSpecError as e:
+                raise InvalidRequestError(
+                    "structured" + (f".{e.field}" if e.field else ""), e.reason) from None
         if not _is_real(self.temperature) or self.temperature < 0:
             raise InvalidRequestError("temperature", "must be a finite number >= 0")
         if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
@@ -112,6 +147,11 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def generates(self) -> bool:
+        """Whether the request generates tokens (max_tokens 0 only scores its prompt)."""
+        return self.max_tokens > 0
 
 
 _SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
@@ -147,7 +187,11 @@ class Request:
 
     `index` is the request's position in its input (JSONL: line number - 1), so results can be
     put back in input order, errors included. `output_len`, when a workload carries it, is the
-    true output length a simulation replays instead of max_tokens.
+    true output length a simulation replays instead of max_tokens. `sample_index` tells the
+    samples of a request with `n` > 1 apart (it keys their randomness); a sample after the
+    first runs under an index of its own and names its request's in `sample_of`.
+    `score_from` (Python callers, `Engine.score`): the first prompt token whose logprob
+    `prompt_logprobs` reports (default 1: all); the prompt before it may be shared.
     """
 
     id: str
@@ -157,6 +201,9 @@ class Request:
     sampling: SamplingParams
     index: int
     output_len: int | None = None
+    sample_index: int = 0
+    sample_of: int | None = None
+    score_from: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.id, str) or not self.id:
@@ -181,6 +228,17 @@ class Request:
             raise InvalidRequestError("sampling", "must be a SamplingParams")
         if self.output_len is not None and (not _is_int(self.output_len) or self.output_len < 0):
             raise InvalidRequestError("output_len", "must be an integer >= 0")
+        if not _is_int(self.sample_index) or not 0 <= self.sample_index < self.sampling.n:
+            raise InvalidRequestError("sample_index", f"must be in [0, n = {self.sampling.n})")
+        if self.score_from is not None and (
+                not _is_int(self.score_from) or self.score_from < 1
+                or self.sampling.prompt_logprobs is None):
+            raise InvalidRequestError("score_from", "must be an integer >= 1, with prompt_logprobs")
+
+    @property
+    def input_index(self) -> int:
+        """The position of the request in its input (a sample's, its request's)."""
+        return self.index if self.sample_of is None else self.sample_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,8 +288,42 @@ def _parse_native(obj: Mapping[str, Any], index: int, default_id: str, strict: b
 
 _OPENAI_LINE_FIELDS = frozenset({"custom_id", "method", "url", "body"})
 # `model` and `user` are accepted and ignored: the model is chosen for the whole run.
-_OPENAI_BODY_FIELDS = frozenset({"model", "user", "n", "stream", "max_completion_tokens",
-                                 *_SAMPLING_FIELDS})
+_OPENAI_BODY_FIELDS = frozenset({"model", "user", "stream", "max_completion_tokens",
+                                 "top_logprobs", "response_format", *_SAMPLING_FIELDS})
+
+
+def _openai_sampling_fields(body: Mapping[str, Any], chat: bool) -> dict[str, Any]:
+    """The body's sampling fields in SamplingParams' terms: chat's `logprobs` is a switch with
+    the count in `top_logprobs` (the completions endpoint gives the count in `logprobs`), and
+    `response_format` is a structured-output constraint."""
+    fields = dict(body)
+    if "max_completion_tokens" in body:
+        if "max_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
+            raise InvalidRequestError("body.max_completion_tokens", "conflicts with body.max_tokens")
+        fields["max_tokens"] = body["max_completion_tokens"]
+    if chat:
+        wants = body.get("logprobs")
+        if wants is not None and not isinstance(wants, bool):
+            raise InvalidRequestError("body.logprobs", "must be true or false")
+        top = body.get("top_logprobs")
+        if top is not None and not wants:
+            raise InvalidRequestError("body.top_logprobs", "needs body.logprobs = true")
+        fields["logprobs"] = (0 if top is None else top) if wants else None
+        if top is not None and (not _is_int(top) or not 0 <= top <= MAX_LOGPROBS):
+            raise InvalidRequestError("body.top_logprobs",
+                                      f"must be an integer in [0, {MAX_LOGPROBS}]")
+    elif body.get("top_logprobs") is not None:
+        raise InvalidRequestError("body.top_logprobs",
+                                  "is a chat field; completions give the count in logprobs")
+    if body.get("response_format") is not None:
+        if body.get("structured") is not None:
+            raise InvalidRequestError("body.response_format", "conflicts with body.structured")
+        try:
+            fields["structured"] = from_response_format(body["response_format"])
+        except StructuredSpecError as e:
+            raise InvalidRequestError(
+                "body.response_format" + (f".{e.field}" if e.field else ""), e.reason) from None
+    return fields
 
 
 def _parse_openai(obj: Mapping[str, Any], index: int, strict: bool,
@@ -253,15 +345,9 @@ def _parse_openai(obj: Mapping[str, Any], index: int, strict: bool,
             raise InvalidRequestError(unknown[0], "unknown field (strict mode)")
         if unknown := sorted(set(body) - _OPENAI_BODY_FIELDS - {prompt_field}):
             raise InvalidRequestError(f"body.{unknown[0]}", "unknown field (strict mode)")
-    if body.get("n", 1) != 1:
-        raise InvalidRequestError("body.n", "only n = 1 is supported")
     if body.get("stream", False) is not False:
         raise InvalidRequestError("body.stream", "streaming has no meaning in a batch file")
-    sampling_fields = dict(body)
-    if "max_completion_tokens" in body:
-        if "max_tokens" in body and body["max_tokens"] != body["max_completion_tokens"]:
-            raise InvalidRequestError("body.max_completion_tokens", "conflicts with body.max_tokens")
-        sampling_fields["max_tokens"] = body["max_completion_tokens"]
+    sampling_fields = _openai_sampling_fields(body, fmt is InputFormat.OPENAI_CHAT)
     if prompt_field not in body:
         raise InvalidRequestError(f"body.{prompt_field}", f"is required for {obj['url']}")
     prompt, prompt_token_ids, messages = None, None, None
@@ -402,3 +488,13 @@ def requests_from_python(
         seen.add(request.id)
         requests.append(request)
     return requests
+
+
+def sample_requests(request: Request, first_free_index: int) -> list[Request]:
+    """The samples after the first of a request with `n` > 1: `sample_index` 1..n-1, under
+    indices `first_free_index`, ... (unused by any input), each naming its request in
+    `sample_of`. The request itself is sample 0. They share the prompt, so the plan makes
+    them a prefix group of degree n."""
+    return [dataclasses.replace(request, sample_index=k, sample_of=request.index,
+                                index=first_free_index + k - 1)
+            for k in range(1, request.sampling.n)]

@@ -99,6 +99,8 @@ def main(argv):
         data_parallel=cfg.data_parallel, distributed=cfg.distributed,
         ray_address=cfg.ray_address or None,
     )
+    if leader and engine.tokenizer is not None:  # the text of each token in OpenAI logprobs
+        journal.token_text = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
     results = engine.generate(requests, skip_ids=frozenset(finished),
                               on_result=journal.append if leader else None)
     if not leader:

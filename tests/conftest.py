@@ -53,6 +53,36 @@ def tiny_llama_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer (49,152 ids), read from its GGUF file without the weights."""
+    from batchjax.models import gguf_loader
+    from batchjax.models.registry import resolve_spec
+    from batchjax.models.tokenizer import Tokenizer
+
+    reader = gguf_loader.open_gguf(resolve_spec("smollm2-135m")[1])
+    return Tokenizer.from_gguf_metadata(gguf_loader.tokenizer_metadata(reader))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_tok_dir(tmp_path_factory, smollm2_tokenizer):
+    """A tiny random Llama over SmolLM2's tokenizer, saved in HF format with the tokenizer."""
+    import torch
+    import transformers
+
+    tokenizer = smollm2_tokenizer
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+        max_position_embeddings=512, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=list(tokenizer.eos_token_ids))
+    path = tmp_path_factory.mktemp("tiny_llama_tok")
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(path)
+    tokenizer.save(str(path))
+    return path
+
+
 def hf_greedy(model_dir, prompts, max_new_tokens):
     """transformers' greedy continuation of each prompt (token ids), one at a time."""
     import torch

@@ -349,3 +349,30 @@ def test_a_request_preempted_while_its_last_token_is_in_flight_finishes_once(pol
     assert all(count == 1 for count in result.finish_count.values())
     assert result.metrics["num_preemptions"] > 0
     assert [len(result.generated[i]) for i in range(3)] == output_lens
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=40, deadline=None)
+@given(work=workloads(), page_size=st.sampled_from([1, 4]), slack=st.integers(0, 6),
+       data=st.data())
+def test_positions_whose_logits_are_needed_are_computed_by_the_request(policy, work, page_size,
+                                                                       slack, data):
+    """A request that scores its prompt from `logits_from` computes every prompt token from
+    there itself: no shared segment and no cached page stands in for them, so each of their
+    logits rows exists (and outputs are still those of the checking executor)."""
+    requests, output_lens = work
+    requests = [dataclasses.replace(r, logits_from=data.draw(
+        st.none() | st.integers(0, len(r.prompt_token_ids) - 1))) for r in requests]
+    budgets = tight_budgets(requests, page_size, slack)
+    replay = run_checked(make_batcher(policy, requests, budgets), requests, output_lens,
+                         budgets)
+    for i, r in enumerate(requests):
+        if r.logits_from is None:
+            continue
+        computed = set()
+        for step in replay.steps:
+            for c in step.chunks:
+                if c.seq_id == i and not c.is_decode:
+                    first = c.prefix_len + c.own_start
+                    computed.update(range(first, first + c.num_tokens))
+        assert set(range(r.logits_from, len(r.prompt_token_ids))) <= computed, f"request {i}"

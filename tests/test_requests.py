@@ -96,7 +96,7 @@ def test_openai_batch_lines_are_read_and_remember_their_format(tmp_path):
         _openai("q3", {"model": "m", "prompt": "text"}, url="/v1/completions"),
         _openai("q4", {"model": "m", "messages": chat}, url="/v1/embeddings"),
         {"id": "native", "prompt": "x"},
-        _openai("q5", {"model": "m", "messages": chat, "n": 2}),
+        _openai("q5", {"model": "m", "messages": chat, "n": 65}),
     ])
     requests, errors, fmt = read_requests_jsonl(path)
     assert fmt is InputFormat.OPENAI_CHAT
@@ -139,3 +139,46 @@ def test_python_items_become_requests_in_order():
         requests_from_python([{"id": "x", "prompt": "a"}, {"id": "x", "prompt": "b"}])
     with pytest.raises(InvalidRequestError):
         requests_from_python("a single prompt")
+
+
+def test_openai_eval_fields_map_to_sampling(tmp_path):
+    chat = [{"role": "user", "content": "Hi"}]
+    path = _write(tmp_path, [
+        _openai("lp", {"messages": chat, "logprobs": True, "top_logprobs": 3, "n": 4}),
+        _openai("plain", {"messages": chat, "logprobs": False}),
+        _openai("on", {"messages": chat, "logprobs": True}),
+        _openai("top_only", {"messages": chat, "top_logprobs": 2}),
+        _openai("too_many", {"messages": chat, "logprobs": True, "top_logprobs": 21}),
+        _openai("json", {"messages": chat, "response_format": {"type": "json_object"}}),
+        _openai("text", {"messages": chat, "response_format": {"type": "text"}}),
+        _openai("bad_format", {"messages": chat, "response_format": {"type": "yaml"}}),
+    ])
+    requests, errors, _ = read_requests_jsonl(path)
+    by_id = {r.id: r.sampling for r in requests}
+    assert (by_id["lp"].logprobs, by_id["lp"].n) == (3, 4)
+    assert by_id["plain"].logprobs is None and by_id["on"].logprobs == 0
+    assert by_id["json"].structured.kind == "json_object"
+    assert by_id["text"].structured is None
+    assert [(e.id, e.field) for e in errors] == [
+        ("top_only", "body.top_logprobs"), ("too_many", "body.top_logprobs"),
+        ("bad_format", "body.response_format.type")]
+
+
+def test_openai_completions_give_the_logprobs_count(tmp_path):
+    path = _write(tmp_path, [
+        _openai("c", {"prompt": "x", "logprobs": 5}, url="/v1/completions"),
+        _openai("bad", {"prompt": "x", "logprobs": 99}, url="/v1/completions"),
+    ])
+    requests, errors, _ = read_requests_jsonl(path)
+    assert requests[0].sampling.logprobs == 5
+    assert [(e.id, e.field) for e in errors] == [("bad", "body.logprobs")]
+
+
+def test_structured_field_errors_name_the_key():
+    for value, field in [({"json": {"type": "nonsense"}}, "structured.json"),
+                         ({"regex": "(unclosed"}, "structured.regex"),
+                         ({"choice": []}, "structured.choice"),
+                         ({"json": {}, "regex": "a"}, "structured.regex")]:
+        with pytest.raises(InvalidRequestError) as e:
+            parse_request({"prompt": "x", "structured": value}, 0)
+        assert e.value.field == field, (value, e.value)

@@ -80,7 +80,7 @@ def test_temperature_zero_rows_are_greedy_and_greedy_tokens_agrees():
     rows = logits.shape[0]
     tokens = sample_tokens(logits, jnp.zeros(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows),
                            jnp.zeros(rows), jnp.arange(rows, dtype=jnp.uint32),
-                           jnp.arange(rows, dtype=jnp.int32))
+                           jnp.zeros(rows, jnp.int32), jnp.arange(rows, dtype=jnp.int32))
     expected = np.argmax(np.asarray(logits), axis=-1)
     np.testing.assert_array_equal(np.asarray(tokens), expected)
     np.testing.assert_array_equal(np.asarray(greedy_tokens(logits)), expected)
@@ -104,7 +104,8 @@ def test_a_row_samples_the_same_token_in_any_batch():
         seeds[slot], positions[slot], temperature[slot] = 7, 13, 1.0
         out = sample_tokens(jnp.asarray(logits), jnp.asarray(temperature),
                             jnp.zeros(rows, jnp.int32), jnp.full(rows, 0.95), jnp.full(rows, 0.01),
-                            jnp.asarray(seeds), jnp.asarray(positions))
+                            jnp.asarray(seeds), jnp.zeros(rows, jnp.int32),
+                            jnp.asarray(positions))
         return int(out[slot])
 
     draws_small = [sample(small, 1) for _ in range(3)]
@@ -117,12 +118,17 @@ def test_different_positions_and_seeds_draw_differently():
     logits = jnp.zeros((rows, vocab))  # uniform: identical draws everywhere would be a bug
     same_seed = sample_tokens(logits, jnp.ones(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows),
                               jnp.zeros(rows), jnp.zeros(rows, jnp.uint32),
-                              jnp.arange(rows, dtype=jnp.int32))
+                              jnp.zeros(rows, jnp.int32), jnp.arange(rows, dtype=jnp.int32))
     same_position = sample_tokens(logits, jnp.ones(rows), jnp.zeros(rows, jnp.int32), jnp.ones(rows),
                                   jnp.zeros(rows), jnp.arange(rows, dtype=jnp.uint32),
-                                  jnp.zeros(rows, jnp.int32))
+                                  jnp.zeros(rows, jnp.int32), jnp.zeros(rows, jnp.int32))
+    same_sample_slot = sample_tokens(logits, jnp.ones(rows), jnp.zeros(rows, jnp.int32),
+                                     jnp.ones(rows), jnp.zeros(rows), jnp.zeros(rows, jnp.uint32),
+                                     jnp.arange(rows, dtype=jnp.int32), jnp.zeros(rows, jnp.int32))
     assert len(set(np.asarray(same_seed).tolist())) > 10
     assert len(set(np.asarray(same_position).tolist())) > 10
+    # The samples of one prompt (same seed, same position) draw independently.
+    assert len(set(np.asarray(same_sample_slot).tolist())) > 10
 
 
 @pytest.mark.parametrize("top_k,top_p,min_p", [(0, 1.0, 0.0), (4, 1.0, 0.0), (0, 0.7, 0.0), (0, 1.0, 0.15)])
@@ -132,7 +138,8 @@ def test_empirical_frequencies_approach_the_filtered_softmax(top_k, top_p, min_p
     logits = jnp.broadcast_to(jnp.asarray(base), (draws, vocab))
     tokens = sample_tokens(logits, jnp.full(draws, temperature), jnp.full(draws, top_k, jnp.int32),
                            jnp.full(draws, top_p), jnp.full(draws, min_p),
-                           jnp.full(draws, 1234, jnp.uint32), jnp.arange(draws, dtype=jnp.int32))
+                           jnp.full(draws, 1234, jnp.uint32), jnp.zeros(draws, jnp.int32),
+                           jnp.arange(draws, dtype=jnp.int32))
     freq = np.bincount(np.asarray(tokens), minlength=vocab) / draws
     kept = _reference_kept(base, temperature, top_k, top_p, min_p)
     expected = np.where(kept, _softmax(np.where(kept, base / temperature, -np.inf)), 0.0)

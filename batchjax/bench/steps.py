@@ -5,6 +5,7 @@ from __future__ import annotations
 from batchjax.bench.roofline import median_seconds
 from batchjax.engine.engine import step_flops
 from batchjax.engine.sampling import sampling_row_arrays
+from batchjax.engine.step import StepVariant
 from batchjax.engine.step_batch import build_step_batch
 
 
@@ -16,8 +17,8 @@ def step_seconds(engine, plan, buckets, feed, page_size: int,
     rows = sampling_row_arrays(batch.logits_index.shape[0], positions=batch.sample_positions)
 
     def run():
-        tokens, _, engine.kv = engine.step(engine.kv, feed, batch, rows, True)
+        tokens, _, engine.kv, _ = engine.step(engine.kv, feed, batch, rows, StepVariant())
         return tokens
 
     seconds = median_seconds(run, repeats)
-    return seconds, step_flops(engine.config, plan, len(batch.sample_seq_ids))
+    return seconds, step_flops(engine.config, plan, batch.num_logits_rows)

@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from batchjax.cluster.queues import ReplicaQueues
 from batchjax.engine import engine as engine_lib
-from batchjax.engine.results import Result
+from batchjax.engine.results import Result, SampleCollector
 from batchjax.metrics import saving_ratio
 from batchjax.requests import Request, SamplingParams
 from batchjax.schedule.batching import BatchLLMBatcher
@@ -199,11 +199,13 @@ class Engine:
     ) -> list[Result]:
         """Every request's result, in input order (as `batchjax.engine.Engine.generate`)."""
         policy = policy or self.policy
+        samples = SampleCollector()  # requests with n > 1 leave whole, their samples merged
+        on_result = samples.wrap(on_result)
         if self._ray is not None:
             results, self.last_metrics = self._ray.generate(
                 requests, policy=policy, sampling=sampling, on_result=on_result,
                 skip_ids=skip_ids)
-            return results
+            return samples.results({r.index: r for r in results})
         t0 = time.perf_counter()
         lead = self.replicas[0]
         if on_result is not None:
@@ -275,7 +277,12 @@ class Engine:
         metrics["failed_requests"] = sum(1 for r in done.values() if r.error is not None)
         metrics["policy"] = policy
         self.last_metrics = metrics
-        return [done[i] for i in sorted(done)]
+        return samples.results(done)
+
+    def score(self, pairs, *, policy: str | None = None) -> list[engine_lib.Score]:
+        """Each (context, continuation) pair's score, in one job over the replicas
+        (`batchjax.engine.engine.score_pairs`)."""
+        return engine_lib.score_pairs(self, pairs, policy=policy)
 
 
 def generate(requests: Iterable[str | dict | Request], model: str = "smollm2-135m", *,

@@ -20,15 +20,15 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from batchjax.engine.page_pool import allocate_kv, pages_for_budget
-from batchjax.engine.results import Result, error_result
+from batchjax.engine.results import Result, SampleCollector, TokenLogprob, error_result
 from batchjax.engine.sampling import sampling_row_arrays
-from batchjax.engine.step import ModelStep
+from batchjax.engine.step import ModelStep, StepVariant
 from batchjax.engine.step_batch import build_step_batch
 from batchjax.engine.stopping import StopChecker
 from batchjax.models.flops import forward_flops
 from batchjax.models.tokenizer import IncrementalDetokenizer
 from batchjax.requests import (InvalidRequestError, Request, RequestError, SamplingParams,
-                               requests_from_python)
+                               requests_from_python, sample_requests)
 from batchjax.metrics import process_age_s
 from batchjax.schedule.buckets import BucketTable
 from batchjax.sharding.mesh import describe, make_mesh
@@ -79,38 +79,86 @@ def dtype_of(name: str):
 
 
 class _Live:
-    """Host state of one running request."""
+    """Host state of one running request (one sample of it, with `n` > 1)."""
 
     def __init__(self, request: Request, prompt_ids: tuple[int, ...], tokenizer,
-                 eos_token_ids: tuple[int, ...], max_model_len: int):
+                 eos_token_ids: tuple[int, ...], max_model_len: int, matcher=None):
+        s = request.sampling
         self.request = request
         self.prompt_ids = prompt_ids
         self.generated: list[int] = []
         self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
-        self.stop = StopChecker(request.sampling, eos_token_ids, max_model_len, len(prompt_ids))
+        # A request that only scores its prompt runs as if it generated one token, dropped.
+        self.scores_only = not s.generates
+        stop_sampling = s if s.generates else dataclasses.replace(s, max_tokens=1)
+        self.stop = StopChecker(stop_sampling, eos_token_ids, max_model_len, len(prompt_ids))
         self.cached_prompt_tokens: int | None = None
         self.finish = None
         self.scheduled = 0  # tokens sampled for it so far, collected or still in flight
+        self.logprobs: list[TokenLogprob] | None = [] if s.logprobs is not None else None
+        # Prompt logprobs: the first scored prompt position, and one entry per prompt token.
+        self.score_from = None if s.prompt_logprobs is None else (request.score_from or 1)
+        self.prompt_logprobs: list[TokenLogprob | None] | None = (
+            None if self.score_from is None else [None] * len(prompt_ids))
+        self.matcher = matcher  # the grammar of a structured request (batchjax.engine.grammar)
 
-    def add(self, token_id: int) -> bool:
+    @property
+    def logits_from(self) -> int | None:
+        """The first position whose logits it needs before its last prompt token."""
+        return None if self.score_from is None else self.score_from - 1
+
+    def score_range(self) -> tuple[int, int] | None:
+        """Model positions [lo, hi) whose logits score its prompt tokens, if it has any."""
+        if self.score_from is None or self.score_from >= len(self.prompt_ids):
+            return None
+        return self.score_from - 1, len(self.prompt_ids) - 1
+
+    def add(self, token_id: int, logprob: TokenLogprob | None = None) -> bool:
         self.generated.append(token_id)
+        if self.logprobs is not None:
+            self.logprobs.append(logprob)
+        if self.matcher is not None and not self.matcher.is_finished:
+            self.matcher.consume(token_id)
         new_text = self.detok.add(token_id) if self.detok is not None else ""
         self.finish = self.stop.update(token_id, new_text)
         return self.finish is not None
 
+    def add_prompt_logprob(self, position: int, logprob: TokenLogprob) -> None:
+        """The logprob of prompt token `position` (recomputed after a preemption: kept once)."""
+        if self.prompt_logprobs[position] is None:
+            self.prompt_logprobs[position] = logprob
+
     def result(self) -> Result:
         f = self.finish
+        r = self.request
+        n = 0 if self.scores_only else f.num_tokens
+        text = f.text if self.detok is not None else None
         return Result(
-            id=self.request.id,
-            index=self.request.index,
-            text=f.text if self.detok is not None else None,
-            token_ids=tuple(self.generated[: f.num_tokens]),
+            id=r.id,
+            index=r.index,
+            text="" if self.scores_only and text is not None else text,
+            token_ids=tuple(self.generated[:n]),
             finish_reason=f.finish_reason,
             prompt_tokens=len(self.prompt_ids),
-            completion_tokens=f.num_tokens,
+            completion_tokens=n,
             cached_prompt_tokens=self.cached_prompt_tokens or 0,
             error=None,
+            logprobs=None if self.logprobs is None else tuple(self.logprobs[:n]),
+            prompt_logprobs=None if self.prompt_logprobs is None else tuple(self.prompt_logprobs),
+            sample=None if r.sampling.n == 1 else (r.input_index, r.sample_index, r.sampling.n),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class Score:
+    """A continuation's score given its context (`Engine.score`): the sum of its tokens'
+    logprobs, whether each token is the argmax at its position (the greedy continuation),
+    and the per-token logprobs."""
+
+    logprob: float
+    is_greedy: bool
+    num_tokens: int
+    token_logprobs: tuple[float, ...]
 
 
 def _error_result(request: Request, field: str | None, message: str) -> Result:
@@ -148,19 +196,48 @@ class RequestPreparer:
             return tuple(self.tokenizer.encode(text, add_special_tokens=False))
         return tuple(self.tokenizer.encode(request.prompt))
 
+    def _matcher(self, request: Request):
+        """A fresh grammar matcher for a structured request (None for any other)."""
+        spec = request.sampling.structured
+        if spec is None:
+            return None
+        if self.tokenizer is None:
+            raise InvalidRequestError("structured", "this model has no tokenizer to constrain")
+        if self._grammar is None:
+            from batchjax.engine.grammar import GrammarCompiler  # only structured jobs need it
+
+            self._grammar = GrammarCompiler(self.tokenizer, self.config.vocab_size)
+        try:
+            return self._grammar.compile(spec)
+        except ValueError as e:
+            raise InvalidRequestError("structured", f"cannot be compiled: {e}") from None
+
+    _grammar = None
+
     def prepare_one(self, request: Request) -> _Live | Result:
         try:
             ids = self._prompt_ids(request)
+            matcher = self._matcher(request)
         except InvalidRequestError as e:
             return _error_result(request, e.field, e.reason)
+        field = "messages" if request.messages is not None else (
+            "prompt" if request.prompt is not None else "prompt_token_ids")
         if len(ids) >= self.max_model_len:
-            field = "messages" if request.messages is not None else (
-                "prompt" if request.prompt is not None else "prompt_token_ids")
             return _error_result(
                 request, field,
                 f"prompt has {len(ids)} tokens; the model context is {self.max_model_len}")
+        if request.score_from is not None and request.score_from >= len(ids):
+            return _error_result(request, "score_from", f"must be below the prompt's "
+                                                        f"{len(ids)} tokens")
         eos = () if request.sampling.ignore_eos else self.config.eos_token_ids
-        return _Live(request, ids, self.tokenizer, eos, self.max_model_len)
+        return _Live(request, ids, self.tokenizer, eos, self.max_model_len, matcher)
+
+    def _samples(self, first: _Live, first_free_index: int) -> list[_Live]:
+        """The other samples of `first`'s request (n > 1): the same prompt, fresh state."""
+        eos = () if first.request.sampling.ignore_eos else self.config.eos_token_ids
+        return [_Live(r, first.prompt_ids, self.tokenizer, eos, self.max_model_len,
+                      self._matcher(r))
+                for r in sample_requests(first.request, first_free_index)]
 
     def prepare(self, requests, *, sampling: SamplingParams | None = None,
                 on_result: Callable[[Result], None] | None = None,
@@ -170,6 +247,7 @@ class RequestPreparer:
         reqs = requests_from_python(list(requests), default_sampling=sampling)
         done: dict[int, Result] = {}
         live: list[_Live] = []
+        free_index = len(reqs)  # the indices samples after the first run under
         for r in reqs:
             if r.id in skip_ids:
                 continue
@@ -180,12 +258,17 @@ class RequestPreparer:
                     on_result(prepared)
             else:
                 live.append(prepared)
+                if r.sampling.n > 1:
+                    live.extend(self._samples(prepared, free_index))
+                    free_index += r.sampling.n - 1
         return live, done
 
     @staticmethod
     def sched_requests(live: Sequence["_Live"]) -> list[SchedRequest]:
-        """What the schedule sees of each request: its prompt and its token limit."""
-        return [SchedRequest(st.prompt_ids, st.stop.token_limit) for st in live]
+        """What the schedule sees of each request: its prompt, its token limit, and the
+        first position whose logits it needs."""
+        return [SchedRequest(st.prompt_ids, st.stop.token_limit, logits_from=st.logits_from)
+                for st in live]
 
 
 class Engine(RequestPreparer):
@@ -242,6 +325,8 @@ class Engine(RequestPreparer):
         `prefix_levels` overrides the engine's option for this call (`batchllm`)."""
         policy = policy or self.policy
         t0 = time.perf_counter()
+        samples = SampleCollector()
+        on_result = samples.wrap(on_result)
         live, done = self.prepare(requests, sampling=sampling, on_result=on_result,
                                   skip_ids=skip_ids)
         sched = self.sched_requests(live)
@@ -249,7 +334,12 @@ class Engine(RequestPreparer):
                                **self.plan_options(policy, prefix_levels)) if live else None
         self.last_metrics = self.run(live, batcher, done, on_result=on_result, t0=t0,
                                      policy=policy)
-        return [done[i] for i in sorted(done)]
+        return samples.results(done)
+
+    def score(self, pairs: Iterable[tuple[str | Sequence[int], str | Sequence[int]]], *,
+              policy: str | None = None) -> list[Score]:
+        """Each (context, continuation) pair's `Score`, in order, in one job (`score_pairs`)."""
+        return score_pairs(self, pairs, policy=policy)
 
     def plan_options(self, policy: str, prefix_levels: int | None = None) -> dict:
         """What `make_batcher` takes for `policy` besides the requests and budgets."""
@@ -277,7 +367,7 @@ class Engine(RequestPreparer):
         t0 = time.perf_counter() if t0 is None else t0
         o = self.options
         all_live = all_live or live
-        greedy = all(st.request.sampling.is_greedy for st in all_live)
+        variant = step_variant([st.request.sampling for st in all_live])
         compiled_before = self.step.num_compiled_shapes
         stats = _RunStats()
         warmup_s = 0.0
@@ -291,12 +381,14 @@ class Engine(RequestPreparer):
             # Every shape this job's steps can take, compiled before its first step.
             feed = self.step.empty_feed(buckets.tokens[-1])
             self.step.warm_up(self.kv, feed, buckets.job_shapes(job, o.max_tokens_per_step),
-                              greedy, o.progress and bar is None)
+                              variant, o.progress and bar is None)
             warmup_s = time.perf_counter() - t_warm
             warm = self.step.num_compiled_shapes
-            steps = _EngineSteps(self, buckets, feed, live, greedy, done, on_result, stats, bar)
+            steps = _EngineSteps(self, buckets, feed, live, variant, done, on_result, stats, bar)
             try:
-                run_batcher(batcher, steps, overlap=o.overlap)
+                # A grammar's mask for a token needs the token before it: no step is launched
+                # before the previous one's tokens are back.
+                run_batcher(batcher, steps, overlap=o.overlap and not variant.constrained)
             finally:
                 steps.close()
             stats.compiled_after_warmup = self.step.num_compiled_shapes - warm
@@ -337,7 +429,7 @@ class Engine(RequestPreparer):
             device_idle_fraction=_rate(stats.device_idle_s, stats.loop_s),
             decode_device_idle_fraction=_rate(stats.decode_idle_s, stats.decode_span_s),
             padded_tokens=stats.padded_tokens,
-            overlap=o.overlap,
+            overlap=o.overlap and not variant.constrained,
             attention=o.attention,
             cpu_kernels=self.step.cpu_kernels,
             bf16_matmul=self.step.bf16_matmul,
@@ -347,6 +439,68 @@ class Engine(RequestPreparer):
             data_parallel=1,
         )
         return metrics
+
+def score_pairs(engine, pairs: Iterable[tuple[str | Sequence[int], str | Sequence[int]]], *,
+                policy: str | None = None) -> list[Score]:
+    """Each (context, continuation) pair's `Score`, in order, in one job of `engine` (an
+    `Engine`, or a `batchjax.cluster.Engine` of replicas).
+
+    Token-id pairs are used as they are; a text pair is tokenized as one text, the context's
+    trailing spaces moved to the continuation, and split where the context's own tokens end
+    (as lm-evaluation-harness does). The context needs a token at least. Pairs that share a
+    context are a prefix group: the context is computed once, and each continuation (with the
+    context's last token, whose logits score its first token) on its own. Raises
+    InvalidRequestError naming the pair for a bad one.
+    """
+    requests = []
+    for i, (context, continuation) in enumerate(pairs):
+        ctx, cont = _score_ids(engine.tokenizer, i, context, continuation)
+        requests.append(Request(
+            id=str(i), prompt=None, prompt_token_ids=ctx + cont, messages=None,
+            sampling=SamplingParams(max_tokens=0, prompt_logprobs=0, ignore_eos=True),
+            index=i, score_from=len(ctx)))
+    scores = []
+    for r in engine.generate(requests, policy=policy):
+        if r.error is not None:
+            raise InvalidRequestError(r.error.field, f"pair {r.index}: {r.error.message}")
+        scored = [lp for lp in r.prompt_logprobs if lp is not None]
+        scores.append(Score(
+            logprob=float(sum(lp.logprob for lp in scored)),
+            is_greedy=all(lp.token_id == lp.argmax for lp in scored),
+            num_tokens=len(scored), token_logprobs=tuple(lp.logprob for lp in scored)))
+    return scores
+
+
+def _score_ids(tokenizer, i: int, context, continuation) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if isinstance(context, str) != isinstance(continuation, str):
+        raise InvalidRequestError(None, f"pair {i}: give both parts as text or both as ids")
+    if isinstance(context, str):
+        if tokenizer is None:
+            raise InvalidRequestError(None, f"pair {i}: this model has no tokenizer")
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        whole = tokenizer.encode(context + continuation, add_special_tokens=False)
+        ctx = tokenizer.encode(context, add_special_tokens=False)
+        ctx, cont = tuple(whole[: len(ctx)]), tuple(whole[len(ctx):])
+    else:
+        ctx, cont = tuple(context), tuple(continuation)
+    if not ctx:
+        raise InvalidRequestError(None, f"pair {i}: the context has no tokens")
+    if not cont:
+        raise InvalidRequestError(None, f"pair {i}: the continuation has no tokens")
+    return ctx, cont
+
+
+def step_variant(params: Sequence[SamplingParams]) -> StepVariant:
+    """The compiled step a job of requests with these sampling parameters runs."""
+    wants = [p for p in params if p.logprobs is not None or p.prompt_logprobs is not None]
+    return StepVariant(
+        greedy=all(p.is_greedy for p in params),
+        logprobs=bool(wants),
+        processed=any(p.logprobs is not None and p.logprobs_mode == "processed" for p in wants),
+        constrained=any(p.structured is not None for p in params))
+
 
 def _rate(amount: float, seconds: float) -> float | None:
     return amount / seconds if seconds > 0 else None
@@ -404,6 +558,7 @@ class _InFlight:
 
     batch: Any
     tokens: jax.Array  # [Ss] int32 on the device
+    reported: dict[str, jax.Array]  # what the step variant reports per logits row
     launched: float
     compiled: bool
     flops: float
@@ -416,10 +571,12 @@ class _EngineSteps:
     tokens into per-request state, stop decisions and results."""
 
     def __init__(self, engine: "Engine", buckets: BucketTable, feed: jax.Array,
-                 live: Sequence[_Live], greedy: bool, done: dict[int, Result], on_result,
+                 live: Sequence[_Live], variant: StepVariant, done: dict[int, Result], on_result,
                  stats: _RunStats, bar=None):
         self._engine, self._buckets, self._feed = engine, buckets, feed
-        self._live, self._greedy, self._done, self._on_result = live, greedy, done, on_result
+        self._live, self._variant, self._done, self._on_result = live, variant, done, on_result
+        self._score_ranges = {i: r for i, st in enumerate(live)
+                              if (r := st.score_range()) is not None}
         self._stats = stats
         self._own_bar = bar is None  # a replica of a data-parallel job shares the job's bar
         self._bar = bar if bar is not None else tqdm(
@@ -445,22 +602,50 @@ class _EngineSteps:
         for c in plan.chunks:
             if c.seq_id >= 0 and live[c.seq_id].cached_prompt_tokens is None:
                 live[c.seq_id].cached_prompt_tokens = c.prefix_len + c.own_start
-        batch = build_step_batch(plan, engine.options.page_size, self._buckets)
+        batch = build_step_batch(plan, engine.options.page_size, self._buckets,
+                                 self._score_ranges)
+        sampled = [live[seq] for seq in batch.sample_seq_ids]
         rows = sampling_row_arrays(
-            batch.logits_index.shape[0],
-            [live[seq].request.sampling for seq in batch.sample_seq_ids], batch.sample_positions)
+            batch.logits_index.shape[0], [st.request.sampling for st in sampled],
+            batch.sample_positions, [st.request.sample_index for st in sampled])
         compiled = engine.step.num_compiled_shapes
-        tokens, self._feed, engine.kv = engine.step(engine.kv, self._feed, batch, rows,
-                                                    self._greedy)
+        tokens, self._feed, engine.kv, reported = engine.step(
+            engine.kv, self._feed, batch, rows, self._variant, self._row_arrays(batch))
         now = time.perf_counter()
         if self._stats.startup_s is None:
             self._stats.startup_s = process_age_s()
-        step = _InFlight(batch, tokens, now, engine.step.num_compiled_shapes > compiled,
-                         step_flops(engine.config, plan, len(batch.sample_seq_ids)),
+        step = _InFlight(batch, tokens, reported, now,
+                         engine.step.num_compiled_shapes > compiled,
+                         step_flops(engine.config, plan, batch.num_logits_rows),
                          all(c.is_decode for c in plan.chunks))
         self._watch.put(step)
         self._steps.append(step)
         return step
+
+    def _row_arrays(self, batch) -> dict[str, np.ndarray]:
+        """The variant's per-row inputs: scoring rows' targets (the next prompt token), which
+        sampled rows report processed logprobs, and each constrained row's grammar mask."""
+        v, live = self._variant, self._live
+        rows = v.row_arrays(batch.logits_index.shape[0], self._engine.config.vocab_size)
+        n = len(batch.sample_seq_ids)
+        if v.logprobs:
+            for j, (seq, pos) in enumerate(zip(batch.score_seq_ids, batch.score_positions)):
+                rows["targets"][n + j] = live[seq].prompt_ids[pos + 1]
+        if v.processed:
+            for k, seq in enumerate(batch.sample_seq_ids):
+                rows["processed"][k] = live[seq].request.sampling.logprobs_mode == "processed"
+        if v.constrained:
+            for k, seq in enumerate(batch.sample_seq_ids):
+                if live[seq].matcher is not None:
+                    live[seq].matcher.fill_bitmask(rows["bitmask"][k])
+        return rows
+
+    def _logprob(self, reported: dict[str, np.ndarray], row: int, token: int,
+                 k: int) -> TokenLogprob:
+        return TokenLogprob(
+            token, float(reported["target"][row]),
+            tuple(zip(reported["top_ids"][row, :k].tolist(), reported["top"][row, :k].tolist())),
+            int(reported["argmax"][row]))
 
     def provisional(self, plan, step: _InFlight) -> list[SampledToken]:
         sampled = []
@@ -475,16 +660,29 @@ class _EngineSteps:
 
     def collect(self, plan, step: _InFlight) -> list[SampledToken]:
         t_wait = time.perf_counter()
-        tokens = self._engine.step.fetch(step.tokens)
+        fetch = self._engine.step.fetch
+        tokens = fetch(step.tokens)
+        reported = {name: fetch(x) for name, x in step.reported.items()}
         now = time.perf_counter()
         self._waited += now - t_wait
         stats = self._stats
         sampled = []
-        for seq, tok in zip(step.batch.sample_seq_ids, tokens[: len(step.batch.sample_seq_ids)]):
+        batch = step.batch
+        n = len(batch.sample_seq_ids)
+        # Prompt logprobs first: a request's last scoring rows come with its first sample.
+        for j, (seq, pos) in enumerate(zip(batch.score_seq_ids, batch.score_positions)):
+            st = self._live[seq]
+            k = st.request.sampling.prompt_logprobs
+            st.add_prompt_logprob(pos + 1, self._logprob(reported, n + j,
+                                                         st.prompt_ids[pos + 1], k))
+        for row, (seq, tok) in enumerate(zip(batch.sample_seq_ids, tokens[:n])):
             st = self._live[seq]
             if st.finish is not None:  # ran one step past its end: the token is dropped
                 continue
-            finished = st.add(int(tok))
+            lp = None
+            if st.logprobs is not None:
+                lp = self._logprob(reported, row, int(tok), st.request.sampling.logprobs)
+            finished = st.add(int(tok), lp)
             sampled.append(SampledToken(seq, int(tok), finished))
             if finished:
                 result = st.result()
@@ -496,7 +694,6 @@ class _EngineSteps:
                 self._bar.update(1)
                 if self._on_result is not None:
                     self._on_result(result)
-        batch = step.batch
         stats.model_tokens += batch.num_tokens
         stats.model_flops += step.flops
         stats.padded_tokens += batch.token_ids.shape[0]

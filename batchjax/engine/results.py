@@ -10,11 +10,33 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from batchjax.requests import InputFormat, RequestError
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenLogprob:
+    """A token's logprob and the most likely tokens at its position (`top`, most likely
+    first, as many as the request asked for). `argmax` is the most likely token there."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
+    argmax: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"token_id": self.token_id, "logprob": _finite(self.logprob),
+                "top_logprobs": [{"token_id": t, "logprob": _finite(lp)} for t, lp in self.top]}
+
+
+def _finite(x: float) -> float | None:
+    # A token the processed distribution excludes has logprob -inf, which JSON cannot hold.
+    return x if math.isfinite(x) else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,7 +44,11 @@ class Result:
     """The outcome of one request. `error` is set (and finish_reason is "error") when it could not run.
 
     text is None for token-only requests (no tokenizer). token_ids holds every generated token,
-    a final EOS or stop token included.
+    a final EOS or stop token included. `logprobs` (one per token of token_ids) and
+    `prompt_logprobs` (one per prompt token, None for the first and for any not asked for)
+    are set when the request asked for them. A request with `n` > 1 has its samples in
+    `samples` (each a Result of its own, `index` its sample index); the fields above are the
+    first sample's, completion_tokens the sum over all of them.
     """
 
     id: str
@@ -34,6 +60,71 @@ class Result:
     completion_tokens: int
     cached_prompt_tokens: int
     error: RequestError | None
+    logprobs: tuple[TokenLogprob, ...] | None = None
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    samples: tuple[Result, ...] | None = None
+    # Set on one sample of a request with n > 1, before its samples are merged:
+    # (the request's input index, this sample's index, n). Its own `index` is internal.
+    sample: tuple[int, int, int] | None = None
+
+
+def merge_samples(samples: Sequence[Result]) -> Result:
+    """One request's result from its n samples, in sample order."""
+    first = samples[0]
+    return dataclasses.replace(
+        first, index=first.sample[0], sample=None,
+        completion_tokens=sum(s.completion_tokens for s in samples),
+        cached_prompt_tokens=min(s.cached_prompt_tokens for s in samples),
+        samples=tuple(dataclasses.replace(s, index=k, prompt_logprobs=None, sample=None)
+                      for k, s in enumerate(samples)))
+
+
+class SampleCollector:
+    """Merges the samples of requests with `n` > 1: `wrap(on_result)` passes a request's
+    result on once all of its samples are done (any other result at once), and `results`
+    puts a finished job's results in input order, samples merged. Thread-safe: the replicas
+    of a data-parallel job share one."""
+
+    def __init__(self):
+        self._pending: dict[int, dict[int, Result]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, result: Result) -> Result | None:
+        """The request's whole result once `result` completes it, else None."""
+        if result.sample is None:
+            return result
+        index, k, n = result.sample
+        with self._lock:
+            got = self._pending.setdefault(index, {})
+            got[k] = result
+            if len(got) < n:
+                return None
+            del self._pending[index]
+        return merge_samples([got[j] for j in range(n)])
+
+    def wrap(self, on_result: Callable[[Result], None] | None) -> Callable[[Result], None] | None:
+        if on_result is None:
+            return None
+
+        def whole(result: Result) -> None:
+            if (merged := self.add(result)) is not None:
+                on_result(merged)
+
+        return whole
+
+    @staticmethod
+    def results(done: dict[int, Result]) -> list[Result]:
+        """Every result of `done` (by internal index) in input order, samples merged."""
+        out: dict[int, Result] = {}
+        samples: dict[int, dict[int, Result]] = {}
+        for r in done.values():
+            if r.sample is None:
+                out[r.index] = r
+            else:
+                samples.setdefault(r.sample[0], {})[r.sample[1]] = r
+        for index, got in samples.items():
+            out[index] = merge_samples([got[k] for k in sorted(got)])
+        return [out[i] for i in sorted(out)]
 
 
 def error_key(error: RequestError) -> str:
@@ -53,7 +144,19 @@ def _stable_hex(request_id: str) -> str:
     return hashlib.sha256(request_id.encode("utf-8")).hexdigest()[:24]
 
 
-def _openai_line(result: Result, fmt: InputFormat, model: str) -> dict[str, Any]:
+def _openai_logprobs(logprobs, token_text) -> dict[str, Any]:
+    """OpenAI's `choices[i].logprobs`: {"content": [{token, logprob, bytes, top_logprobs}]}
+    (with each token's id besides, as `token_ids` is)."""
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = token_text(token_id) if token_text is not None else ""
+        return {"token": text, "logprob": _finite(logprob),
+                "bytes": list(text.encode("utf-8")), "token_id": token_id}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob),
+                         "top_logprobs": [entry(t, v) for t, v in lp.top]} for lp in logprobs]}
+
+
+def _openai_line(result: Result, fmt: InputFormat, model: str, token_text) -> dict[str, Any]:
     line: dict[str, Any] = {"id": f"batch_req_{_stable_hex(result.id)}", "custom_id": result.id}
     if result.error is not None:
         line["response"] = {
@@ -65,56 +168,77 @@ def _openai_line(result: Result, fmt: InputFormat, model: str) -> dict[str, Any]
         line["error"] = None
         return line
     chat = fmt is InputFormat.OPENAI_CHAT
-    choice: dict[str, Any] = {"index": 0, "finish_reason": result.finish_reason, "logprobs": None}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": result.text}
-    else:
-        choice["text"] = result.text
-    # A token-level model has no text: the ids are the answer (an extension of the schema).
-    choice["token_ids"] = list(result.token_ids)
-    line["response"] = {
-        "status_code": 200,
-        "request_id": _stable_hex(result.id),
-        "body": {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{_stable_hex(result.id)}",
-            "object": "chat.completion" if chat else "text_completion",
-            "model": model,
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-                "total_tokens": result.prompt_tokens + result.completion_tokens,
-                "prompt_tokens_details": {"cached_tokens": result.cached_prompt_tokens},
-            },
+    choices = []
+    for k, sample in enumerate(result.samples or (result,)):
+        choice: dict[str, Any] = {"index": k, "finish_reason": sample.finish_reason,
+                                  "logprobs": None}
+        if sample.logprobs is not None:
+            choice["logprobs"] = _openai_logprobs(sample.logprobs, token_text)
+        if chat:
+            choice["message"] = {"role": "assistant", "content": sample.text}
+        else:
+            choice["text"] = sample.text
+        # A token-level model has no text: the ids are the answer (an extension of the schema).
+        choice["token_ids"] = list(sample.token_ids)
+        choices.append(choice)
+    body: dict[str, Any] = {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{_stable_hex(result.id)}",
+        "object": "chat.completion" if chat else "text_completion",
+        "model": model,
+        "choices": choices,
+        "usage": {
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": result.prompt_tokens + result.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": result.cached_prompt_tokens},
         },
     }
+    if result.prompt_logprobs is not None:  # vLLM's extension of the schema
+        body["prompt_logprobs"] = _prompt_logprobs_json(result)
+    line["response"] = {"status_code": 200, "request_id": _stable_hex(result.id), "body": body}
     line["error"] = None
     return line
 
 
-def to_output_line(result: Result, fmt: InputFormat, *, model: str = "batchjax") -> dict[str, Any]:
+def _prompt_logprobs_json(result: Result) -> list[dict[str, Any] | None]:
+    return [None if lp is None else lp.to_json() for lp in result.prompt_logprobs]
+
+
+def _native_output(sample: Result) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": sample.text, "token_ids": list(sample.token_ids),
+                           "finish_reason": sample.finish_reason}
+    if sample.logprobs is not None:
+        out["logprobs"] = [lp.to_json() for lp in sample.logprobs]
+    return out
+
+
+def to_output_line(result: Result, fmt: InputFormat, *, model: str = "batchjax",
+                   token_text: Callable[[int], str] | None = None) -> dict[str, Any]:
     """The JSON object written for `result`, in the shape of the input (`fmt`).
 
-    `model` only appears in the OpenAI shape, whose response bodies carry a model name.
+    `model` only appears in the OpenAI shape, whose response bodies carry a model name;
+    `token_text` (a token id's text) fills the `token` fields of its logprobs.
     """
     if fmt.is_openai:
-        return _openai_line(result, fmt, model)
+        return _openai_line(result, fmt, model, token_text)
     if result.error is not None:
         error: dict[str, Any] = {"message": result.error.message}
         if result.error.field is not None:
             error["field"] = result.error.field
         return {"id": result.id, "error": error}
-    return {
-        "id": result.id,
-        "text": result.text,
-        "token_ids": list(result.token_ids),
-        "finish_reason": result.finish_reason,
-        "usage": {
-            "prompt_tokens": result.prompt_tokens,
-            "completion_tokens": result.completion_tokens,
-            "cached_prompt_tokens": result.cached_prompt_tokens,
-        },
+    line: dict[str, Any] = {"id": result.id}
+    if result.samples is None:
+        line.update(_native_output(result))
+    else:
+        line["outputs"] = [{"index": k, **_native_output(s)} for k, s in enumerate(result.samples)]
+    if result.prompt_logprobs is not None:
+        line["prompt_logprobs"] = _prompt_logprobs_json(result)
+    line["usage"] = {
+        "prompt_tokens": result.prompt_tokens,
+        "completion_tokens": result.completion_tokens,
+        "cached_prompt_tokens": result.cached_prompt_tokens,
     }
+    return line
 
 
 def _is_error_line(line: dict[str, Any]) -> bool:
@@ -141,10 +265,12 @@ class ResultsJournal:
     again. Damage anywhere else is not ours to repair and raises ValueError.
     """
 
-    def __init__(self, path: str | os.PathLike[str], fmt: InputFormat, *, model: str = "batchjax"):
+    def __init__(self, path: str | os.PathLike[str], fmt: InputFormat, *, model: str = "batchjax",
+                 token_text: Callable[[int], str] | None = None):
         self._path = os.fspath(path)
         self._fmt = fmt
         self._model = model
+        self.token_text = token_text  # may be set once the tokenizer is loaded
         self._lines: dict[str, bytes] = {}  # id -> its line, newline included
         self._error_ids: set[str] = set()
         good_end = self._read_existing()
@@ -196,7 +322,8 @@ class ResultsJournal:
         """Writes one result and makes it durable before returning."""
         if result.id in self._lines:
             raise ValueError(f"result {result.id!r} is already in {self._path}")
-        line = json.dumps(to_output_line(result, self._fmt, model=self._model),
+        line = json.dumps(to_output_line(result, self._fmt, model=self._model,
+                                         token_text=self.token_text),
                           ensure_ascii=False).encode("utf-8") + b"\n"
         self._file.write(line)
         self._sync()

@@ -18,6 +18,7 @@ next step reads this one's sampled tokens from its `feed` on the device.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import os
 from typing import Any
@@ -35,6 +36,7 @@ from batchjax.engine.sampling import sampling_row_arrays
 from batchjax.engine.step_batch import StepBatch, empty_step_batch
 from batchjax.kernels import native, packed_matmul
 from batchjax.models.llama import DecoderLayer
+from batchjax.requests import MAX_LOGPROBS
 from batchjax.sharding import rules
 from batchjax.sharding.mesh import describe, make_mesh, replicated
 from batchjax.sharding.tensor_parallel import Layout
@@ -160,33 +162,30 @@ class ModelStep:
             impl = functools.partial(impl, native=True)
 
         def local_step(params, kv, feed, token_ids, positions, logits_index, md, real_rows,
-                       sampling_rows, *, greedy):
+                       sampling_rows, rows, *, variant):
             # One device's part. An input still being sampled by the step before is a
             # placeholder: its real id is in that step's feed, read here without a round trip
             # through the host.
             from_feed = feed[jnp.clip(-token_ids - 1, 0, feed.shape[0] - 1)]
             token_ids = jnp.where(token_ids < 0, from_feed, token_ids)
-            logits, kv = self._forward(params, kv, token_ids, positions, logits_index, md, impl,
-                                       real_rows)
-            if greedy:
-                tokens = sampling.greedy_tokens(logits)
-            else:
-                tokens = sampling.sample_tokens(logits, *sampling_rows)
+            raw, kv = self._forward(params, kv, token_ids, positions, logits_index, md, impl,
+                                    real_rows)
+            tokens, reported = _sample(raw, sampling_rows, rows, variant)
             feed = jnp.zeros_like(feed).at[: tokens.shape[0]].set(tokens)
-            return tokens, feed, kv
+            return tokens, feed, kv, reported
 
         kv_spec = rules.kv_spec()
         whole = PartitionSpec()
 
-        def step(params, kv, feed, *inputs, greedy):
+        def step(params, kv, feed, *inputs, variant):
             return jax.shard_map(
-                functools.partial(local_step, greedy=greedy), mesh=self.mesh,
+                functools.partial(local_step, variant=variant), mesh=self.mesh,
                 in_specs=(self._param_specs, (kv_spec, kv_spec), whole) + (whole,) * len(inputs),
-                out_specs=(whole, whole, (kv_spec, kv_spec)), check_vma=False,
+                out_specs=(whole, whole, (kv_spec, kv_spec), whole), check_vma=False,
             )(params, kv, feed, *inputs)
 
-        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("greedy",))
-        self._compiled: dict[tuple, Any] = {}  # (StepShape, greedy) -> compiled program
+        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("variant",))
+        self._compiled: dict[tuple, Any] = {}  # (StepShape, StepVariant) -> compiled program
 
     @staticmethod
     def _pack(params, layer_states, dtype, tensor_parallel: int) -> None:
@@ -272,15 +271,15 @@ class ModelStep:
     def num_compiled_shapes(self) -> int:
         return len(self._compiled)
 
-    def _inputs(self, batch: StepBatch, sampling_rows):
+    def _inputs(self, batch: StepBatch, sampling_rows, rows: dict[str, np.ndarray]):
         """A step's host arrays, in the jitted step's order, sent to every device of the mesh
         in one call."""
-        real_rows = (np.int32(batch.num_tokens), np.int32(len(batch.sample_seq_ids)))
+        real_rows = (np.int32(batch.num_tokens), np.int32(batch.num_logits_rows))
         return _place((batch.token_ids, batch.positions, batch.logits_index, batch.metadata,
-                       real_rows, tuple(sampling_rows)), self._replicated, self._local)
+                       real_rows, tuple(sampling_rows), rows), self._replicated, self._local)
 
-    def _lower(self, kv, feed, inputs, greedy: bool):
-        return self._jitted.lower(self.params, kv, feed, *inputs, greedy=greedy)
+    def _lower(self, kv, feed, inputs, variant: "StepVariant"):
+        return self._jitted.lower(self.params, kv, feed, *inputs, variant=variant)
 
     @staticmethod
     def fetch(tokens: jax.Array) -> np.ndarray:
@@ -293,11 +292,11 @@ class ModelStep:
         """The feed before a job's first step: `size` is the most rows a step samples."""
         return _place(np.zeros(size, np.int32), self._replicated, self._local)
 
-    def warm_up(self, kv, feed, shapes, greedy: bool, progress: bool = True) -> int:
+    def warm_up(self, kv, feed, shapes, variant: "StepVariant", progress: bool = True) -> int:
         """Compiles every shape of `shapes` not compiled yet, before any step runs; returns how
         many it compiled. Programs are traced one by one and built in parallel threads (XLA
         compiles outside the GIL); the persistent cache makes a rerun's builds loads."""
-        todo = [s for s in dict.fromkeys(shapes) if (s, greedy) not in self._compiled]
+        todo = [s for s in dict.fromkeys(shapes) if (s, variant) not in self._compiled]
         if not todo:
             return 0
         bar = tqdm(total=len(todo), unit="shape", desc="compile", disable=not progress,
@@ -306,24 +305,89 @@ class ModelStep:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             futures = {}
             for shape in todo:
-                inputs = self._inputs(empty_step_batch(shape), sampling_row_arrays(shape.sampled))
-                futures[pool.submit(self._lower(kv, feed, inputs, greedy).compile)] = shape
+                inputs = self._inputs(empty_step_batch(shape), sampling_row_arrays(shape.sampled),
+                                      variant.row_arrays(shape.sampled, self.config.vocab_size))
+                futures[pool.submit(self._lower(kv, feed, inputs, variant).compile)] = shape
             for future in concurrent.futures.as_completed(futures):
-                self._compiled[(futures[future], greedy)] = future.result()
+                self._compiled[(futures[future], variant)] = future.result()
                 bar.update(1)
         bar.close()
         return len(todo)
 
     def __call__(self, kv, feed, batch: StepBatch, sampling_rows: tuple[np.ndarray, ...],
-                 greedy: bool):
-        """Runs the step: returns (sampled tokens [Ss], feed, kv) as device arrays, without
-        waiting for them. `feed` is the previous step's (or `empty_feed`)."""
-        key = (batch.shape, greedy)
-        inputs = self._inputs(batch, sampling_rows)
+                 variant: "StepVariant", rows: dict[str, np.ndarray] | None = None):
+        """Runs the step: returns (sampled tokens [Ss], feed, kv, reported) as device arrays,
+        without waiting for them; `reported` is what `variant` adds per logits row
+        (`StepVariant.row_arrays` names the row inputs `rows` holds). `feed` is the previous
+        step's (or `empty_feed`)."""
+        key = (batch.shape, variant)
+        if rows is None:
+            rows = variant.row_arrays(batch.shape.sampled, self.config.vocab_size)
+        inputs = self._inputs(batch, sampling_rows, rows)
         program = self._compiled.get(key)
         if program is None:  # a shape warm-up did not foresee: compiled here, and counted
-            program = self._compiled[key] = self._lower(kv, feed, inputs, greedy).compile()
+            program = self._compiled[key] = self._lower(kv, feed, inputs, variant).compile()
         return program(self.params, kv, feed, *inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class StepVariant:
+    """What a compiled step does with its logits rows besides sampling (one program per
+    shape and variant; a job runs one variant).
+
+    `greedy`: every row takes the argmax (no sort, no draw). `logprobs`: every row reports
+    the logprob of a target token (the one it sampled, or, for a prompt-scoring row, the next
+    prompt token), the `MAX_LOGPROBS` most likely tokens and the argmax, of the model's raw
+    distribution (f32 log-softmax); with `processed`, rows flagged so report the distribution
+    sampled from instead (after the grammar mask, temperature and filters). `constrained`:
+    each row carries a packed token bitmask (`batchjax.engine.grammar`) applied before
+    sampling.
+    """
+
+    greedy: bool = True
+    logprobs: bool = False
+    processed: bool = False
+    constrained: bool = False
+
+    def row_arrays(self, num_rows: int, vocab_size: int) -> dict[str, np.ndarray]:
+        """The per-row inputs of this variant, neutral (what padding rows hold): `targets`
+        [R] int32 (-1: the sampled token), `processed` [R] bool, `bitmask` [R, W] int32."""
+        rows: dict[str, np.ndarray] = {}
+        if self.logprobs:
+            rows["targets"] = np.full(num_rows, -1, np.int32)
+        if self.processed:
+            rows["processed"] = np.zeros(num_rows, bool)
+        if self.constrained:
+            from batchjax.engine import grammar  # only constrained jobs need the grammar library
+
+            rows["bitmask"] = np.full((num_rows, grammar.num_words(vocab_size)), -1, np.int32)
+        return rows
+
+
+def _sample(raw, sampling_rows, rows, variant: StepVariant):
+    """A step's tokens [R] and what `variant` reports of its logits rows `raw` [R, V] f32."""
+    logits = raw
+    if variant.constrained:
+        from batchjax.engine import grammar
+
+        logits = grammar.apply_token_bitmask(raw, rows["bitmask"])
+    if variant.greedy:
+        tokens = sampling.greedy_tokens(logits)
+        filtered = logits
+    else:
+        temperature, top_k, top_p, min_p, seeds, samples, positions = sampling_rows
+        filtered = sampling.filter_logits(logits, temperature, top_k, top_p, min_p)
+        tokens = sampling.draw_tokens(logits, filtered, temperature, seeds, samples, positions)
+    if not variant.logprobs:
+        return tokens, {}
+    logprobs = jax.nn.log_softmax(raw, axis=-1)
+    if variant.processed:
+        logprobs = jnp.where(rows["processed"][:, None], jax.nn.log_softmax(filtered, axis=-1),
+                             logprobs)
+    targets = jnp.where(rows["targets"] < 0, tokens, rows["targets"])
+    reported = sampling.token_logprobs(logprobs, targets, min(MAX_LOGPROBS, raw.shape[-1]))
+    reported["argmax"] = jnp.argmax(raw, axis=-1).astype(jnp.int32)
+    return tokens, reported
 
 
 def _place(tree, shardings, local: bool):

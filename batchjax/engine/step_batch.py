@@ -8,6 +8,7 @@ of a step is one of the few `BucketTable.shapes()` (see `batchjax.attention.meta
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -22,12 +23,22 @@ class StepBatch:
 
     token_ids: np.ndarray  # [T] int32
     positions: np.ndarray  # [T] int32
-    logits_index: np.ndarray  # [Ss] int32 rows whose next token is sampled (padding: 0)
+    # [Ss] int32 token rows whose logits are computed: first the sampled rows, then the
+    # scoring rows (prompt logprobs), then padding (0).
+    logits_index: np.ndarray
     sample_seq_ids: tuple[int, ...]  # the sequence of each real sampled row, in order
     sample_positions: np.ndarray  # [Ss] int32 position of the token being sampled
     metadata: PagedAttentionMetadata  # numpy leaves
     num_tokens: int  # real (unpadded) tokens
     shape: StepShape
+    # Scoring rows, after the sampled ones: the sequence of each and the model position of
+    # its token (its logits score the prompt token at the next position).
+    score_seq_ids: tuple[int, ...] = ()
+    score_positions: tuple[int, ...] = ()
+
+    @property
+    def num_logits_rows(self) -> int:
+        return len(self.sample_seq_ids) + len(self.score_seq_ids)
 
 
 def _reached_pages(chunk, page_size: int) -> tuple[int, ...]:
@@ -55,12 +66,30 @@ def _put_table(out: np.ndarray, row: int, table, what: str) -> None:
     out[row, : len(table)] = table
 
 
-def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> StepBatch:
-    """Lay out the plan's chunks, group by group, and derive the ragged attention metadata."""
+def _score_rows(chunk, ranges) -> range:
+    """Own-part rows of `chunk` (0-based in the chunk) whose logits score a prompt token: its
+    tokens at model positions in the sequence's range [lo, hi) of `ranges`, if any."""
+    span = ranges.get(chunk.seq_id) if ranges and not chunk.is_decode else None
+    if span is None:
+        return range(0)
+    first = chunk.prefix_len + chunk.own_start
+    lo, hi = max(span[0], first), min(span[1], first + chunk.num_tokens)
+    return range(lo - first, max(lo, hi) - first)
+
+
+def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
+                     score_ranges: Mapping[int, tuple[int, int]] | None = None) -> StepBatch:
+    """Lay out the plan's chunks, group by group, and derive the ragged attention metadata.
+
+    `score_ranges`: per request wanting prompt logprobs, the model positions [lo, hi) whose
+    logits it needs (a row predicts the token after it); those of its tokens this step
+    computes become scoring rows. Shared segments never cover them (`SchedRequest.logits_from`).
+    """
     chunks = _group_contiguous(plan.chunks)
     n_tokens = plan.num_tokens
     n_sampled = sum(1 for c in chunks if c.sample)
-    shape = buckets.shape(n_tokens, n_sampled)
+    n_scored = sum(len(_score_rows(c, score_ranges)) for c in chunks)
+    shape = buckets.shape(n_tokens, n_sampled + n_scored)
     t_pad, s_pad, width = shape.tokens, shape.sampled, shape.table_pages
     token_ids = np.zeros(t_pad, np.int32)
     positions = np.zeros(t_pad, np.int32)
@@ -74,6 +103,9 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
     logits_index = np.zeros(s_pad, np.int32)
     sample_positions = np.zeros(s_pad, np.int32)
     sample_seqs = []
+    score_rows: list[int] = []
+    score_seqs: list[int] = []
+    score_positions: list[int] = []
     prefixes = {p.group_id: p for p in plan.prefixes}
     group_row: list[dict[int, int]] = [{} for _ in range(levels)]
 
@@ -106,7 +138,12 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
             logits_index[k] = r0 + n - 1
             sample_positions[k] = c.prefix_len + c.own_start + n
             sample_seqs.append(c.seq_id)
+        for i in _score_rows(c, score_ranges):
+            score_rows.append(r0 + i)
+            score_seqs.append(c.seq_id)
+            score_positions.append(c.prefix_len + c.own_start + i)
         r0 += n
+    logits_index[n_sampled : n_sampled + n_scored] = score_rows
 
     md = PagedAttentionMetadata(
         slot_mapping=slot_mapping,
@@ -128,6 +165,8 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable) -> St
         metadata=md,
         num_tokens=n_tokens,
         shape=shape,
+        score_seq_ids=tuple(score_seqs),
+        score_positions=tuple(score_positions),
     )
 
 

@@ -94,9 +94,10 @@ class BucketTable:
     def job_shapes(self, requests: Sequence[SchedRequest],
                    max_tokens_per_step: int) -> tuple[StepShape, ...]:
         """Every shape a job of `requests` can take: no step holds more tokens than the job
-        has work, nor samples more rows than it has requests."""
+        has work, nor more logits rows than its requests sample and score."""
         work = sum(len(r.prompt_token_ids) + r.max_tokens for r in requests)
-        return self.shapes(min(max_tokens_per_step, work), len(requests))
+        rows = sum(r.logits_rows for r in requests)
+        return self.shapes(min(max_tokens_per_step, work), rows)
 
     @classmethod
     def for_job(cls, requests: Sequence[SchedRequest], max_tokens_per_step: int,

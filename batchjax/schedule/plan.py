@@ -97,11 +97,23 @@ def build_plan(
     prefix_levels: int | None = None,
     min_saved_tokens: int = segment_tree.DEFAULT_MIN_SAVED_TOKENS,
 ) -> Plan:
-    """Plans SchedRequests (token-id prompts with their decode limits)."""
+    """Plans SchedRequests (token-id prompts with their decode limits).
+
+    A request that needs logits before its last prompt token (`SchedRequest.logits_from`)
+    is planned on a key whose token there is its own: the prompts part ways at that
+    position, so no shared segment reaches it.
+    """
     start = time.perf_counter()
     prompts = TokenBatch.from_sequences([r.prompt_token_ids for r in requests])
-    return build_plan_from_tokens(
-        prompts,
+    keys = prompts
+    capped = [i for i, r in enumerate(requests) if r.shareable_len < len(r.prompt_token_ids) - 1]
+    if capped:
+        tokens = prompts.tokens.copy()
+        for i in capped:  # ids above any vocabulary, one per request
+            tokens[prompts.offsets[i] + requests[i].shareable_len] = _KEY_BASE + i
+        keys = TokenBatch(tokens, prompts.offsets)
+    plan = build_plan_from_tokens(
+        keys,
         ordering.decode_estimates(requests),
         grouping_method,
         align_to_pages,
@@ -110,6 +122,10 @@ def build_plan(
         min_saved_tokens=min_saved_tokens,
         _started=start,
     )
+    return dataclasses.replace(plan, prompts=prompts) if capped else plan
+
+
+_KEY_BASE = 1 << 30  # planning keys of requests that score their prompt (build_plan)
 
 
 def build_plan_from_tokens(

@@ -67,6 +67,7 @@ class CachedFcfsBatcher:
         self._counters = StepCounters(policy, requests, budgets)
         self._optimal = optimal_saving_ratio
         self._prompt_lens = [len(r.prompt_token_ids) for r in requests]
+        self._shareable = [r.shareable_len for r in requests]  # most cached tokens of each
         self._seqs: dict[int, Sequence_] = {}
         for i, r in enumerate(requests):
             if not r.prompt_token_ids:
@@ -175,8 +176,9 @@ class CachedFcfsBatcher:
         self._waiting = collections.deque(sorted(self._waiting, key=lambda rid: -cached[rid]))
 
     def _reuse_cached_pages(self, seq: Sequence_) -> None:
-        """Starts `seq` after its longest cached run of full pages (at least one token left)."""
-        max_pages = (len(seq.tokens) - 1) // self._page_size
+        """Starts `seq` after its longest cached run of full pages (at least one token left,
+        and none whose logits it needs)."""
+        max_pages = min(len(seq.tokens) - 1, self._shareable[seq.seq_id]) // self._page_size
         if isinstance(self._pages, HashedPageCache):
             keys = self._prompt_keys(seq)
             seq.pages = self._pages.match(keys, max_pages)

@@ -115,8 +115,25 @@ def prefix_seq_id(group_id: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class SchedRequest:
-    """What the schedule knows of a request: its prompt tokens and its decode limit."""
+    """What the schedule knows of a request: its prompt tokens and its decode limit.
+
+    `logits_from`: the first prompt position whose logits the request needs (prompt
+    logprobs, scoring); no shared segment or cached page covers it or anything after, so the
+    request computes those tokens itself. None: only its last prompt token's.
+    """
 
     prompt_token_ids: tuple[int, ...]
     max_tokens: int
     decode_estimate: float | None = None  # expected output length; None: use max_tokens
+    logits_from: int | None = None
+
+    @property
+    def shareable_len(self) -> int:
+        """The most prompt tokens it may take from shared segments or cached pages."""
+        last = len(self.prompt_token_ids) - 1
+        return last if self.logits_from is None else max(0, min(last, self.logits_from))
+
+    @property
+    def logits_rows(self) -> int:
+        """Logits rows its prompt needs: the scored positions and the last (sampled) one."""
+        return len(self.prompt_token_ids) - self.shareable_len
