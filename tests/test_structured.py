@@ -295,8 +295,14 @@ def _job(cases, sampled):
     return requests
 
 
-@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
-def test_engine_outputs_all_validate_and_free_requests_are_unchanged(engine, sampled, tmp_path):
+_RUNS: dict = {}
+
+
+def _checked_job(engine, sampled, tmp_path):
+    """A constrained job through the JSONL reader and `engine` (cached per `sampled`), with
+    its checks: (the requests, results by id)."""
+    if sampled in _RUNS:
+        return _RUNS[sampled]
     cases = constraints(36, seed=10 + sampled)
     free = dict(FREE, **({"temperature": 1.0, "seed": 5} if sampled else {}))
     lines = _job(cases, sampled)
@@ -310,5 +316,52 @@ def test_engine_outputs_all_validate_and_free_requests_are_unchanged(engine, sam
         result = by_id[f"c{i}"]
         assert result.error is None and result.finish_reason == "stop", result
         check(result.text)
+    assert engine.last_metrics["overlap"] and engine.last_metrics["compiled_after_warmup"] == 0
     (alone,) = engine.generate([free])
     assert by_id["free"].token_ids == alone.token_ids and by_id["free"].text == alone.text
+    _RUNS[sampled] = requests, by_id
+    return requests, by_id
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_engine_outputs_all_validate_and_free_requests_are_unchanged(engine, sampled, tmp_path):
+    _checked_job(engine, sampled, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def lockstep_engine(tiny_llama_tok_dir):
+    from batchjax.engine.engine import Engine
+
+    return Engine(str(tiny_llama_tok_dir), page_size=8, kv_budget_mb=4.0,
+                  max_tokens_per_step=256, progress=False, overlap=False)
+
+
+def test_masks_filled_while_the_forward_runs_change_no_output(engine, lockstep_engine,
+                                                              tmp_path):
+    """Overlapped, a step's forward pass runs before the tokens of the step before are back
+    and its masks are filled meanwhile; the outputs are those of the lock-step loop."""
+    requests, overlapped = _checked_job(engine, True, tmp_path)
+    lockstep = {r.id: r for r in lockstep_engine.generate(requests)}
+    assert not lockstep_engine.last_metrics["overlap"]
+    assert {i: r.token_ids for i, r in lockstep.items()} == {
+        i: r.token_ids for i, r in overlapped.items()}
+
+
+def test_a_constrained_step_is_launched_before_the_tokens_of_the_step_before_return(
+        engine, monkeypatch):
+    events = []
+    step = engine.step
+    for name in ("forward", "sample", "fetch"):
+        original = getattr(step, name)
+
+        def wrapped(*args, _name=name, _original=original):
+            events.append(_name)
+            return _original(*args)
+
+        monkeypatch.setattr(step, name, wrapped)
+    engine.generate([{"id": "a", "prompt": "Pick: ", "max_tokens": 8,
+                      "structured": {"regex": "[a-z]{6}"}}])
+    # forward(0) sample(0), then forward(1) before step 0's tokens are fetched, its masks
+    # (sample(1)) after them, and so on: one step in flight while the host fills masks.
+    assert events[:5] == ["forward", "sample", "forward", "fetch", "sample"], events
+    assert events.count("forward") == events.count("sample") >= 3

@@ -386,9 +386,7 @@ class Engine(RequestPreparer):
             warm = self.step.num_compiled_shapes
             steps = _EngineSteps(self, buckets, feed, live, variant, done, on_result, stats, bar)
             try:
-                # A grammar's mask for a token needs the token before it: no step is launched
-                # before the previous one's tokens are back.
-                run_batcher(batcher, steps, overlap=o.overlap and not variant.constrained)
+                run_batcher(batcher, steps, overlap=o.overlap)
             finally:
                 steps.close()
             stats.compiled_after_warmup = self.step.num_compiled_shapes - warm
@@ -429,7 +427,7 @@ class Engine(RequestPreparer):
             device_idle_fraction=_rate(stats.device_idle_s, stats.loop_s),
             decode_device_idle_fraction=_rate(stats.decode_idle_s, stats.decode_span_s),
             padded_tokens=stats.padded_tokens,
-            overlap=o.overlap and not variant.constrained,
+            overlap=o.overlap,
             attention=o.attention,
             cpu_kernels=self.step.cpu_kernels,
             bf16_matmul=self.step.bf16_matmul,
@@ -564,6 +562,8 @@ class _InFlight:
     flops: float
     decode_only: bool
     ended: float = 0.0  # when the device had its tokens (set by the watcher)
+    raw: jax.Array | None = None  # a split step's logits rows, until it is sampled
+    sampling_rows: tuple = ()
 
 
 class _EngineSteps:
@@ -609,18 +609,37 @@ class _EngineSteps:
             batch.logits_index.shape[0], [st.request.sampling for st in sampled],
             batch.sample_positions, [st.request.sample_index for st in sampled])
         compiled = engine.step.num_compiled_shapes
-        tokens, self._feed, engine.kv, reported = engine.step(
-            engine.kv, self._feed, batch, rows, self._variant, self._row_arrays(batch))
+        if self._variant.split:
+            # The forward pass now; the sampler once the grammar masks, which need the tokens
+            # of the step before, are filled (`_sample`, at the latest by `provisional`).
+            raw, engine.kv = engine.step.forward(engine.kv, self._feed, batch, self._variant)
+            tokens, reported = None, {}
+        else:
+            tokens, self._feed, engine.kv, reported = engine.step(
+                engine.kv, self._feed, batch, rows, self._variant, self._row_arrays(batch))
+            raw = None
         now = time.perf_counter()
         if self._stats.startup_s is None:
             self._stats.startup_s = process_age_s()
         step = _InFlight(batch, tokens, reported, now,
                          engine.step.num_compiled_shapes > compiled,
                          step_flops(engine.config, plan, batch.num_logits_rows),
-                         all(c.is_decode for c in plan.chunks))
-        self._watch.put(step)
+                         all(c.is_decode for c in plan.chunks), raw=raw, sampling_rows=rows)
+        if tokens is not None:
+            self._watch.put(step)
         self._steps.append(step)
         return step
+
+    def _sample(self, step: _InFlight) -> None:
+        """Draws a split step's tokens from its logits: its grammar masks are filled now, from
+        matchers that have taken every token before this step's."""
+        if step.tokens is not None:
+            return
+        step.tokens, self._feed, step.reported = self._engine.step.sample(
+            step.raw, self._feed, step.batch, step.sampling_rows, self._variant,
+            self._row_arrays(step.batch))
+        step.raw = None
+        self._watch.put(step)
 
     def _row_arrays(self, batch) -> dict[str, np.ndarray]:
         """The variant's per-row inputs: scoring rows' targets (the next prompt token), which
@@ -636,8 +655,11 @@ class _EngineSteps:
                 rows["processed"][k] = live[seq].request.sampling.logprobs_mode == "processed"
         if v.constrained:
             for k, seq in enumerate(batch.sample_seq_ids):
-                if live[seq].matcher is not None:
-                    live[seq].matcher.fill_bitmask(rows["bitmask"][k])
+                st = live[seq]
+                # A row past its request's end (a step planned before the end was known)
+                # keeps the neutral mask: its token is dropped.
+                if st.matcher is not None and st.finish is None:
+                    st.matcher.fill_bitmask(rows["bitmask"][k])
         return rows
 
     def _logprob(self, reported: dict[str, np.ndarray], row: int, token: int,
@@ -648,6 +670,7 @@ class _EngineSteps:
             int(reported["argmax"][row]))
 
     def provisional(self, plan, step: _InFlight) -> list[SampledToken]:
+        self._sample(step)
         sampled = []
         for k, seq in enumerate(step.batch.sample_seq_ids):
             st = self._live[seq]
@@ -659,6 +682,7 @@ class _EngineSteps:
         return sampled
 
     def collect(self, plan, step: _InFlight) -> list[SampledToken]:
+        self._sample(step)
         t_wait = time.perf_counter()
         fetch = self._engine.step.fetch
         tokens = fetch(step.tokens)

@@ -185,7 +185,30 @@ class ModelStep:
             )(params, kv, feed, *inputs)
 
         self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("variant",))
-        self._compiled: dict[tuple, Any] = {}  # (StepShape, StepVariant) -> compiled program
+
+        # A split step (`StepVariant.split`): the forward pass alone, then the sampler, so that
+        # the host can compute the sampler's inputs (grammar masks) while the forward runs.
+        def local_forward(params, kv, feed, token_ids, positions, logits_index, md, real_rows):
+            from_feed = feed[jnp.clip(-token_ids - 1, 0, feed.shape[0] - 1)]
+            token_ids = jnp.where(token_ids < 0, from_feed, token_ids)
+            return self._forward(params, kv, token_ids, positions, logits_index, md, impl,
+                                 real_rows)
+
+        def forward(params, kv, feed, *inputs):
+            return jax.shard_map(
+                local_forward, mesh=self.mesh,
+                in_specs=(self._param_specs, (kv_spec, kv_spec), whole) + (whole,) * len(inputs),
+                out_specs=(whole, (kv_spec, kv_spec)), check_vma=False,
+            )(params, kv, feed, *inputs)
+
+        def sample(raw, feed, sampling_rows, rows, *, variant):
+            tokens, reported = _sample(raw, sampling_rows, rows, variant)
+            return tokens, jnp.zeros_like(feed).at[: tokens.shape[0]].set(tokens), reported
+
+        self._jitted_forward = jax.jit(forward, donate_argnums=(1,))
+        self._jitted_sample = jax.jit(sample, static_argnames=("variant",))
+        # (StepShape, StepVariant) -> the compiled program, or a _SplitProgram for split ones
+        self._compiled: dict[tuple, Any] = {}
 
     @staticmethod
     def _pack(params, layer_states, dtype, tensor_parallel: int) -> None:
@@ -281,6 +304,17 @@ class ModelStep:
     def _lower(self, kv, feed, inputs, variant: "StepVariant"):
         return self._jitted.lower(self.params, kv, feed, *inputs, variant=variant)
 
+    def _compile(self, kv, feed, inputs, variant: "StepVariant"):
+        """The program of one shape: the whole step, or for a split variant both halves."""
+        if not variant.split:
+            return self._lower(kv, feed, inputs, variant).compile()
+        *forward_inputs, sampling_rows, rows = inputs
+        forward = self._jitted_forward.lower(self.params, kv, feed, *forward_inputs)
+        logits = forward.out_info[0]
+        raw = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=self._replicated)
+        sample = self._jitted_sample.lower(raw, feed, sampling_rows, rows, variant=variant)
+        return _SplitProgram(forward.compile(), sample.compile())
+
     @staticmethod
     def fetch(tokens: jax.Array) -> np.ndarray:
         """A step's sampled tokens on the host. They are replicated over the mesh: this
@@ -307,7 +341,7 @@ class ModelStep:
             for shape in todo:
                 inputs = self._inputs(empty_step_batch(shape), sampling_row_arrays(shape.sampled),
                                       variant.row_arrays(shape.sampled, self.config.vocab_size))
-                futures[pool.submit(self._lower(kv, feed, inputs, variant).compile)] = shape
+                futures[pool.submit(self._compile, kv, feed, inputs, variant)] = shape
             for future in concurrent.futures.as_completed(futures):
                 self._compiled[(futures[future], variant)] = future.result()
                 bar.update(1)
@@ -326,8 +360,42 @@ class ModelStep:
         inputs = self._inputs(batch, sampling_rows, rows)
         program = self._compiled.get(key)
         if program is None:  # a shape warm-up did not foresee: compiled here, and counted
-            program = self._compiled[key] = self._lower(kv, feed, inputs, variant).compile()
+            program = self._compiled[key] = self._compile(kv, feed, inputs, variant)
+        if variant.split:
+            raw, kv = program.forward(self.params, kv, feed, *inputs[:-2])
+            tokens, feed, reported = program.sample(raw, feed, *inputs[-2:])
+            return tokens, feed, kv, reported
         return program(self.params, kv, feed, *inputs)
+
+    def forward(self, kv, feed, batch: StepBatch, variant: "StepVariant"):
+        """The first half of a split step: returns (logits rows [S, V] f32, kv) as device
+        arrays, without waiting. `sample` then draws from them with inputs the host may still
+        have been computing while this ran."""
+        if not variant.split:
+            raise ValueError(f"{variant} is not a split variant")
+        key = (batch.shape, variant)
+        program = self._compiled.get(key)
+        if program is None:
+            inputs = self._inputs(batch, sampling_row_arrays(batch.shape.sampled),
+                                  variant.row_arrays(batch.shape.sampled, self.config.vocab_size))
+            program = self._compiled[key] = self._compile(kv, feed, inputs, variant)
+        real_rows = (np.int32(batch.num_tokens), np.int32(batch.num_logits_rows))
+        inputs = _place((batch.token_ids, batch.positions, batch.logits_index, batch.metadata,
+                         real_rows), self._replicated, self._local)
+        return program.forward(self.params, kv, feed, *inputs)
+
+    def sample(self, raw, feed, batch: StepBatch, sampling_rows: tuple[np.ndarray, ...],
+               variant: "StepVariant", rows: dict[str, np.ndarray]):
+        """The second half of a split step: (sampled tokens [Ss], feed, reported)."""
+        program = self._compiled[(batch.shape, variant)]
+        inputs = _place((tuple(sampling_rows), rows), self._replicated, self._local)
+        return program.sample(raw, feed, *inputs)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SplitProgram:
+    forward: Any
+    sample: Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +416,13 @@ class StepVariant:
     logprobs: bool = False
     processed: bool = False
     constrained: bool = False
+
+    @property
+    def split(self) -> bool:
+        """Whether the step runs as two programs, the forward pass and then the sampler
+        (`ModelStep.forward`, `ModelStep.sample`): constrained steps are, so that their grammar
+        masks, which need the previous step's tokens, are computed while the forward runs."""
+        return self.constrained
 
     def row_arrays(self, num_rows: int, vocab_size: int) -> dict[str, np.ndarray]:
         """The per-row inputs of this variant, neutral (what padding rows hold): `targets`
