@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
 from batchjax.cluster import Engine, multihost
 from batchjax.metrics import replica_table, summary_table
-from batchjax.engine.results import ResultsJournal
+from batchjax.engine.results import OutputInUseError, ResultsJournal
 from batchjax.requests import read_requests_jsonl
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -77,7 +78,10 @@ def main(argv):
     if leader:
         out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
         os.makedirs(out_dir, exist_ok=True)
-        journal = ResultsJournal(_OUTPUT.value, fmt, model=cfg.model)
+        try:
+            journal = ResultsJournal(_OUTPUT.value, fmt, model=cfg.model)
+        except OutputInUseError as e:
+            sys.exit(f"run_batch: {_OUTPUT.value}: {e}")
         resumed = len(journal.finished_ids)
         for err in errors:
             if journal.error_key(err) not in journal.finished_ids:

@@ -1,10 +1,14 @@
 """Output lines in both shapes, and the journal surviving a killed run."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
-from batchjax.engine.results import Result, ResultsJournal, error_result, to_output_line
+from batchjax.engine.results import (OutputInUseError, Result, ResultsJournal, error_result,
+                                     to_output_line)
 from batchjax.requests import InputFormat, RequestError
 
 
@@ -110,3 +114,56 @@ def test_finalize_demands_every_id_and_appending_twice_fails(tmp_path):
         journal.finalize(["r1", "r0"])
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["r1", "r0"]
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_HOLD_LOCK = """
+import sys, time
+from batchjax.engine.results import ResultsJournal
+from batchjax.requests import InputFormat
+journal = ResultsJournal(sys.argv[1], InputFormat.NATIVE)
+print("locked", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_writer_is_refused_while_the_first_lives(tmp_path):
+    out = tmp_path / "out.jsonl"
+    first = ResultsJournal(out, InputFormat.NATIVE)
+    assert (tmp_path / "out.jsonl.lock").read_text().strip() == str(os.getpid())
+    with pytest.raises(OutputInUseError, match=f"process {os.getpid()}"):
+        ResultsJournal(out, InputFormat.NATIVE)
+    first.append(_result(0))
+    first.close()
+    assert not (tmp_path / "out.jsonl.lock").exists()
+    with ResultsJournal(out, InputFormat.NATIVE) as again:  # free once the first has closed
+        assert again.finished_ids == {"r0"}
+
+
+def test_the_lock_of_a_killed_writer_is_taken_over(tmp_path):
+    out = tmp_path / "out.jsonl"
+    child = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], cwd=REPO,
+                             stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().strip() == "locked"
+        with pytest.raises(OutputInUseError, match=f"process {child.pid}"):
+            ResultsJournal(out, InputFormat.NATIVE)
+    finally:
+        child.kill()
+        child.wait()
+    assert (tmp_path / "out.jsonl.lock").exists()  # a SIGKILL leaves the file behind
+    with ResultsJournal(out, InputFormat.NATIVE) as journal:
+        assert (tmp_path / "out.jsonl.lock").read_text().strip() == str(os.getpid())
+        assert journal.finished_ids == frozenset()
+
+
+def test_run_batch_refuses_an_output_another_run_is_writing(tmp_path):
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt_token_ids": [1, 2]}) + "\n")
+    with ResultsJournal(out, InputFormat.NATIVE):
+        proc = subprocess.run([sys.executable, "-m", "experiments.run_batch", f"--input={inp}",
+                               f"--output={out}", "--model=unused"], cwd=REPO,
+                              capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert f"another run (process {os.getpid()}) is writing this output" in proc.stderr
+    assert out.read_bytes() == b""  # nothing written by the refused run

@@ -8,6 +8,7 @@ rewrites it atomically in input order with every id exactly once.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -257,17 +258,65 @@ def _line_id(line: Any) -> str:
     return request_id
 
 
+class OutputInUseError(RuntimeError):
+    """Another live process holds the output file's lock."""
+
+
+def _take_lock(lock_path: str) -> int:
+    """An fd holding an exclusive flock on `lock_path`, which then names this process's pid.
+
+    The kernel drops a flock when its process dies, however it dies: a lock file left by a
+    killed run is free and taken over. Raises OutputInUseError while a live process holds it.
+    """
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutputInUseError(
+                f"another run (process {owner}) is writing this output; wait for it to end or "
+                f"choose another output (lock file {lock_path})") from None
+        try:
+            same = os.stat(lock_path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:  # not a file its last owner unlinked between our open and our flock
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
 class ResultsJournal:
     """The output file, appended one fsynced line per finished request; resumable after a kill.
 
-    Opening reads what an earlier run wrote. A last line without its newline, or one that does
-    not parse, is what a killed process leaves: it is cut off the file and its request runs
-    again. Damage anywhere else is not ours to repair and raises ValueError.
+    On disk: each result is one line, written with a single `write` that ends in its newline,
+    then `flush` and `fsync`, before `append` returns; so after a kill at any instant the file
+    is whole lines followed by at most one torn line without its newline. Opening reads what an
+    earlier run wrote: the text after the last newline is a torn line (even when it happens to
+    parse), cut off the file, and its request runs again; damage anywhere else is not ours to
+    repair and raises ValueError. `finalize` writes every line in input order to `PATH.tmp`,
+    fsyncs it, renames it over the output (atomic) and fsyncs the directory; a kill before the
+    rename leaves the journal as it was, a kill after it the final file, and both resume.
+
+    One writer: opening takes an exclusive lock on `PATH.lock` (holding the writer's pid) until
+    `close`; a second run on the same output raises OutputInUseError while the first lives.
     """
 
     def __init__(self, path: str | os.PathLike[str], fmt: InputFormat, *, model: str = "batchjax",
                  token_text: Callable[[int], str] | None = None):
         self._path = os.fspath(path)
+        self._lock_path = self._path + ".lock"
+        self._lock_fd = _take_lock(self._lock_path)
+        try:
+            self._open(fmt, model, token_text)
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self, fmt, model, token_text) -> None:
         self._fmt = fmt
         self._model = model
         self.token_text = token_text  # may be set once the tokenizer is loaded
@@ -368,6 +417,17 @@ class ResultsJournal:
 
     def close(self) -> None:
         self._file.close()
+        self._release()
+
+    def _release(self) -> None:
+        if self._lock_fd is None:
+            return
+        try:
+            os.unlink(self._lock_path)  # while still holding it: see _take_lock
+        except FileNotFoundError:
+            pass
+        os.close(self._lock_fd)
+        self._lock_fd = None
 
     def __enter__(self) -> ResultsJournal:
         return self
