@@ -24,6 +24,10 @@ from batchjax.structured import (StructuredSpec, StructuredSpecError, from_respo
 _MAX_SEED = 2**32
 MAX_LOGPROBS = 20  # the most alternatives a token's logprobs list (the step computes this many)
 MAX_SAMPLES = 64  # the most samples `n` asks of one prompt
+# Positions are int32: no request asks for more (one that asks past its model's context is
+# cut there, finish reason "length").
+MAX_TOKENS_LIMIT = 2**31 - 1
+CHAT_ROLES = ("system", "developer", "user", "assistant", "tool")  # OpenAI's chat roles
 LOGPROBS_MODES = ("raw", "processed")
 
 
@@ -108,9 +112,9 @@ class SamplingParams:
             if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
                 raise InvalidRequestError(name, f"must be an integer in [0, {MAX_LOGPROBS}]")
         least = 0 if self.prompt_logprobs is not None else 1
-        if not _is_int(self.max_tokens) or self.max_tokens < least:
+        if not _is_int(self.max_tokens) or not least <= self.max_tokens <= MAX_TOKENS_LIMIT:
             raise InvalidRequestError(
-                "max_tokens", "must be an integer >= 1" + (
+                "max_tokens", f"must be an integer in [1, {MAX_TOKENS_LIMIT}]" + (
                     "" if least else " (0 with prompt_logprobs: score without generating)"))
         if not _is_int(self.n) or not 1 <= self.n <= MAX_SAMPLES:
             raise InvalidRequestError("n", f"must be an integer in [1, {MAX_SAMPLES}]")
@@ -167,8 +171,9 @@ def _messages(field: str, value: Any) -> tuple[dict[str, str], ...]:
         if not isinstance(message, Mapping):
             raise InvalidRequestError(where, "must be an object with role and content")
         role, content = message.get("role"), message.get("content")
-        if not isinstance(role, str) or not role:
-            raise InvalidRequestError(f"{where}.role", "must be a non-empty string")
+        if role not in CHAT_ROLES:
+            raise InvalidRequestError(f"{where}.role", f"must be one of {', '.join(CHAT_ROLES)}, "
+                                                       f"got {role!r}"[:200])
         if isinstance(content, list):
             # OpenAI content parts: only text parts can reach a text-only model.
             if not all(isinstance(p, Mapping) and p.get("type") == "text" and isinstance(p.get("text"), str)
@@ -403,6 +408,9 @@ def _declared_id(obj: Any) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
+_UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def read_requests_jsonl(
     path: str | os.PathLike[str], *, strict: bool = False,
     default_sampling: SamplingParams | None = None,
@@ -410,8 +418,9 @@ def read_requests_jsonl(
     """Reads every line of a JSONL file; bad lines become errors, never exceptions.
 
     The first valid line fixes the file's format; a line in another shape is an error,
-    so results can be written back in one shape. Blank lines are skipped. Line numbers start
-    at 1 and a request's index is its line number - 1.
+    so results can be written back in one shape. Blank lines are skipped, CRLF line ends and a
+    UTF-8 byte-order mark at the start of the file are accepted (a mark on a later line is
+    not JSON). Line numbers start at 1 and a request's index is its line number - 1.
     """
     requests: list[Request] = []
     errors: list[RequestError] = []
@@ -420,6 +429,8 @@ def read_requests_jsonl(
     # Binary lines split on b"\n" only: a stray "\r" inside a line must not split it in two.
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            if line_no == 1 and raw.startswith(_UTF8_BOM):  # a file's byte-order mark
+                raw = raw[len(_UTF8_BOM):]
             if not raw.strip():
                 continue
             try:

@@ -25,7 +25,7 @@ def test_bad_sampling_values_name_their_field(field, value):
     with pytest.raises(InvalidRequestError) as e:
         SamplingParams(**{field: value})
     assert e.value.field == field
-    assert isinstance(e.value, ValueError)
+    assert e.value.reason and str(e.value) == f"{field}: {e.value.reason}"
 
 
 def test_sampling_values_are_normalised_to_hashable_tuples():
