@@ -188,6 +188,30 @@ def _evaluate(lm, rolling_lm):
             "rolling": [float(x) for x in rolling]}
 
 
+def _logprob_diffs(engine, model):
+    """Largest |batchjax - transformers| over the chosen and top-5 logprobs of a SmolLM2
+    request's prompt and generated tokens (greedy, 8 tokens)."""
+    import numpy as np
+    import torch
+
+    (r,) = engine.generate([{"prompt": "The three primary colours are", "max_tokens": 8,
+                             "logprobs": 5, "prompt_logprobs": 5}])
+    prompt = list(engine.tokenizer.encode("The three primary colours are"))
+    ids = prompt + list(r.token_ids)
+    with torch.no_grad():
+        want = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1).numpy()
+    diffs = []
+    entries = list(r.prompt_logprobs[1:]) + list(r.logprobs)
+    for pos, entry in enumerate(entries):  # entry for ids[pos + 1], from the logits at pos
+        row = want[pos]
+        assert entry.token_id == ids[pos + 1]
+        diffs.append(abs(entry.logprob - float(row[entry.token_id])))
+        order = np.argsort(-row, kind="stable")[:5]
+        diffs += [abs(v - float(row[t])) for t, v in entry.top]
+        assert [t for t, _ in entry.top] == order.tolist()
+    return {"max": max(diffs), "count": len(entries)}
+
+
 @pytest.fixture(scope="module")
 def both(tmp_path_factory):
     from tests.conftest import once_per_session
@@ -201,10 +225,12 @@ def both(tmp_path_factory):
         torch.set_num_threads(2)
         hf_dir = _hf_dir(tmp)
         hf = dict(pretrained=hf_dir, dtype="float32", device="cpu")
-        out = {"hf": _evaluate(HFLM(**hf), HFLM(**hf, max_length=64))}
+        hf_lm = HFLM(**hf)
+        out = {"hf": _evaluate(hf_lm, HFLM(**hf, max_length=64))}
         engine = Engine("smollm2-135m", dtype="float32", progress=False)
         out["batchjax"] = _evaluate(BatchjaxLM(engine=engine),
                                     BatchjaxLM(engine=engine, max_length=64))
+        out["logprob_diffs"] = _logprob_diffs(engine, hf_lm.model)
         return out
 
     return once_per_session(tmp_path_factory, "lm_eval_both", compute)
@@ -226,6 +252,7 @@ def test_batchjax_matches_lm_evals_hf_backend_item_by_item(both):
     gen_hf, gen_ours = (sorted(x["samples"]["batchjax_gen"], key=lambda s: s["doc_id"])
                         for x in (hf, ours))
     assert [s["resps"] for s in gen_hf] == [s["resps"] for s in gen_ours]
+    assert both["logprob_diffs"]["count"] >= 12 and both["logprob_diffs"]["max"] < 1e-4
     assert len(ours["rolling"]) == len(ROLLING_TEXTS)
     for a, b in zip(hf["rolling"], ours["rolling"]):
         assert a < 0 and abs(a - b) < 1e-3 * max(1.0, abs(a) / 100)
