@@ -1,19 +1,13 @@
 """Batchers of every policy, driven by a checking executor over random workloads.
 
-The executor keeps a model of the KV pages and verifies every step.
-
-Each KV slot holds a key that stands for "the KV of this token after these tokens": the
-chained hash of the whole token sequence up to it. A chunk's token at own index j writes
-H(key at j-1, token), reading j-1 from its own pages (or, at j == 0, the last slot of the
-prefix it attends). For a request the written key must equal the chained hash of its true
-sequence (prompt + what it generated) at that position, so a wrong token, a wrong position, a
-missing or stale context page, or a page overwritten by another sequence is caught.
+The executor (`batchjax.schedule.checking.CheckingExecutor`) keeps a model of the KV pages and
+verifies every step: a wrong token, a wrong position, a missing or stale context page, or a
+page overwritten by another sequence fails it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 import pytest
@@ -21,172 +15,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from batchjax.schedule.batching import BudgetTooSmall
+from batchjax.schedule.checking import (CheckingExecutor, Replay, check_invariants,  # noqa: F401
+                                        random_workload, run_checked, tight_budgets)
 from batchjax.schedule.plan import build_plan
 from batchjax.schedule.policies import POLICIES, make_batcher
-from batchjax.schedule.driver import run_batcher
-from batchjax.schedule.step_plan import (
-    NULL_PAGE,
-    Budgets,
-    SampledToken,
-    SchedRequest,
-    StepPlan,
-    placeholder_row,
-    placeholder_token,
-)
-
-
-def chain(keys_before: int, token: int) -> int:
-    return hash((keys_before, token))
-
-
-@dataclasses.dataclass
-class Replay:
-    steps: list[StepPlan]
-    generated: dict[int, list[int]]
-    finish_count: dict[int, int]
-    metrics: dict
-
-
-def generated_token(seq_id: int, index: int) -> int:
-    return 7 + (seq_id * 31 + index * 17) % 5  # few distinct values: generated text repeats
-
-
-def context_slot(chunk, prefixes, pos: int, page_size: int) -> tuple[int, int]:
-    """(page, slot) of context position `pos` (< prefix_len) along the chunk's chain."""
-    for seg in chunk.prefix_chain:
-        ref = prefixes[seg]
-        if pos < ref.prefix_len:
-            return ref.page_table[pos // page_size], pos % page_size
-        pos -= ref.prefix_len
-    raise AssertionError(f"position past the chain of sequence {chunk.seq_id}")
-
-
-class CheckingExecutor:
-    """A `StepExecutor` that models the KV pages and checks every step as it launches.
-
-    With `overlap`, the batcher plans each step before the previous one's tokens are back:
-    placeholders are resolved from the previous step's sampled rows (as the device does), and
-    a request that its output length ends (its "EOS" before `max_tokens`) may be scheduled for
-    one more step, whose work is dropped.
-    """
-
-    def __init__(self, requests, output_lens, budgets: Budgets, overlap: bool):
-        self.kv: dict[tuple[int, int], int] = {}  # (page, slot) -> key
-        self.truth = {i: list(r.prompt_token_ids) for i, r in enumerate(requests)}
-        self.truth_keys: dict[int, list[int]] = {}
-        self.generated: dict[int, list[int]] = {i: [] for i in range(len(requests))}
-        self.finish_count = {i: 0 for i in range(len(requests))}
-        self.ended_at: dict[int, int] = {}  # request -> the step that sampled its last token
-        self.steps: list[StepPlan] = []
-        self.max_tokens = [r.max_tokens for r in requests]
-        self.output_lens = output_lens
-        self.budgets = budgets
-        self.overlap = overlap
-        self.previous_rows: list[int] = []  # tokens of the last launched step's sampled rows
-
-    def key_at(self, i: int, pos: int) -> int:
-        keys = self.truth_keys.setdefault(i, [])
-        seq = self.truth[i]
-        while len(keys) <= pos:
-            keys.append(chain(keys[-1] if keys else 0, seq[len(keys)]))
-        return keys[pos]
-
-    def launch(self, step: StepPlan):
-        budgets, kv, ps = self.budgets, self.kv, self.budgets.page_size
-        index = len(self.steps)
-        self.steps.append(step)
-        assert step.num_tokens <= budgets.max_tokens_per_step
-        assert step.chunks, "a step with no work while work remains would loop forever"
-        live_pages = set()
-        for table in [c.page_table for c in step.chunks] + [p.page_table for p in step.prefixes]:
-            assert NULL_PAGE not in table
-            assert all(1 <= p <= budgets.kv_budget_pages for p in table)
-            live_pages.update(table)
-        assert len(live_pages) <= budgets.kv_budget_pages
-        assert step.kv_pages_in_use <= budgets.kv_budget_pages
-        prefixes = {p.group_id: p for p in step.prefixes}
-        rows = []  # (request, token) per sampled row
-        for c in step.chunks:
-            tokens = [self.previous_rows[placeholder_row(t)] if t < 0 else t
-                      for t in c.token_ids]
-            assert self.overlap or tokens == list(c.token_ids), "placeholder without overlap"
-            assert len(c.page_table) * ps >= c.own_start + c.num_tokens
-            if c.prefix_group is not None:
-                refs = [prefixes[s] for s in c.prefix_chain]
-                assert c.prefix_chain[-1] == c.prefix_group
-                assert [r.level for r in refs] == list(range(len(refs)))
-                assert sum(r.prefix_len for r in refs) == c.prefix_len
-                assert all(len(r.page_table) * ps >= r.prefix_len for r in refs)
-            dropped = c.seq_id in self.ended_at
-            if dropped:  # known finished only after this step was planned
-                assert self.overlap and self.ended_at[c.seq_id] == index - 1, (
-                    f"request {c.seq_id} scheduled after finishing")
-            elif c.seq_id >= 0:
-                i = c.seq_id
-                # The whole context it attends holds its own true sequence.
-                for pos in range(c.prefix_len):
-                    assert kv.get(context_slot(c, prefixes, pos, ps)) == self.key_at(i, pos)
-                for j in range(c.own_start):
-                    slot = (c.page_table[j // ps], j % ps)
-                    assert kv.get(slot) == self.key_at(i, c.prefix_len + j), (
-                        f"stale context of {i}")
-                expected = self.truth[i][c.prefix_len + c.own_start :][: c.num_tokens]
-                assert tokens == expected, f"wrong tokens fed for request {i}"
-                assert c.sample == (c.prefix_len + c.own_start + c.num_tokens
-                                    == len(self.truth[i]))
-            else:  # a shared segment: its context is its chain of ancestors
-                assert not c.sample
-                assert (c.prefix_group is None) == (c.prefix_len == 0) == (not c.prefix_chain)
-            for t, token in enumerate(tokens):
-                j = c.own_start + t
-                if j > 0:
-                    before = kv[(c.page_table[(j - 1) // ps], (j - 1) % ps)]
-                elif c.prefix_group is not None:
-                    before = kv[context_slot(c, prefixes, c.prefix_len - 1, ps)]
-                else:
-                    before = 0
-                kv[(c.page_table[j // ps], j % ps)] = chain(before, token)
-                if c.seq_id >= 0 and not dropped:
-                    assert kv[(c.page_table[j // ps], j % ps)] == self.key_at(
-                        c.seq_id, c.prefix_len + j)
-            if c.sample and not dropped:
-                i = c.seq_id
-                token = generated_token(i, len(self.generated[i]))
-                self.generated[i].append(token)
-                self.truth[i].append(token)
-                done = len(self.generated[i]) >= self.output_lens[i]
-                if done:
-                    self.ended_at[i] = index
-                # Whether max_tokens ends it, which the executor knows without the token.
-                by_length = len(self.generated[i]) >= self.max_tokens[i]
-                rows.append((i, token, done, by_length))
-            elif c.sample:  # the device samples it; nobody reads it
-                rows.append((c.seq_id, -1, False, False))
-        self.previous_rows = [row[1] for row in rows]
-        return rows
-
-    def provisional(self, step, rows):
-        # What the token count alone decides; the output length is known only at `collect`.
-        return [SampledToken(i, placeholder_token(k), by_length)
-                for k, (i, token, _, by_length) in enumerate(rows) if token >= 0]
-
-    def collect(self, step, rows):
-        sampled = [SampledToken(i, token, done) for i, token, done, _ in rows if token >= 0]
-        for token in sampled:
-            self.finish_count[token.seq_id] += token.finished
-        return sampled
-
-
-def run_checked(
-    batcher,
-    requests: Sequence[SchedRequest],
-    output_lens: Sequence[int],
-    budgets: Budgets,
-    overlap: bool = False,
-) -> Replay:
-    executor = CheckingExecutor(requests, output_lens, budgets, overlap)
-    run_batcher(batcher, executor, overlap=overlap)
-    return Replay(executor.steps, executor.generated, executor.finish_count, batcher.metrics())
+from batchjax.schedule.step_plan import Budgets, SchedRequest
 
 
 # -- workloads ----------------------------------------------------------------------------
@@ -213,15 +46,6 @@ def workloads(draw) -> tuple[list[SchedRequest], list[int]]:
         estimate = draw(st.none() | st.integers(0, max_tokens))
         requests.append(SchedRequest(tuple(stem + tail), max_tokens, estimate))
     return requests, output_lens
-
-
-def tight_budgets(requests: Sequence[SchedRequest], page_size: int, slack: int) -> Budgets:
-    worst = max(-(-(len(r.prompt_token_ids) + r.max_tokens) // page_size) for r in requests)
-    # Room for the longest request plus a group prefix of up to the same length.
-    return Budgets(
-        max_tokens_per_step=16, kv_budget_pages=2 * worst + slack, page_size=page_size,
-        max_num_seqs=4,
-    )
 
 
 def replay(policy: str, requests, output_lens, budgets: Budgets, overlap=False) -> Replay:
@@ -258,6 +82,30 @@ def test_same_input_gives_the_same_schedule(policy, work):
     first = replay(policy, requests, output_lens, budgets)
     second = replay(policy, requests, output_lens, budgets)
     assert first.steps == second.steps
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+@pytest.mark.parametrize("policy", POLICIES)
+@settings(max_examples=40, deadline=None)
+@given(work=workloads(), page_size=st.sampled_from([1, 2, 4]), slack=st.integers(0, 6))
+def test_invariants_hold_over_generated_workloads(policy, overlap, work, page_size, slack):
+    """The campaign's invariants (experiments/faults.py runs 1,000 workloads per policy):
+    pool empty at the end, prefill at least the trie's optimum, the same plan on a rerun."""
+    requests, output_lens = work
+    budgets = tight_budgets(requests, page_size, slack)
+    assert check_invariants(policy, requests, output_lens, budgets, overlap) == []
+
+
+def test_the_invariant_checks_catch_a_broken_batcher(monkeypatch):
+    """check_invariants is not vacuous: a pool that never frees its pages is reported."""
+    from batchjax.schedule import pages
+
+    requests, output_lens = random_workload(np.random.default_rng(4))
+    budgets = Budgets(max_tokens_per_step=16, kv_budget_pages=400, page_size=2)
+    assert check_invariants("batchllm", requests, output_lens, budgets) == []
+    monkeypatch.setattr(pages.PagePool, "release", lambda self, pages: None)
+    assert any("still held at the end" in b
+               for b in check_invariants("batchllm", requests, output_lens, budgets))
 
 
 def _micro(prefix_len: int, distinct_len: int, degree: int, num_groups: int, output_len: int,
