@@ -28,6 +28,20 @@ class UnsupportedModelError(ValueError):
     """The checkpoint describes a model this decoder does not compute exactly."""
 
 
+class ModelFileError(ValueError):
+    """A model file that cannot be read (truncated, corrupted, impossible sizes); the message
+    names the file."""
+
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                "num_kv_heads", "head_dim", "max_position_embeddings")
+
+
 @dataclasses.dataclass(frozen=True)
 class Llama3RopeScaling:
     """Llama 3.1's frequency-dependent RoPE stretch (`rope_type: llama3` in HF configs)."""
@@ -63,6 +77,14 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
+        for name in _SIZE_FIELDS:
+            value = getattr(self, name)
+            least = 0 if name == "num_layers" else 1  # a model without layers is a shell
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < least:
+                raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0
+                and math.isfinite(self.rms_norm_eps)):
+            raise ValueError(f"rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_heads={self.num_heads} is not a multiple of num_kv_heads={self.num_kv_heads}"

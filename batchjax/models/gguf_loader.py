@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import gguf
 import numpy as np
 
-from batchjax.models.config import ModelConfig, UnsupportedModelError
+from batchjax.models.config import ModelConfig, ModelFileError, UnsupportedModelError
 
 # GGUF `general.architecture` -> the HF architecture that computes the same function.
 GGUF_ARCHITECTURES = {
@@ -47,7 +47,18 @@ _LAYER_TENSOR = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 def open_gguf(path: str) -> gguf.GGUFReader:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path} not found")
-    return gguf.GGUFReader(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises anything on a damaged file
+        raise ModelFileError(path, f"not a readable GGUF file: {type(e).__name__}: {e}") from None
+    # Tensor data is mapped lazily: a truncated file is found here, before any work.
+    size = os.path.getsize(path)
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ModelFileError(path, f"truncated: tensor {tensor.name} needs bytes up to "
+                                       f"{tensor.data_offset + tensor.n_bytes}, the file has "
+                                       f"{size}")
+    return reader
 
 
 def metadata_value(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

@@ -8,9 +8,10 @@ from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
-from batchjax.models.config import ModelConfig, config_from_hf
+from batchjax.models.config import (ModelConfig, ModelFileError, UnsupportedModelError,
+                                    config_from_hf)
 from batchjax.models.llama import LlamaForCausalLM
 from batchjax.models.weights import load_weights
 
@@ -22,8 +23,13 @@ def read_hf_config(directory: str) -> ModelConfig:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} not found: a HF model directory needs its config.json")
-    with open(path) as f:
-        return config_from_hf(json.load(f))
+    try:
+        with open(path) as f:
+            return config_from_hf(json.load(f))
+    except UnsupportedModelError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError) as e:
+        raise ModelFileError(path, f"not a usable model config: {type(e).__name__}: {e}") from None
 
 
 def safetensors_files(directory: str) -> list[str]:
@@ -33,8 +39,11 @@ def safetensors_files(directory: str) -> list[str]:
     if os.path.isfile(single):
         return [single]
     if os.path.isfile(index):
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
+        try:
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFileError(index, f"not a shard index: {type(e).__name__}: {e}") from None
         files = [os.path.join(directory, shard) for shard in shards]
         absent = [p for p in files if not os.path.isfile(p)]
         if absent:
@@ -47,9 +56,13 @@ def iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
     """Reads one tensor at a time (bf16 arrives as ml_dtypes.bfloat16), so peak host memory
     is one tensor, not the checkpoint."""
     for path in files:
-        with safe_open(path, framework="np") as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)
+        try:
+            with safe_open(path, framework="np") as f:
+                for name in f.keys():
+                    tensor = f.get_tensor(name)
+                    yield name, tensor
+        except SafetensorError as e:
+            raise ModelFileError(path, f"truncated or corrupted safetensors file: {e}") from None
 
 
 def load_hf_directory(

@@ -17,7 +17,7 @@ import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from batchjax.models.config import UnsupportedModelError
+from batchjax.models.config import ModelFileError, UnsupportedModelError
 
 # GGUF token types (llama.cpp's `llama_token_type`).
 _GGUF_CONTROL = 3
@@ -151,7 +151,10 @@ class Tokenizer:
         path = os.path.join(directory, "tokenizer.json")
         if not os.path.isfile(path):
             return None
-        backend = tokenizers.Tokenizer.from_file(path)
+        try:
+            backend = tokenizers.Tokenizer.from_file(path)
+        except Exception as e:  # noqa: BLE001 - the tokenizers library raises plain Exception
+            raise ModelFileError(path, f"not a tokenizer file: {e}") from None
         config = _read_json(os.path.join(directory, "tokenizer_config.json"))
         template = config.get("chat_template")
         if isinstance(template, list):  # named templates: the default one renders plain chats
@@ -241,8 +244,14 @@ class Tokenizer:
 def _read_json(path: str) -> dict:
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            value = json.load(f)
+    except ValueError as e:
+        raise ModelFileError(path, f"not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ModelFileError(path, "must hold a JSON object")
+    return value
 
 
 class IncrementalDetokenizer:
