@@ -73,15 +73,20 @@ def main(argv):
     # Process 0 alone writes the output; every process runs every step of the same job.
     leader = multihost.is_leader()
 
-    requests, errors, fmt = read_requests_jsonl(_INPUT.value, strict=cfg.strict)
+    try:
+        requests, errors, fmt = read_requests_jsonl(_INPUT.value, strict=cfg.strict)
+    except OSError as e:
+        sys.exit(f"run_batch: cannot read the input: {e}")
     journal, finished, resumed = None, [], 0
     if leader:
         out_dir = os.path.dirname(os.path.abspath(_OUTPUT.value))
-        os.makedirs(out_dir, exist_ok=True)
         try:
+            os.makedirs(out_dir, exist_ok=True)
             journal = ResultsJournal(_OUTPUT.value, fmt, model=cfg.model)
         except OutputInUseError as e:
             sys.exit(f"run_batch: {_OUTPUT.value}: {e}")
+        except OSError as e:
+            sys.exit(f"run_batch: cannot write the output {_OUTPUT.value}: {e}")
         resumed = len(journal.finished_ids)
         for err in errors:
             if journal.error_key(err) not in journal.finished_ids:
@@ -93,7 +98,31 @@ def main(argv):
     if resumed:
         print(f"resuming {_OUTPUT.value}: {resumed} lines already written")
 
-    engine = Engine(
+    try:
+        engine = _engine(cfg)
+    except (ValueError, OSError) as e:  # a model that cannot load, a budget that cannot fit
+        if journal is not None:
+            journal.close()
+        sys.exit(f"run_batch: cannot start the engine: {type(e).__name__}: {e}")
+    if leader and engine.tokenizer is not None:  # the text of each token in OpenAI logprobs
+        journal.token_text = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
+    try:
+        results = engine.generate(requests, skip_ids=frozenset(finished),
+                                  on_result=journal.append if leader else None)
+    except OSError as e:  # the output's disk filled up or went away: what is written stays
+        kept = len(journal.finished_ids) if journal is not None else 0
+        if journal is not None:
+            journal.close()
+        sys.exit(f"run_batch: writing {_OUTPUT.value} failed: {e}; the {kept} lines written "
+                 "are kept, and the same command resumes after them")
+    if not leader:
+        multihost.barrier("run_batch_done")
+        return
+    _finish(journal, requests, errors, resumed, engine, results, cfg)
+
+
+def _engine(cfg) -> Engine:
+    return Engine(
         cfg.model, policy=cfg.policy, dtype=cfg.dtype, attention=cfg.attention,
         cpu_kernels=cfg.cpu_kernels,
         page_size=cfg.page_size, kv_budget_mb=cfg.kv_budget_mb,
@@ -103,13 +132,9 @@ def main(argv):
         data_parallel=cfg.data_parallel, distributed=cfg.distributed,
         ray_address=cfg.ray_address or None,
     )
-    if leader and engine.tokenizer is not None:  # the text of each token in OpenAI logprobs
-        journal.token_text = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
-    results = engine.generate(requests, skip_ids=frozenset(finished),
-                              on_result=journal.append if leader else None)
-    if not leader:
-        multihost.barrier("run_batch_done")
-        return
+
+
+def _finish(journal, requests, errors, resumed, engine, results, cfg) -> None:
     input_order = sorted([(r.index, r.id) for r in requests]
                          + [(e.line - 1, journal.error_key(e)) for e in errors])
     journal.finalize([request_id for _, request_id in input_order])

@@ -51,3 +51,88 @@ def test_kills_at_random_instants_resume_to_the_uninterrupted_file(tmp_path):
     assert report["lines"] == len(faults.kill_job_lines(np.random.default_rng(5), 16))
     assert report["identical_but_cache_counts"], report
     assert not os.path.exists(tmp_path / "work" / "killed.jsonl.lock")
+
+
+# -- resources -------------------------------------------------------------------------------
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_FULL_DISK_AFTER = """
+import errno, sys
+from batchjax.engine import results
+real = results.ResultsJournal.append
+room = int(sys.argv[1])
+def append(self, result, _n=[0]):
+    if result.error is None:
+        _n[0] += 1
+        if _n[0] > room:
+            raise OSError(errno.ENOSPC, "No space left on device")
+    real(self, result)
+results.ResultsJournal.append = append
+sys.argv = ["run_batch", *sys.argv[2:]]
+from absl import app
+from experiments import run_batch
+app.run(run_batch.main)
+"""
+
+
+def _job(tmp_path, n=6):
+    import json
+
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"r{i}", "prompt_token_ids": [5, 6 + i],
+                                       "max_tokens": 3, "ignore_eos": True}) + "\n"
+                           for i in range(n)))
+    return inp
+
+
+def _run_batch(*args, script=None, timeout=300):
+    import subprocess
+    import sys
+
+    cmd = ([sys.executable, "-c", script, *args] if script
+           else [sys.executable, "-m", "experiments.run_batch", *args])
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_an_output_that_cannot_be_written_is_a_clear_error(tmp_path, tiny_llama_dir):
+    inp = _job(tmp_path)
+    (tmp_path / "a_file").write_text("not a directory")
+    proc = _run_batch(f"--input={inp}", f"--output={tmp_path / 'a_file' / 'out.jsonl'}",
+                      f"--model={tiny_llama_dir}")
+    assert proc.returncode != 0
+    assert "run_batch: cannot write the output" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _run_batch(f"--input={tmp_path / 'missing.jsonl'}", f"--output={tmp_path / 'o.jsonl'}",
+                      f"--model={tiny_llama_dir}")
+    assert "run_batch: cannot read the input" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_kv_budget_past_free_memory_is_refused_before_any_work(tmp_path, tiny_llama_dir):
+    from batchjax.engine.engine import Engine
+
+    with pytest.raises(ValueError, match="GiB of KV on .*more than the .* GiB it has free"):
+        Engine(str(tiny_llama_dir), kv_budget_mb=2**30, progress=False)  # a petabyte
+    inp, out = _job(tmp_path), tmp_path / "out.jsonl"
+    proc = _run_batch(f"--input={inp}", f"--output={out}", f"--model={tiny_llama_dir}",
+                      "--kv_budget_mb=1073741824")
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "cannot start the engine: ValueError: kv_budget_mb=" in proc.stderr
+    assert out.read_bytes() == b""
+
+
+def test_a_full_disk_mid_run_keeps_what_was_written_and_resumes(tmp_path, tiny_llama_dir):
+    import json
+
+    inp, out = _job(tmp_path), tmp_path / "out.jsonl"
+    flags = [f"--input={inp}", f"--output={out}", f"--model={tiny_llama_dir}",
+             "--max_tokens_per_step=4", "--config.print_results=0"]
+    proc = _run_batch("2", *flags, script=_FULL_DISK_AFTER)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "No space left on device; the 2 lines written are kept" in proc.stderr
+    kept = [json.loads(line)["id"] for line in out.read_text().splitlines()]
+    assert len(kept) == 2
+    assert not (tmp_path / "out.jsonl.lock").exists()  # released on the way out
+    proc = _run_batch(*flags)  # the disk has room again
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    final = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [line["id"] for line in final] == [f"r{i}" for i in range(6)]
+    assert all(len(line["token_ids"]) == 3 for line in final)

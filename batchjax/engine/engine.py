@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from batchjax.engine.page_pool import allocate_kv, pages_for_budget
+from batchjax.engine.page_pool import (allocate_kv, check_kv_fits, kv_bytes_per_page,
+                                       pages_for_budget)
 from batchjax.engine.results import Result, SampleCollector, TokenLogprob, error_result
 from batchjax.engine.sampling import sampling_row_arrays
 from batchjax.engine.step import ModelStep, StepVariant
@@ -305,6 +306,9 @@ class Engine(RequestPreparer):
                                                 kv_heads)
         if self.kv_budget_pages < 1:
             raise ValueError(f"kv_budget_mb={o.kv_budget_mb} holds no page of KV for this model")
+        check_kv_fits(self.kv_budget_pages,
+                      kv_bytes_per_page(self.config, o.page_size, dtype, kv_heads),
+                      self.mesh.devices.flat, o.kv_budget_mb)
         self.kv = allocate_kv(self.config, self.kv_budget_pages, o.page_size, dtype, kv_heads,
                               self.step.kv_sharding)
         self.last_metrics: dict[str, Any] = {}
