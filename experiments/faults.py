@@ -1,7 +1,7 @@
 """The fault campaign: kills, malformed input, hostile model files and generated workloads.
 
     python -m experiments.faults [--kills=20] [--workloads=1000] [--seed=0]
-        [--sections=kills,malformed,hostile,invariants] [--out=out/faults]
+        [--sections=kills,malformed,hostile,load,invariants] [--out=out/faults]
 
 On a tiny random model (built here with SmolLM2's tokenizer; nothing is downloaded):
 - kills: `run_batch` is SIGKILLed at `--kills` random instants of one job (from process start
@@ -13,6 +13,9 @@ On a tiny random model (built here with SmolLM2's tokenizer; nothing is download
 - hostile: truncated, corrupted and impossible model files must be refused with an error that
   names the file, and a chat template that reaches for Python internals must be refused by the
   sandbox;
+- load: jobs of 1,000, 10,000 and 100,000 short requests through the simulator, each in a
+  process of its own whose peak RSS is reported, and a results journal of 100,000 lines (its
+  last one torn) resumed and finalized;
 - invariants: `--workloads` generated workloads and budgets per policy, each checked by
   `batchjax.schedule.checking.check_invariants` (KV budget, every request finishing once with
   its output, pages freed, prefill at least the trie optimum, the same plan on a rerun).
@@ -36,7 +39,7 @@ from absl import app, flags
 _KILLS = flags.DEFINE_integer("kills", 20, "SIGKILLs of the one job, each followed by a resume.")
 _WORKLOADS = flags.DEFINE_integer("workloads", 1000, "Generated workloads per policy.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of kill instants and workloads.")
-_SECTIONS = flags.DEFINE_list("sections", ["kills", "malformed", "hostile", "invariants"],
+_SECTIONS = flags.DEFINE_list("sections", ["kills", "malformed", "hostile", "load", "invariants"],
                               "Which parts of the campaign to run.")
 _OUT = flags.DEFINE_string("out", "out/faults", "Working directory and report.")
 
@@ -352,6 +355,64 @@ def check_hostile(work: str) -> list[dict]:
     return report
 
 
+# -- under load -------------------------------------------------------------------------------
+
+_SIMULATE_N = """
+import resource, sys, time
+from batchjax import workloads
+from batchjax.sim.simulate import simulate
+n = int(sys.argv[1])
+start = time.perf_counter()
+result = simulate(workloads.microbenchmark(32, 8, 4, 8, n, seed=0), "batchllm")
+m = result.metrics
+assert m["num_requests"] == n and m["output_tokens"] == 4 * n, m
+print(time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def load_campaign(work: str, sizes=(1_000, 10_000, 100_000)) -> dict:
+    """Jobs of `sizes` short requests through the simulator (a subprocess each: its peak RSS
+    is the job's), and a results journal of the largest size reopened (resumed) and finalized."""
+    from batchjax.engine.results import Result, ResultsJournal, to_output_line
+    from batchjax.requests import InputFormat
+
+    jobs = []
+    for n in sizes:
+        proc = subprocess.run([sys.executable, "-c", _SIMULATE_N, str(n)], cwd=REPO,
+                              capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise RuntimeError(f"simulating {n} requests failed:\n{proc.stderr[-2000:]}")
+        seconds, rss = proc.stdout.split()
+        jobs.append({"requests": n, "seconds": float(seconds), "peak_rss_mib": int(rss) / 2**20})
+    n = sizes[-1]
+    path = os.path.join(work, "load_journal.jsonl")
+    for stale in (path, path + ".lock"):
+        if os.path.exists(stale):
+            os.remove(stale)
+    # The lines a run would have appended (written in one go here: 100,000 fsyncs measure the
+    # disk, not the resume), the last one torn as a kill leaves it.
+    with open(path, "wb") as f:
+        for i in range(n):
+            result = Result(id=f"r{i}", index=i, text=f"answer {i}", token_ids=(5, 6, 2),
+                            finish_reason="stop", prompt_tokens=40, completion_tokens=3,
+                            cached_prompt_tokens=32, error=None)
+            f.write(json.dumps(to_output_line(result, InputFormat.NATIVE)).encode() + b"\n")
+        f.write(b'{"id": "r-torn", "te')
+    start = time.perf_counter()
+    journal = ResultsJournal(path, InputFormat.NATIVE)
+    resumed = len(journal.finished_ids)
+    resume_s = time.perf_counter() - start
+    start = time.perf_counter()
+    journal.finalize([f"r{i}" for i in reversed(range(n))])
+    finalize_s = time.perf_counter() - start
+    journal.close()
+    with open(path, "rb") as f:
+        lines = f.read().splitlines()
+    ordered = json.loads(lines[0])["id"] == f"r{n - 1}" and len(lines) == n
+    return {"jobs": jobs, "journal_lines": n, "resumed": resumed, "resume_s": resume_s,
+            "finalize_s": finalize_s, "journal_ok": resumed == n and ordered}
+
+
 # -- invariants -------------------------------------------------------------------------------
 
 
@@ -408,6 +469,14 @@ def main(argv: list[str]) -> None:
         held = sum(x["ok"] for x in hostile)
         rows.append(("hostile files", f"{len(hostile)} files and templates",
                      f"{held} refused naming the file (or by the sandbox)", held == len(hostile)))
+    if "load" in sections:
+        load = report["load"] = load_campaign(work)
+        rss = ", ".join(f"{j['requests']:,}: {j['peak_rss_mib']:.0f} MiB in {j['seconds']:.1f} s"
+                        for j in load["jobs"])
+        rows.append(("under load", f"simulated jobs of {rss}",
+                     f"journal of {load['journal_lines']:,} lines resumed in "
+                     f"{load['resume_s']:.2f} s, finalized in {load['finalize_s']:.2f} s",
+                     load["journal_ok"]))
     if "invariants" in sections:
         inv = report["invariants"] = invariant_campaign(_WORKLOADS.value, rng)
         bad = sum(v["violations"] for v in inv.values())

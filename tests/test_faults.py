@@ -136,3 +136,10 @@ def test_a_full_disk_mid_run_keeps_what_was_written_and_resumes(tmp_path, tiny_l
     final = [json.loads(line) for line in out.read_text().splitlines()]
     assert [line["id"] for line in final] == [f"r{i}" for i in range(6)]
     assert all(len(line["token_ids"]) == 3 for line in final)
+
+
+def test_a_large_journal_resumes_and_simulated_jobs_report_their_memory(tmp_path):
+    report = faults.load_campaign(str(tmp_path), sizes=(200, 2_000))
+    assert [j["requests"] for j in report["jobs"]] == [200, 2_000]
+    assert all(j["peak_rss_mib"] > 10 and j["seconds"] > 0 for j in report["jobs"])
+    assert report["resumed"] == 2_000 and report["journal_ok"]  # the torn line dropped

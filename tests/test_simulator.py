@@ -12,7 +12,7 @@ import pytest
 from batchjax import workloads
 from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.policies import POLICIES, make_batcher
-from batchjax.schedule.step_plan import Budgets, ChunkWork, PrefixRef, SampledToken, StepPlan
+from batchjax.schedule.step_plan import Budgets, ChunkWork, PrefixRef, StepPlan
 from batchjax.sim.cost_model import CostModel, DoesNotFit
 from batchjax.sim.hardware import GIB, get_device, get_model
 from batchjax.sim.plotting import plot_trace
@@ -51,24 +51,36 @@ def test_metrics_are_present_and_consistent(micro, policy):
     assert result.trace.tokens.sum() == m["computed_prefill_tokens"] + decode_tokens
 
 
+@pytest.fixture(scope="module")
+def engine_runs(tiny_llama_dir):
+    """The real engine (a tiny model, 120 pages of 16 tokens) on a microbenchmark of its
+    vocabulary, under every policy: the schedule the simulator must replay."""
+    from batchjax.engine.engine import Engine
+
+    work = workloads.microbenchmark(64, 8, 5, 4, 48, vocab_size=128, seed=3)
+    # 2 layers x K and V x 2 KV heads x 16 dims x 4 bytes x 16 tokens = 8 KiB a page.
+    engine = Engine(str(tiny_llama_dir), page_size=16, kv_budget_mb=120 * 8192 / 2**20,
+                    max_tokens_per_step=256, max_num_seqs=256, progress=False)
+    assert engine.kv_budget_pages == 120
+    requests = [{"id": str(i), "prompt_token_ids": list(r.prompt_token_ids),
+                 "max_tokens": int(n), "ignore_eos": True}
+                for i, (r, n) in enumerate(zip(work.to_sched_requests(), work.output_lens))]
+    runs = {}
+    for policy in POLICIES:
+        engine.generate(requests, policy=policy)
+        runs[policy] = dict(engine.last_metrics)
+    return work, runs
+
+
 @pytest.mark.parametrize("policy", POLICIES)
-def test_simulator_counts_equal_the_batchers_own(micro, policy):
-    budgets = Budgets(8192, 120, 16, 256)
-    batcher = make_batcher(policy, micro.to_sched_requests(), budgets)
-    produced = [0] * len(micro)
-    while batcher.has_work():
-        step = batcher.next_step()
-        sampled = []
-        for c in step.chunks:
-            if c.sample:
-                produced[c.seq_id] += 1
-                done = produced[c.seq_id] == micro.output_lens[c.seq_id]
-                sampled.append(SampledToken(c.seq_id, 1, bool(done)))
-        batcher.complete(step, sampled)
-    direct = batcher.metrics()
-    simulated = simulate(micro, policy, kv_budget_pages=120).metrics
+def test_simulator_counts_equal_the_real_engines(engine_runs, policy):
+    """The simulator replays the engine's schedule: the same prefill work, steps and pages as
+    the engine measured running the model."""
+    work, runs = engine_runs
+    simulated = simulate(work, policy, kv_budget_pages=120, max_tokens_per_step=256,
+                         max_num_seqs=256).metrics
     for name in ("computed_prefill_tokens", "output_tokens", "num_steps", "peak_kv_pages"):
-        assert simulated[name] == direct[name], name
+        assert simulated[name] == runs[policy][name], name
 
 
 def test_batchllm_saves_more_than_vllm_when_memory_cannot_hold_every_prefix(micro):
