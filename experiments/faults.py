@@ -82,14 +82,16 @@ def make_tiny_model(directory: str, seed: int = 0) -> str:
 
 
 def kill_job_lines(rng: np.random.Generator, max_tokens: int = 64) -> list[str]:
-    """4 documents x 8 questions, half greedy and half seeded sampling, and two bad lines."""
+    """4 documents x 8 questions, half greedy and half seeded sampling, and a bad line after
+    each document."""
     words = "alpha beta gamma delta river stone market garden bridge window".split()
     lines = []
     for d in range(4):
         doc = " ".join(rng.choice(words, 40))
         for q in range(8):
+            # Lengths spread over the job, so results arrive one by one, not group by group.
             request = {"id": f"d{d}q{q}", "prompt": f"{doc}\nQuestion {q}: {rng.choice(words)}?",
-                       "max_tokens": max_tokens, "ignore_eos": True}
+                       "max_tokens": int(rng.integers(2, max_tokens + 1)), "ignore_eos": True}
             if q % 2:
                 request.update(temperature=0.8, seed=100 * d + q)
             lines.append(json.dumps(request))
@@ -144,25 +146,30 @@ def kill_campaign(model: str, work: str, kills: int, rng: np.random.Generator,
     start = time.monotonic()
     _finish(_run_batch(model, inp, reference, os.path.join(work, "reference_metrics.json")))
     job_s = time.monotonic() - start
-    with open(os.path.join(work, "reference_metrics.json")) as f:
-        m = json.load(f)
-    # Process start to the first step (imports, loading, warm-up), then the steps.
-    startup_s = m.get("startup_s") or job_s / 2
-    steps_s = max(job_s - startup_s, 0.1)
-    phases = {"before the first line": 0, "mid-run": 0, "after the last line": 0,
+    total = sum(1 for line in _lines(reference) if b'"token_ids"' in line)  # results
+    phases = {"during start-up": 0, "mid-run": 0, "after the last line": 0,
               "finished before the kill": 0}
     torn = 0
-    total = len(_lines(reference))
+
+    def complete() -> int:
+        """Whole result lines in the killed run's file (error lines come before any step)."""
+        return sum(1 for line in _lines(killed)
+                   if line.endswith(b"\n") and b'"token_ids"' in line)
+
     for k in range(kills):
-        # A kill point of the work left: one in five during start-up and warm-up, the rest
-        # up to a little past the expected end of this resumed run.
-        left = 1.0 - sum(1 for line in _lines(killed) if line.endswith(b"\n")) / total
-        if k % 5 == 0:
-            delay = float(rng.uniform(0.0, startup_s))
-        else:
-            delay = startup_s + float(rng.uniform(0.0, 1.1 * steps_s * max(left, 0.05)))
+        # The last two kills land once every result is written (the final rewrite and
+        # summary), one in four during start-up (imports, loading, warm-up), the rest once a
+        # new result or two has been written.
+        plan = ("end" if k >= kills - 2 else "start-up" if k % 4 == 0 else "mid-run")
+        before = complete()
+        target = (total if plan == "end" else
+                  before + int(rng.integers(1, 3)))
         proc = _run_batch(model, inp, killed, os.path.join(work, "killed_metrics.json"))
-        time.sleep(delay)
+        if plan == "start-up":
+            time.sleep(float(rng.uniform(0.1, 2.0)))
+        else:
+            while complete() < target and proc.poll() is None:
+                time.sleep(0.002)
         if proc.poll() is not None:
             phases["finished before the kill"] += 1
             _finish(proc)
@@ -171,10 +178,9 @@ def kill_campaign(model: str, work: str, kills: int, rng: np.random.Generator,
         proc.wait()
         lines = _lines(killed)
         torn += bool(lines) and not lines[-1].endswith(b"\n")
-        done = sum(1 for line in lines if line.endswith(b"\n"))
-        phase = ("before the first line" if done == 0 else
-                 "after the last line" if done >= total else "mid-run")
-        phases[phase] += 1
+        done = complete()
+        phases["during start-up" if done == before and done < total else
+               "after the last line" if done >= total else "mid-run"] += 1
     _finish(_run_batch(model, inp, killed, os.path.join(work, "killed_metrics.json")))
     want, got = _lines(reference), _lines(killed)
     return {
