@@ -320,7 +320,7 @@ def hostile_files(work: str) -> list[tuple[str, str, str]]:
         overwrite("tokenizer_config.json", b"[1, 2")(d)), "tokenizer_config.json")
     gguf = resolve_spec("smollm2-135m")[1]
     for kind, size in (("gguf_truncated", os.path.getsize(gguf) // 2), ("gguf_header_only", 4096),
-                       ("gguf_empty", 0)):
+                       ("gguf_missing_64_bytes", os.path.getsize(gguf) - 64), ("gguf_empty", 0)):
         path = os.path.join(work, "hostile", kind + ".gguf")
         with open(gguf, "rb") as src, open(path, "wb") as dst:
             dst.write(src.read(size))
