@@ -36,12 +36,18 @@ import time
 import numpy as np
 from absl import app, flags
 
-_KILLS = flags.DEFINE_integer("kills", 20, "SIGKILLs of the one job, each followed by a resume.")
-_WORKLOADS = flags.DEFINE_integer("workloads", 1000, "Generated workloads per policy.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of kill instants and workloads.")
-_SECTIONS = flags.DEFINE_list("sections", ["kills", "malformed", "hostile", "load", "invariants"],
-                              "Which parts of the campaign to run.")
-_OUT = flags.DEFINE_string("out", "out/faults", "Working directory and report.")
+
+def _define_flags() -> None:
+    """The command line's flags, defined only when this module runs as the program: the tests
+    import its helpers beside other experiments whose flags share these names."""
+    global _KILLS, _WORKLOADS, _SEED, _SECTIONS, _OUT
+    _KILLS = flags.DEFINE_integer("kills", 20, "SIGKILLs of one job, each followed by a resume.")
+    _WORKLOADS = flags.DEFINE_integer("workloads", 1000, "Generated workloads per policy.")
+    _SEED = flags.DEFINE_integer("seed", 0, "Seed of kill instants and workloads.")
+    _SECTIONS = flags.DEFINE_list("sections", ["kills", "malformed", "hostile", "load", "invariants"],
+                                  "Which parts of the campaign to run.")
+    _OUT = flags.DEFINE_string("out", "out/faults", "Working directory and report.")
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = os.path.join(REPO, "tests", "data", "malformed_lines.jsonl")
@@ -506,4 +512,5 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
