@@ -137,7 +137,13 @@ def _engine(cfg) -> Engine:
 def _finish(journal, requests, errors, resumed, engine, results, cfg) -> None:
     input_order = sorted([(r.index, r.id) for r in requests]
                          + [(e.line - 1, journal.error_key(e)) for e in errors])
-    journal.finalize([request_id for _, request_id in input_order])
+    try:
+        journal.finalize([request_id for _, request_id in input_order])
+    except OSError as e:
+        journal.close()
+        sys.exit(f"run_batch: writing the final {_OUTPUT.value} failed: {e}; its "
+                 f"{len(journal.finished_ids)} lines are kept as they were, and the same "
+                 "command finishes it")
     journal.close()
 
     metrics = dict(engine.last_metrics)

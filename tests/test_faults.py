@@ -144,3 +144,47 @@ def test_a_large_journal_resumes_and_simulated_jobs_report_their_memory(tmp_path
     assert [j["requests"] for j in report["jobs"]] == [200, 2_000]
     assert all(j["peak_rss_mib"] > 10 and j["seconds"] > 0 for j in report["jobs"])
     assert report["resumed"] == 2_000 and report["journal_ok"]  # the torn line dropped
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 8 KiB to fill (`remount(size)` grows it); skips where mounting is refused."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8k", "tmpfs", str(mount)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("this machine does not let the tests mount a tmpfs")
+
+    def remount(size):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    yield mount, remount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_real_full_disk_mid_run_and_at_the_final_rewrite(tmp_path, tiny_llama_dir, small_disk):
+    import json
+
+    mount, remount = small_disk
+    inp, out = _job(tmp_path, n=60), mount / "out.jsonl"
+    flags = [f"--input={inp}", f"--output={out}", f"--model={tiny_llama_dir}",
+             "--config.print_results=0"]
+    proc = _run_batch(*flags)  # 60 lines of about 200 bytes do not fit in 8 KiB
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "No space left on device" in proc.stderr and "are kept" in proc.stderr
+    kept = out.read_bytes()
+    assert kept.endswith(b"\n") and 0 < kept.count(b"\n") < 60  # whole lines only
+    remount(f"{len(kept) + 16 * 1024}")  # room for the rest, not for a second copy
+    proc = _run_batch(*flags)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "writing the final" in proc.stderr and "finishes it" in proc.stderr
+    assert not (mount / "out.jsonl.tmp").exists()
+    journal = out.read_text().splitlines()
+    assert sorted(json.loads(line)["id"] for line in journal) == sorted(f"r{i}" for i in range(60))
+    remount("1m")
+    proc = _run_batch(*flags)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == [
+        f"r{i}" for i in range(60)]

@@ -323,7 +323,10 @@ class ResultsJournal:
         self._lines: dict[str, bytes] = {}  # id -> its line, newline included
         self._error_ids: set[str] = set()
         good_end = self._read_existing()
-        self._file = open(self._path, "ab")
+        # Unbuffered: a line is on disk or not once `append` returns or raises, and a failed
+        # write leaves nothing behind for a later flush to retry.
+        self._file = open(self._path, "ab", buffering=0)
+        self._end = good_end
         if self._file.tell() != good_end:
             self._file.truncate(good_end)
             self._sync()
@@ -374,8 +377,19 @@ class ResultsJournal:
         line = json.dumps(to_output_line(result, self._fmt, model=self._model,
                                          token_text=self.token_text),
                           ensure_ascii=False).encode("utf-8") + b"\n"
-        self._file.write(line)
-        self._sync()
+        try:
+            written = 0
+            while written < len(line):  # a raw write may take part of it
+                written += self._file.write(line[written:])
+            self._sync()
+        except OSError:
+            # A full disk, say: cut the part that was written, so the file stays whole lines.
+            try:
+                self._file.truncate(self._end)
+            except OSError:
+                pass
+            raise
+        self._end += len(line)
         self._lines[result.id] = line
         if result.error is not None:
             self._error_ids.add(result.id)
@@ -399,11 +413,20 @@ class ResultsJournal:
             raise ValueError("ids_in_input_order repeats an id")
         self._file.close()
         tmp_path = f"{self._path}.tmp"
-        with open(tmp_path, "wb") as tmp:
-            for request_id in ids_in_input_order:
-                tmp.write(self._lines[request_id])
-            tmp.flush()
-            os.fsync(tmp.fileno())
+        try:
+            with open(tmp_path, "wb") as tmp:
+                for request_id in ids_in_input_order:
+                    tmp.write(self._lines[request_id])
+                tmp.flush()
+                os.fsync(tmp.fileno())
+        except OSError:
+            # A full disk, say: the journal itself is untouched, and a rerun finalizes it.
+            try:
+                os.remove(tmp_path)
+            except OSError:
+                pass
+            self._file = open(self._path, "ab", buffering=0)
+            raise
         os.replace(tmp_path, self._path)
         # The rename itself is durable only once the directory entry is.
         dir_fd = os.open(os.path.dirname(os.path.abspath(self._path)), os.O_RDONLY)
@@ -413,7 +436,8 @@ class ResultsJournal:
             os.close(dir_fd)
         self._lines = {i: self._lines[i] for i in ids_in_input_order}
         self._error_ids &= set(self._lines)
-        self._file = open(self._path, "ab")
+        self._file = open(self._path, "ab", buffering=0)
+        self._end = self._file.tell()
 
     def close(self) -> None:
         self._file.close()
