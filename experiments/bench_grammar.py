@@ -28,8 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from batchjax.engine.grammar import GrammarCompiler, num_words
-from batchjax.models import gguf_loader
-from batchjax.models.registry import load_model, resolve_spec
+from batchjax.models.registry import load_tokenizer
 from batchjax.models.tokenizer import Tokenizer, _byte_alphabet
 from batchjax.structured import StructuredSpec, parse_structured
 
@@ -60,18 +59,6 @@ CONSTRAINTS = {
     "regex_phone": parse_structured({"regex": r"\([0-9]{3}\) [0-9]{3}-[0-9]{4}"}),
     "choice_4": parse_structured({"choice": ["positive", "negative", "neutral", "mixed"]}),
 }
-
-
-def _load_tokenizer(spec: str) -> tuple[Tokenizer, int]:
-    """The tokenizer and vocabulary size (logits width) of `spec`, without its weights when the
-    format allows."""
-    fmt, path = resolve_spec(spec)
-    if fmt == "gguf":
-        reader = gguf_loader.open_gguf(path)
-        return (Tokenizer.from_gguf_metadata(gguf_loader.tokenizer_metadata(reader)),
-                gguf_loader.gguf_config(reader).vocab_size)
-    loaded = load_model(spec)
-    return loaded.tokenizer, loaded.config.vocab_size
 
 
 class _Llguidance:
@@ -257,7 +244,8 @@ def _batch_fill(tokenizer: Tokenizer, vocab_size: int, rows: int, rng: np.random
 
 def main(argv: list[str]) -> None:
     del argv
-    tokenizer, vocab_size = _load_tokenizer(_MODEL.value)
+    tokenizer, config = load_tokenizer(_MODEL.value)  # the logits are config.vocab_size wide
+    vocab_size = config.vocab_size
     eos = set(tokenizer.eos_token_ids)
     report = {"model": _MODEL.value, "vocab_size": vocab_size, "cpus": os.cpu_count(),
               "walks": _WALKS.value, "warmup_walks": _WARMUP.value, "seed": _SEED.value,

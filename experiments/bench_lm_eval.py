@@ -125,12 +125,9 @@ def _build(system: str):
 
 def main(argv: list[str]) -> None:
     del argv
-    from batchjax.models import gguf_loader
-    from batchjax.models.registry import resolve_spec
-    from batchjax.models.tokenizer import Tokenizer
+    from batchjax.models.registry import load_tokenizer
 
-    tokenizer = Tokenizer.from_gguf_metadata(gguf_loader.tokenizer_metadata(
-        gguf_loader.open_gguf(resolve_spec("smollm2-135m")[1])))
+    tokenizer, _ = load_tokenizer("smollm2-135m")
     task_dir = make_task(os.path.join(_OUT.value, "task"), _ITEMS.value, _CONTEXT.value,
                          _SEED.value, tokenizer)
     report = {"items": _ITEMS.value, "choices": 4, "context_tokens": _CONTEXT.value,

@@ -56,12 +56,9 @@ RUN_FLAGS = ("--max_tokens_per_step=32", "--kv_budget_mb=1", "--config.print_res
 
 
 def smollm2_tokenizer():
-    from batchjax.models import gguf_loader
-    from batchjax.models.registry import resolve_spec
-    from batchjax.models.tokenizer import Tokenizer
+    from batchjax.models.registry import load_tokenizer
 
-    reader = gguf_loader.open_gguf(resolve_spec("smollm2-135m")[1])
-    return Tokenizer.from_gguf_metadata(gguf_loader.tokenizer_metadata(reader))
+    return load_tokenizer("smollm2-135m")[0]
 
 
 def make_tiny_model(directory: str, seed: int = 0) -> str:
@@ -321,9 +318,11 @@ def hostile_files(work: str) -> list[tuple[str, str, str]]:
     hf_case("config_zero_vocab", config(vocab_size=0), "config.json")
     hf_case("tokenizer_not_a_tokenizer", overwrite("tokenizer.json", b'{"model": 5}'),
             "tokenizer.json")
-    hf_case("tokenizer_config_not_json", lambda d: (
-        overwrite("tokenizer.json", smollm2_tokenizer().backend.to_str().encode())(d),
-        overwrite("tokenizer_config.json", b"[1, 2")(d)), "tokenizer_config.json")
+    def good_tokenizer_bad_config(directory):
+        smollm2_tokenizer().backend.save(os.path.join(directory, "tokenizer.json"))
+        overwrite("tokenizer_config.json", b"[1, 2")(directory)
+
+    hf_case("tokenizer_config_not_json", good_tokenizer_bad_config, "tokenizer_config.json")
     gguf = resolve_spec("smollm2-135m")[1]
     for kind, size in (("gguf_truncated", os.path.getsize(gguf) // 2), ("gguf_header_only", 4096),
                        ("gguf_missing_64_bytes", os.path.getsize(gguf) - 64), ("gguf_empty", 0)):

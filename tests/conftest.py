@@ -56,12 +56,9 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smollm2_tokenizer():
     """SmolLM2's tokenizer (49,152 ids), read from its GGUF file without the weights."""
-    from batchjax.models import gguf_loader
-    from batchjax.models.registry import resolve_spec
-    from batchjax.models.tokenizer import Tokenizer
+    from batchjax.models.registry import load_tokenizer
 
-    reader = gguf_loader.open_gguf(resolve_spec("smollm2-135m")[1])
-    return Tokenizer.from_gguf_metadata(gguf_loader.tokenizer_metadata(reader))
+    return load_tokenizer("smollm2-135m")[0]
 
 
 @pytest.fixture(scope="session")

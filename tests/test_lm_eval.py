@@ -145,10 +145,16 @@ def test_the_command_line_writes_lm_evals_results_json(tiny_llama_tok_dir, tmp_p
     (results_file,) = [p for p in out.rglob("results_*.json")]
     results = json.loads(results_file.read_text())
     assert set(results["results"]) == {"batchjax_mc", "batchjax_gen"}
-    assert 0.0 <= results["results"]["batchjax_mc"]["acc,none"] <= 1.0
     assert results["config"]["model"] == "batchjax"
-    samples = list(out.rglob("samples_batchjax_mc_*.jsonl"))
-    assert samples and len(samples[0].read_text().splitlines()) == 3
+    (samples,) = out.rglob("samples_batchjax_mc_*.jsonl")
+    items = [json.loads(line) for line in samples.read_text().splitlines()]
+    assert len(items) == 3
+    for item in items:  # each item's four choices were scored, and acc follows from them
+        lls = [float(r[0][0]) for r in item["resps"]]
+        assert len(lls) == 4 and all(ll < 0 for ll in lls)
+        assert item["acc"] == float(max(range(4), key=lambda k: lls[k]) == item["target"])
+    assert results["results"]["batchjax_mc"]["acc,none"] == pytest.approx(
+        sum(item["acc"] for item in items) / 3)
 
 
 # -- against lm-eval's HF backend on SmolLM2 -------------------------------------------------

@@ -181,6 +181,7 @@ class RequestPreparer:
     def __init__(self, config, tokenizer):
         self.config, self.tokenizer = config, tokenizer
         self.max_model_len = config.max_position_embeddings
+        self._grammar = None  # a GrammarCompiler, built for the first structured request
 
     def _prompt_ids(self, request: Request) -> tuple[int, ...]:
         if request.prompt_token_ids is not None:
@@ -213,7 +214,9 @@ class RequestPreparer:
         except ValueError as e:
             raise InvalidRequestError("structured", f"cannot be compiled: {e}") from None
 
-    _grammar = None
+    def _live(self, request: Request, ids: tuple[int, ...], matcher) -> _Live:
+        eos = () if request.sampling.ignore_eos else self.config.eos_token_ids
+        return _Live(request, ids, self.tokenizer, eos, self.max_model_len, matcher)
 
     def prepare_one(self, request: Request) -> _Live | Result:
         try:
@@ -221,23 +224,20 @@ class RequestPreparer:
             matcher = self._matcher(request)
         except InvalidRequestError as e:
             return _error_result(request, e.field, e.reason)
-        field = "messages" if request.messages is not None else (
-            "prompt" if request.prompt is not None else "prompt_token_ids")
         if len(ids) >= self.max_model_len:
+            field = "messages" if request.messages is not None else (
+                "prompt" if request.prompt is not None else "prompt_token_ids")
             return _error_result(
                 request, field,
                 f"prompt has {len(ids)} tokens; the model context is {self.max_model_len}")
         if request.score_from is not None and request.score_from >= len(ids):
             return _error_result(request, "score_from", f"must be below the prompt's "
                                                         f"{len(ids)} tokens")
-        eos = () if request.sampling.ignore_eos else self.config.eos_token_ids
-        return _Live(request, ids, self.tokenizer, eos, self.max_model_len, matcher)
+        return self._live(request, ids, matcher)
 
     def _samples(self, first: _Live, first_free_index: int) -> list[_Live]:
         """The other samples of `first`'s request (n > 1): the same prompt, fresh state."""
-        eos = () if first.request.sampling.ignore_eos else self.config.eos_token_ids
-        return [_Live(r, first.prompt_ids, self.tokenizer, eos, self.max_model_len,
-                      self._matcher(r))
+        return [self._live(r, first.prompt_ids, self._matcher(r))
                 for r in sample_requests(first.request, first_free_index)]
 
     def prepare(self, requests, *, sampling: SamplingParams | None = None,
@@ -441,6 +441,7 @@ class Engine(RequestPreparer):
             data_parallel=1,
         )
         return metrics
+
 
 def score_pairs(engine, pairs: Iterable[tuple[str | Sequence[int], str | Sequence[int]]], *,
                 policy: str | None = None) -> list[Score]:
@@ -658,12 +659,13 @@ class _EngineSteps:
             for k, seq in enumerate(batch.sample_seq_ids):
                 rows["processed"][k] = live[seq].request.sampling.logprobs_mode == "processed"
         if v.constrained:
-            for k, seq in enumerate(batch.sample_seq_ids):
-                st = live[seq]
-                # A row past its request's end (a step planned before the end was known)
-                # keeps the neutral mask: its token is dropped.
-                if st.matcher is not None and st.finish is None:
-                    st.matcher.fill_bitmask(rows["bitmask"][k])
+            # A row past its request's end (a step planned before the end was known) keeps
+            # the neutral mask: its token is dropped. The rest are filled on llguidance's
+            # threads at once.
+            constrained = [(live[seq].matcher, k) for k, seq in enumerate(batch.sample_seq_ids)
+                           if live[seq].matcher is not None and live[seq].finish is None]
+            if constrained:
+                constrained[0][0].compiler.fill_bitmasks(constrained, rows["bitmask"])
         return rows
 
     def _logprob(self, reported: dict[str, np.ndarray], row: int, token: int,

@@ -144,6 +144,11 @@ class Matcher:
         self._eos_taken = False
         self._scratch = None if compiler._direct else np.zeros(compiler._ll_words, np.int32)
 
+    @property
+    def compiler(self) -> GrammarCompiler:
+        """The compiler it came from (`fill_bitmasks` fills many matchers' rows at once)."""
+        return self._compiler
+
     def fill_bitmask(self, out: np.ndarray) -> None:
         """Writes the mask of the tokens allowed next into `out`, a C-contiguous int32 row of
         `num_words(vocab_size)` words. Only EOS once the grammar is complete."""

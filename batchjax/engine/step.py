@@ -161,51 +161,48 @@ class ModelStep:
         if attention == "xla" and self.cpu_kernels == "native":
             impl = functools.partial(impl, native=True)
 
-        def local_step(params, kv, feed, token_ids, positions, logits_index, md, real_rows,
-                       sampling_rows, rows, *, variant):
+        def local_forward(params, kv, feed, token_ids, positions, logits_index, md, real_rows):
             # One device's part. An input still being sampled by the step before is a
             # placeholder: its real id is in that step's feed, read here without a round trip
             # through the host.
             from_feed = feed[jnp.clip(-token_ids - 1, 0, feed.shape[0] - 1)]
             token_ids = jnp.where(token_ids < 0, from_feed, token_ids)
-            raw, kv = self._forward(params, kv, token_ids, positions, logits_index, md, impl,
-                                    real_rows)
+            return self._forward(params, kv, token_ids, positions, logits_index, md, impl,
+                                 real_rows)
+
+        def sample(raw, feed, sampling_rows, rows, *, variant):
+            # The tokens, the feed the next step reads them from, and what `variant` reports.
             tokens, reported = _sample(raw, sampling_rows, rows, variant)
-            feed = jnp.zeros_like(feed).at[: tokens.shape[0]].set(tokens)
+            return tokens, jnp.zeros_like(feed).at[: tokens.shape[0]].set(tokens), reported
+
+        def local_step(params, kv, feed, *inputs, variant):
+            *forward_inputs, sampling_rows, rows = inputs
+            raw, kv = local_forward(params, kv, feed, *forward_inputs)
+            tokens, feed, reported = sample(raw, feed, sampling_rows, rows, variant=variant)
             return tokens, feed, kv, reported
 
         kv_spec = rules.kv_spec()
         whole = PartitionSpec()
 
+        def over_mesh(local, out_specs):
+            # `local` run per device under shard_map: parameters and KV pools sharded, the
+            # feed and every host input replicated.
+            def run(params, kv, feed, *inputs):
+                return jax.shard_map(
+                    local, mesh=self.mesh, in_specs=(self._param_specs, (kv_spec, kv_spec), whole)
+                    + (whole,) * len(inputs), out_specs=out_specs, check_vma=False,
+                )(params, kv, feed, *inputs)
+            return run
+
         def step(params, kv, feed, *inputs, variant):
-            return jax.shard_map(
-                functools.partial(local_step, variant=variant), mesh=self.mesh,
-                in_specs=(self._param_specs, (kv_spec, kv_spec), whole) + (whole,) * len(inputs),
-                out_specs=(whole, whole, (kv_spec, kv_spec), whole), check_vma=False,
-            )(params, kv, feed, *inputs)
+            return over_mesh(functools.partial(local_step, variant=variant),
+                             (whole, whole, (kv_spec, kv_spec), whole))(params, kv, feed, *inputs)
 
         self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("variant",))
-
         # A split step (`StepVariant.split`): the forward pass alone, then the sampler, so that
         # the host can compute the sampler's inputs (grammar masks) while the forward runs.
-        def local_forward(params, kv, feed, token_ids, positions, logits_index, md, real_rows):
-            from_feed = feed[jnp.clip(-token_ids - 1, 0, feed.shape[0] - 1)]
-            token_ids = jnp.where(token_ids < 0, from_feed, token_ids)
-            return self._forward(params, kv, token_ids, positions, logits_index, md, impl,
-                                 real_rows)
-
-        def forward(params, kv, feed, *inputs):
-            return jax.shard_map(
-                local_forward, mesh=self.mesh,
-                in_specs=(self._param_specs, (kv_spec, kv_spec), whole) + (whole,) * len(inputs),
-                out_specs=(whole, (kv_spec, kv_spec)), check_vma=False,
-            )(params, kv, feed, *inputs)
-
-        def sample(raw, feed, sampling_rows, rows, *, variant):
-            tokens, reported = _sample(raw, sampling_rows, rows, variant)
-            return tokens, jnp.zeros_like(feed).at[: tokens.shape[0]].set(tokens), reported
-
-        self._jitted_forward = jax.jit(forward, donate_argnums=(1,))
+        self._jitted_forward = jax.jit(over_mesh(local_forward, (whole, (kv_spec, kv_spec))),
+                                       donate_argnums=(1,))
         self._jitted_sample = jax.jit(sample, static_argnames=("variant",))
         # (StepShape, StepVariant) -> the compiled program, or a _SplitProgram for split ones
         self._compiled: dict[tuple, Any] = {}
@@ -294,12 +291,30 @@ class ModelStep:
     def num_compiled_shapes(self) -> int:
         return len(self._compiled)
 
+    @staticmethod
+    def _forward_arrays(batch: StepBatch) -> tuple:
+        """The forward pass's host arrays, in the jitted step's order."""
+        real_rows = (np.int32(batch.num_tokens), np.int32(batch.num_logits_rows))
+        return (batch.token_ids, batch.positions, batch.logits_index, batch.metadata, real_rows)
+
     def _inputs(self, batch: StepBatch, sampling_rows, rows: dict[str, np.ndarray]):
         """A step's host arrays, in the jitted step's order, sent to every device of the mesh
         in one call."""
-        real_rows = (np.int32(batch.num_tokens), np.int32(batch.num_logits_rows))
-        return _place((batch.token_ids, batch.positions, batch.logits_index, batch.metadata,
-                       real_rows, tuple(sampling_rows), rows), self._replicated, self._local)
+        return _place((*self._forward_arrays(batch), tuple(sampling_rows), rows),
+                      self._replicated, self._local)
+
+    def _program(self, kv, feed, batch: StepBatch, variant: "StepVariant", inputs=None):
+        """The compiled program of `batch`'s shape; one warm-up did not foresee is compiled
+        here (from `inputs`, or neutral ones) and counted."""
+        key = (batch.shape, variant)
+        program = self._compiled.get(key)
+        if program is None:
+            if inputs is None:
+                inputs = self._inputs(batch, sampling_row_arrays(batch.shape.sampled),
+                                      variant.row_arrays(batch.shape.sampled,
+                                                         self.config.vocab_size))
+            program = self._compiled[key] = self._compile(kv, feed, inputs, variant)
+        return program
 
     def _lower(self, kv, feed, inputs, variant: "StepVariant"):
         return self._jitted.lower(self.params, kv, feed, *inputs, variant=variant)
@@ -354,13 +369,10 @@ class ModelStep:
         without waiting for them; `reported` is what `variant` adds per logits row
         (`StepVariant.row_arrays` names the row inputs `rows` holds). `feed` is the previous
         step's (or `empty_feed`)."""
-        key = (batch.shape, variant)
         if rows is None:
             rows = variant.row_arrays(batch.shape.sampled, self.config.vocab_size)
         inputs = self._inputs(batch, sampling_rows, rows)
-        program = self._compiled.get(key)
-        if program is None:  # a shape warm-up did not foresee: compiled here, and counted
-            program = self._compiled[key] = self._compile(kv, feed, inputs, variant)
+        program = self._program(kv, feed, batch, variant, inputs)
         if variant.split:
             raw, kv = program.forward(self.params, kv, feed, *inputs[:-2])
             tokens, feed, reported = program.sample(raw, feed, *inputs[-2:])
@@ -373,15 +385,8 @@ class ModelStep:
         have been computing while this ran."""
         if not variant.split:
             raise ValueError(f"{variant} is not a split variant")
-        key = (batch.shape, variant)
-        program = self._compiled.get(key)
-        if program is None:
-            inputs = self._inputs(batch, sampling_row_arrays(batch.shape.sampled),
-                                  variant.row_arrays(batch.shape.sampled, self.config.vocab_size))
-            program = self._compiled[key] = self._compile(kv, feed, inputs, variant)
-        real_rows = (np.int32(batch.num_tokens), np.int32(batch.num_logits_rows))
-        inputs = _place((batch.token_ids, batch.positions, batch.logits_index, batch.metadata,
-                         real_rows), self._replicated, self._local)
+        program = self._program(kv, feed, batch, variant)
+        inputs = _place(self._forward_arrays(batch), self._replicated, self._local)
         return program.forward(self.params, kv, feed, *inputs)
 
     def sample(self, raw, feed, batch: StepBatch, sampling_rows: tuple[np.ndarray, ...],

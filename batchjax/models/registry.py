@@ -84,6 +84,22 @@ def load_model(spec: str = DEFAULT_MODEL, dtype: jnp.dtype = jnp.float32) -> Loa
     return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path, format=fmt)
 
 
+def load_tokenizer(spec: str = DEFAULT_MODEL) -> tuple[Tokenizer | None, ModelConfig]:
+    """A model's tokenizer (None where it has none) and config, without its weights: a GGUF
+    file's metadata, a directory's config and tokenizer files."""
+    fmt, path = resolve_spec(spec)
+    if fmt == "gguf":
+        reader = gguf_loader.open_gguf(path)
+        return (Tokenizer.from_gguf_metadata(gguf_loader.tokenizer_metadata(reader)),
+                gguf_loader.gguf_config(reader))
+    if fmt == "safetensors":
+        config = safetensors_loader.read_hf_config(path)
+    else:
+        with open(os.path.join(path, checkpoint.CONFIG_FILE)) as f:
+            config = ModelConfig.from_json(f.read())
+    return Tokenizer.from_directory(path, config.eos_token_ids), config
+
+
 def convert_to_checkpoint(spec: str, out: str, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
     """Loads `spec` and saves it as a batchjax orbax checkpoint in `out` (fast to restore)."""
     loaded = load_model(spec, dtype=dtype)
