@@ -189,6 +189,43 @@ def test_the_pallas_cascade_equals_the_oracle(depth):
     np.testing.assert_allclose(np.asarray(lse)[:n], want_lse[:n], rtol=1e-5, atol=1e-4)
 
 
+def _shapes_in(jaxpr) -> set[tuple[int, ...]]:
+    """The shape of every value any equation of `jaxpr` (or of a jaxpr inside it) makes."""
+    shapes = set()
+    for eqn in jaxpr.eqns:
+        shapes.update(tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape"))
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)
+                if isinstance(inner, jax.extend.core.Jaxpr):
+                    shapes |= _shapes_in(inner)
+    return shapes
+
+
+def test_the_pallas_path_reads_a_layer_of_the_stacked_pools_in_place():
+    """The engine's pools are stacked `[L, N, ...]` and the layer is traced (a scan): the
+    kernels read that layer's pages where they lie, never a copy of the layer's pool."""
+    case = generated_step(depth=2, seed=3)
+    md, batch = metadata(case)
+    noise = np.random.default_rng(9).normal(size=case.k_pages.shape).astype(np.float32)
+    # Layer 1 holds the case's keys; layers 0 and 2 hold others, which must not leak in.
+    k_all = jnp.asarray(np.stack([noise, case.k_pages, -noise]))
+    v_all = jnp.asarray(np.stack([-noise, case.v_pages, noise]))
+
+    def attend(q, k, v, layer):
+        return pallas_attention.shared_prefix_paged_attention(q, k, v, md, layer=layer)
+
+    q = jnp.asarray(case.q)
+    got = np.asarray(jax.jit(attend)(q, k_all, v_all, jnp.int32(1)))
+    want, _ = reference(case, md)
+    n = batch.num_tokens
+    np.testing.assert_allclose(got[:n], want[:n], rtol=2e-5, atol=2e-5)
+    jaxpr = jax.make_jaxpr(attend)(q, k_all, v_all, jnp.int32(1)).jaxpr
+    one_layer = {case.k_pages.shape, (1, *case.k_pages.shape),
+                 (NUM_PAGES, PAGE * HKV, D)}  # the kernels' row view of one layer's pool
+    assert not one_layer & _shapes_in(jaxpr)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("depth", [2, 4])
 def test_the_cascade_compiles_and_matches_on_a_gpu(depth):
