@@ -1,5 +1,6 @@
 """Output lines in both shapes, and the journal surviving a killed run."""
 
+import errno
 import json
 import os
 import subprocess
@@ -114,6 +115,93 @@ def test_finalize_demands_every_id_and_appending_twice_fails(tmp_path):
         journal.finalize(["r1", "r0"])
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["r1", "r0"]
+
+
+def _refuse_renaming_tmp(monkeypatch):
+    """Makes the rename of any `.tmp` file fail as a disk that went read-only would."""
+    real = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if os.fspath(src).endswith(".tmp"):
+            raise OSError(errno.EROFS, "Read-only file system", os.fspath(src))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_a_refused_final_rename_keeps_the_journal_and_removes_its_copy(tmp_path, monkeypatch):
+    path = tmp_path / "out.jsonl"
+    journal = ResultsJournal(path, InputFormat.NATIVE)
+    for i in (2, 0, 1):
+        journal.append(_result(i))
+    written = path.read_bytes()
+    _refuse_renaming_tmp(monkeypatch)
+    with pytest.raises(OSError, match="Read-only file system"):
+        journal.finalize(["r0", "r1", "r2"])
+    assert path.read_bytes() == written  # every result, as it was
+    assert not (tmp_path / "out.jsonl.tmp").exists()
+    # The journal goes on: it still appends, and finalizes once renaming works again.
+    monkeypatch.undo()
+    journal.append(_result(3))
+    journal.finalize(["r0", "r1", "r2", "r3"])
+    journal.close()
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == [
+        "r0", "r1", "r2", "r3"]
+
+
+def test_a_rerun_after_a_refused_rename_finishes_the_file(tmp_path, monkeypatch):
+    clean = tmp_path / "clean.jsonl"
+    with ResultsJournal(clean, InputFormat.NATIVE) as journal:
+        for i in range(3):
+            journal.append(_result(i))
+        journal.finalize(["r0", "r1", "r2"])
+    path = tmp_path / "out.jsonl"
+    _refuse_renaming_tmp(monkeypatch)
+    with ResultsJournal(path, InputFormat.NATIVE) as journal:
+        for i in (2, 0, 1):
+            journal.append(_result(i))
+        with pytest.raises(OSError):
+            journal.finalize(["r0", "r1", "r2"])
+    monkeypatch.undo()
+    with ResultsJournal(path, InputFormat.NATIVE) as journal:  # the same command again
+        assert journal.finished_ids == {"r0", "r1", "r2"}
+        journal.finalize(["r0", "r1", "r2"])
+    assert path.read_bytes() == clean.read_bytes()
+
+
+class _DiskFullAfter:
+    """A raw file that takes `room` more bytes and then fails as a full disk does, having
+    written part of the line it was given."""
+
+    def __init__(self, raw, room):
+        self._raw, self.room = raw, room
+
+    def write(self, data):
+        if self.room <= 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        taken = self._raw.write(data[: self.room])
+        self.room -= taken
+        return taken
+
+    def __getattr__(self, name):
+        return getattr(self._raw, name)
+
+
+def test_a_line_cut_short_by_a_full_disk_is_removed_and_written_again(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with ResultsJournal(path, InputFormat.NATIVE) as journal:
+        journal.append(_result(0))
+        whole = path.read_bytes()
+        journal._file = _DiskFullAfter(journal._file, room=20)  # part of the next line fits
+        with pytest.raises(OSError, match="No space left"):
+            journal.append(_result(1))
+        assert path.read_bytes() == whole  # no torn line left for a later append to follow
+        assert journal.finished_ids == {"r0"}
+        journal._file.room = 10**6  # room again
+        journal.append(_result(1))
+    with ResultsJournal(path, InputFormat.NATIVE) as journal:
+        assert journal.finished_ids == {"r0", "r1"}
+    assert [json.loads(line)["id"] for line in path.read_text().splitlines()] == ["r0", "r1"]
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

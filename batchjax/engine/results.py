@@ -299,7 +299,9 @@ class ResultsJournal:
     parse), cut off the file, and its request runs again; damage anywhere else is not ours to
     repair and raises ValueError. `finalize` writes every line in input order to `PATH.tmp`,
     fsyncs it, renames it over the output (atomic) and fsyncs the directory; a kill before the
-    rename leaves the journal as it was, a kill after it the final file, and both resume.
+    rename leaves the journal as it was, a kill after it the final file, and both resume. A
+    write or rename that fails (a full disk, a refused rename) removes `PATH.tmp`, leaves the
+    journal as it was and raises the OSError; a rerun finalizes it.
 
     One writer: opening takes an exclusive lock on `PATH.lock` (holding the writer's pid) until
     `close`; a second run on the same output raises OutputInUseError while the first lives.
@@ -419,25 +421,27 @@ class ResultsJournal:
                     tmp.write(self._lines[request_id])
                 tmp.flush()
                 os.fsync(tmp.fileno())
+            os.replace(tmp_path, self._path)
         except OSError:
-            # A full disk, say: the journal itself is untouched, and a rerun finalizes it.
+            # A full disk or a refused rename: the journal itself is untouched and a rerun
+            # finalizes it, so the half-made copy only takes room and is removed.
             try:
                 os.remove(tmp_path)
             except OSError:
                 pass
             self._file = open(self._path, "ab", buffering=0)
             raise
-        os.replace(tmp_path, self._path)
+        # The file is now the final one: the journal follows it before anything else can fail.
+        self._lines = {i: self._lines[i] for i in ids_in_input_order}
+        self._error_ids &= set(self._lines)
+        self._file = open(self._path, "ab", buffering=0)
+        self._end = self._file.tell()
         # The rename itself is durable only once the directory entry is.
         dir_fd = os.open(os.path.dirname(os.path.abspath(self._path)), os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-        self._lines = {i: self._lines[i] for i in ids_in_input_order}
-        self._error_ids &= set(self._lines)
-        self._file = open(self._path, "ab", buffering=0)
-        self._end = self._file.tell()
 
     def close(self) -> None:
         self._file.close()
