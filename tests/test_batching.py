@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchjax.schedule.batching import BudgetTooSmall
+from batchjax.schedule.batching import BatchLLMBatcher, BudgetTooSmall, check_kv_budget
 from batchjax.schedule.checking import (CheckingExecutor, Replay, check_invariants,  # noqa: F401
                                         random_workload, run_checked, tight_budgets)
 from batchjax.schedule.plan import build_plan
@@ -172,6 +172,43 @@ def test_budget_below_one_request_fails_before_any_step(policy):
     requests = [SchedRequest(tuple(range(30)), 10)]
     with pytest.raises(BudgetTooSmall, match="budget"):
         make_batcher(policy, requests, Budgets(64, kv_budget_pages=9, page_size=4))
+
+
+def _two_segment_group():
+    """One group whose prefix is two shared segments of 5 and 3 tokens (pages of 4: 2 + 1,
+    each segment on fresh pages, not the 2 pages its 8 tokens would fill), and two requests
+    whose own parts at max_tokens take 3 and 2 pages: 6 pages to run alone."""
+    prefix = tuple(range(10, 18))
+    requests = [SchedRequest(prefix + tuple(range(40, 46)), 3),  # 6 own + 3 = 9: 3 pages
+                SchedRequest(prefix + (50,), 4)]  # 1 own + 4 = 5: 2 pages
+    groups = [(7, prefix, (0, 1), ((3, 5), (7, 8)))]
+    return requests, groups
+
+
+def test_a_group_that_just_fits_passes_the_budget_check_and_runs_within_it():
+    requests, groups = _two_segment_group()
+    budgets = Budgets(max_tokens_per_step=8, kv_budget_pages=6, page_size=4)
+    check_kv_budget(requests, budgets, groups)
+    result = run_checked(BatchLLMBatcher(requests, groups, budgets), requests, [3, 4], budgets)
+    assert all(count == 1 for count in result.finish_count.values())
+    assert result.metrics["peak_kv_pages"] <= 6
+
+
+def test_a_group_one_page_over_the_budget_is_refused_by_the_check_and_the_batcher():
+    requests, groups = _two_segment_group()
+    budgets = Budgets(max_tokens_per_step=8, kv_budget_pages=5, page_size=4)
+    message = r"group 7 needs 3 prefix pages \+ 3 pages .* budget of 5 pages of 4 tokens"
+    with pytest.raises(BudgetTooSmall, match=message):
+        check_kv_budget(requests, budgets, groups)
+    with pytest.raises(BudgetTooSmall, match=message):  # the batcher asks the same question
+        BatchLLMBatcher(requests, groups, budgets)
+
+
+def test_without_groups_each_request_is_checked_alone():
+    requests = [SchedRequest(tuple(range(5)), 3), SchedRequest(tuple(range(30)), 10)]
+    check_kv_budget(requests, Budgets(64, kv_budget_pages=10, page_size=4))  # 40 tokens
+    with pytest.raises(BudgetTooSmall, match="request 1 needs 10 pages .* budget of 9 pages"):
+        check_kv_budget(requests, Budgets(64, kv_budget_pages=9, page_size=4))
 
 
 @pytest.mark.parametrize("policy", ["vllm", "sglang"])

@@ -160,3 +160,18 @@ def test_a_bad_address_fails_fast_and_names_it(tiny_llama_dir):
 def test_more_replicas_than_the_cluster_holds_fail_before_work(ray_cluster, tiny_llama_dir):
     with pytest.raises(ValueError, match="data_parallel=3"):
         RayReplicas(str(tiny_llama_dir), data_parallel=3, **OPTIONS)
+
+
+def test_a_group_over_one_replicas_budget_is_refused_before_any_work_is_handed_out():
+    from batchjax.cluster.ray_cluster import _Coordinator
+    from batchjax.schedule.step_plan import Budgets, SchedRequest
+
+    doc = tuple(range(3, 43))  # 40 shared tokens: 10 pages of 4
+    sched = [SchedRequest(doc + (50 + i,), 7) for i in range(3)]  # 1 + 7 own tokens: 2 pages
+    coordinator = _Coordinator()
+    started = coordinator.start(1, sched, "batchllm", 2, Budgets(32, 12, 4))
+    assert "budget_error" not in started
+    assert coordinator.take(1, 0, dry=True)[2] == (0, 1, 2)  # the one group, whole
+    refused = coordinator.start(2, sched, "batchllm", 2, Budgets(32, 11, 4))
+    assert "group" in refused["budget_error"] and "budget of 11 pages" in refused["budget_error"]
+    assert coordinator.take(2, 0, dry=True) is None

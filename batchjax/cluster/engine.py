@@ -18,7 +18,7 @@ from batchjax.engine import engine as engine_lib
 from batchjax.engine.results import Result, SampleCollector
 from batchjax.metrics import saving_ratio
 from batchjax.requests import Request, SamplingParams
-from batchjax.schedule.batching import BatchLLMBatcher
+from batchjax.schedule.batching import BatchLLMBatcher, check_kv_budget
 from batchjax.schedule.plan import build_plan
 from batchjax.schedule.policies import make_batcher
 from batchjax.schedule.replicas import assign_subtrees
@@ -227,11 +227,12 @@ class Engine:
         elif policy == "batchllm":
             plan, queues = plan_replicas(sched, n, **lead.plan_options(policy))
             # Every group must fit one replica's budget: checked before any replica starts.
-            BatchLLMBatcher(sched, queues.groups, budgets)
+            check_kv_budget(sched, budgets, queues.groups)
             work = [(live, BatchLLMBatcher(sched, (), budgets, optimal_saving_ratio=
                                            plan.optimal_saving_ratio, plan_s=plan.plan_s,
                                            source=queues.source(r))) for r in range(n)]
         else:  # the baselines have no groups: input order in contiguous, even shares
+            check_kv_budget(sched, budgets)  # before any replica starts, naming the job's index
             work = []
             for share in contiguous_shares(
                     [len(r.prompt_token_ids) + r.max_tokens for r in sched], n):

@@ -37,8 +37,9 @@ from batchjax.engine import engine as engine_lib
 from batchjax.engine.results import Result
 from batchjax.metrics import process_age_s
 from batchjax.requests import Request, SamplingParams
-from batchjax.schedule.batching import BatchLLMBatcher
+from batchjax.schedule.batching import BatchLLMBatcher, BudgetTooSmall, check_kv_budget
 from batchjax.schedule.policies import make_batcher
+from batchjax.schedule.step_plan import Budgets
 
 RAY_MISSING = 'distributed="ray" needs Ray, an optional extra: pip install -e ".[ray]"'
 _PROBE_S = 5.0  # how long a ray_address has to answer
@@ -148,8 +149,10 @@ class _Coordinator:
         self._cond = threading.Condition()
         self._job = None
 
-    def start(self, job: int, sched, policy: str, num_replicas: int,
+    def start(self, job: int, sched, policy: str, num_replicas: int, budgets: Budgets,
               plan_options: dict | None = None) -> dict:
+        """Plans the job; a group over one replica's `budgets` is named in "budget_error"
+        (no work is handed out then)."""
         with self._cond:
             self._job = job
             self._queues = None
@@ -161,7 +164,12 @@ class _Coordinator:
             self._aborted = False
             self._runs: dict[tuple[int, int], dict] = {}
             if policy == "batchllm":
-                plan, self._queues = plan_replicas(sched, num_replicas, **(plan_options or {}))
+                plan, queues = plan_replicas(sched, num_replicas, **(plan_options or {}))
+                try:
+                    check_kv_budget(sched, budgets, queues.groups)
+                except BudgetTooSmall as e:
+                    return {"budget_error": str(e)}
+                self._queues = queues
                 return {"plan": {"num_groups": plan.num_groups, "plan_s": plan.plan_s,
                                  "optimal_saving_ratio": plan.optimal_saving_ratio,
                                  "prefix_levels": plan.prefix_levels,
@@ -581,7 +589,14 @@ class RayReplicas:
         plan_options = ({"prefix_levels": self.options.prefix_levels,
                          "min_saved_tokens": self.options.min_saved_tokens}
                         if policy == "batchllm" else None)
-        started = ray.get(coord.start.remote(job, sched, policy, n, plan_options))
+        o = self.options
+        budgets = Budgets(o.max_tokens_per_step, self.replica_info[0]["kv_budget_pages"],
+                          o.page_size, max_num_seqs=o.max_num_seqs)  # as each replica's
+        if policy != "batchllm":  # before any replica starts, naming the job's index
+            check_kv_budget(sched, budgets)
+        started = ray.get(coord.start.remote(job, sched, policy, n, budgets, plan_options))
+        if "budget_error" in started:
+            raise BudgetTooSmall(started["budget_error"])
         plan_info = started["plan"]
         run_ids = itertools.count()
         runs: dict[Any, tuple[int, int]] = {}  # in flight: ref -> (replica, run)

@@ -65,6 +65,43 @@ def pages_for(num_tokens: int, page_size: int) -> int:
     return -(-num_tokens // page_size)
 
 
+def check_kv_budget(requests: Sequence[SchedRequest], budgets: Budgets,
+                    groups: Sequence[tuple] | None = None) -> None:
+    """Raises `BudgetTooSmall` for the first group that cannot run alone in one KV budget.
+
+    A group needs its shared segments' pages (each segment starts on a fresh page) plus the
+    pages of its longest request's own part at `max_tokens`: less and it could never finish.
+    `groups` are (group_id, prefix_token_ids, request_ids[, chain]) as `BatchLLMBatcher`
+    takes them; without them (the baselines) each request is a unit with no prefix. Only
+    lengths are read, so checking a whole job costs one pass over its requests.
+    """
+    page_size, limit = budgets.page_size, budgets.kv_budget_pages
+    if groups is None:
+        for i, r in enumerate(requests):
+            worst = pages_for(len(r.prompt_token_ids) + r.max_tokens, page_size)
+            if worst > limit:
+                raise BudgetTooSmall(
+                    f"request {i} needs {worst} pages at max_tokens, over the budget of "
+                    f"{limit} pages of {page_size} tokens")
+        return
+    for group_id, prefix_tokens, request_ids, *rest in groups:
+        prefix_len = len(prefix_tokens)
+        chain = rest[0] if rest and rest[0] is not None else (
+            ((group_id, prefix_len),) if prefix_len else ())
+        chain_pages, start = 0, 0
+        for _, end in chain:
+            chain_pages += pages_for(end - start, page_size)
+            start = end
+        worst = max((pages_for(len(requests[i].prompt_token_ids) - prefix_len
+                               + requests[i].max_tokens, page_size) for i in request_ids),
+                    default=0)
+        if chain_pages + worst > limit:
+            raise BudgetTooSmall(
+                f"group {group_id} needs {chain_pages} prefix pages + {worst} pages "
+                f"for its longest request at max_tokens, over the budget of "
+                f"{limit} pages of {page_size} tokens")
+
+
 @dataclasses.dataclass(eq=False, slots=True)
 class Sequence_:
     """Mutable run-time state of one sequence: a request, or a group's shared prefix.
@@ -351,7 +388,6 @@ class BatchLLMBatcher:
             raise ValueError(f"group {group_id} was given twice")
         if chain is None:
             chain = ((group_id, prefix_len),) if prefix_len else ()
-        worst = 0
         for i in request_ids:
             r = requests[i]
             if tuple(r.prompt_token_ids[:prefix_len]) != tuple(prefix_tokens):
@@ -360,16 +396,8 @@ class BatchLLMBatcher:
                 raise ValueError(f"request {i} has no tokens after group {group_id}'s prefix")
             if i in self._group_of_request:
                 raise ValueError(f"request {i} is in two groups")
-            own = len(r.prompt_token_ids) - prefix_len
-            worst = max(worst, pages_for(own + r.max_tokens, self._page_size))
         seg_ids = self._add_segments(group_id, prefix_tokens, chain)
-        chain_pages = sum(self._segments[s].pages for s in seg_ids)
-        if chain_pages + worst > budgets.kv_budget_pages:
-            raise BudgetTooSmall(
-                f"group {group_id} needs {chain_pages} prefix pages + {worst} pages "
-                f"for its longest request at max_tokens, over the budget of "
-                f"{budgets.kv_budget_pages} pages of {self._page_size} tokens"
-            )
+        check_kv_budget(requests, budgets, ((group_id, prefix_tokens, request_ids, chain),))
         group = _GroupState(group_id, seg_ids, tuple(request_ids), collections.deque(request_ids),
                             {}, num_unfinished=len(request_ids))
         for i in request_ids:

@@ -17,10 +17,10 @@ from typing import Sequence
 from batchjax.schedule.batching import (
     Batcher,
     BatchLLMBatcher,
-    BudgetTooSmall,
     Sequence_,
     StepCounters,
     apply_sampled,
+    check_kv_budget,
     resolve_sampled,
     make_chunk,
     pages_for,
@@ -72,13 +72,8 @@ class CachedFcfsBatcher:
         for i, r in enumerate(requests):
             if not r.prompt_token_ids:
                 raise ValueError(f"request {i} has an empty prompt")
-            worst = pages_for(len(r.prompt_token_ids) + r.max_tokens, self._page_size)
-            if worst > budgets.kv_budget_pages:
-                raise BudgetTooSmall(
-                    f"request {i} needs {worst} pages at max_tokens, over the budget of "
-                    f"{budgets.kv_budget_pages} pages of {self._page_size} tokens"
-                )
             self._seqs[i] = Sequence_(i, list(r.prompt_token_ids), r.max_tokens)
+        check_kv_budget(requests, budgets)
         self._page_keys: dict[int, list[int]] = {}  # hashed cache: computed at first admission
         self._num_cached_pages: dict[int, int] = {}  # full prompt pages already in the cache
         self._waiting: collections.deque[int] = collections.deque(range(len(requests)))
