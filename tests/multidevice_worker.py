@@ -1,10 +1,11 @@
 """Runs one job under several mesh configurations in a process with N host devices.
 
-    python -m tests.multidevice_worker MODEL N_DEVICES CONFIGS_JSON OUT_JSON
+    python -m tests.multidevice_worker MODEL N_DEVICES CONFIGS_JSON OUT_JSON [REQUESTS_JSON]
 
 Multi-device tests run this in a subprocess: the host device count is fixed when JAX starts.
 Each config is the keywords of `batchjax.cluster.Engine` plus "policy"; the output maps each
-config's index to its results' token ids and its metrics.
+config's index to its results' token ids and its metrics. REQUESTS_JSON, a file holding a
+list of requests, replaces the built-in job (a request's own max_tokens wins over a config's).
 """
 
 import json
@@ -12,7 +13,8 @@ import os
 import sys
 
 
-def main(model: str, num_devices: int, configs: list[dict], out: str) -> None:
+def main(model: str, num_devices: int, configs: list[dict], out: str,
+         requests_path: str | None = None) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={num_devices}")
@@ -29,12 +31,15 @@ def main(model: str, num_devices: int, configs: list[dict], out: str) -> None:
                              doc + rng.integers(3, 100, size=int(rng.integers(1, 9))).tolist()})
     requests += [{"id": "u0", "prompt_token_ids": rng.integers(3, 100, size=21).tolist()},
                  {"id": "u1", "prompt_token_ids": [5]}]
+    if requests_path is not None:
+        with open(requests_path) as f:
+            requests = json.load(f)
     results = {}
     for k, config in enumerate(configs):
         config = dict(config)
         policy = config.pop("policy", "batchllm")
         max_tokens = config.pop("max_tokens", 8)
-        reqs = [dict(r, max_tokens=max_tokens, ignore_eos=True) for r in requests]
+        reqs = [{"max_tokens": max_tokens, **r, "ignore_eos": True} for r in requests]
         engine = Engine(model, policy=policy, progress=False, **config)
         out_results = engine.generate(reqs)
         m = engine.last_metrics
@@ -53,4 +58,4 @@ def main(model: str, num_devices: int, configs: list[dict], out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4])
+    main(sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4], *sys.argv[5:6])

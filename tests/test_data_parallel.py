@@ -7,10 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchjax.cluster.engine import contiguous_shares, plan_replicas
+from batchjax.cluster.engine import plan_replicas
 from batchjax.cluster.queues import ReplicaQueues
 from batchjax.schedule.batching import BatchLLMBatcher
 from batchjax.schedule.policies import make_batcher
+from batchjax.schedule.replicas import contiguous_shares
 from tests.test_batching import run_checked, tight_budgets, workloads
 
 

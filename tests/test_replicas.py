@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from batchjax.schedule.replicas import assign_groups
+from batchjax.schedule.replicas import assign_groups, baseline_shares
 
 
 def _loads(costs, shares) -> list[float]:
@@ -82,3 +82,11 @@ def test_the_module_needs_no_jax():
     code = ("import sys; import batchjax.schedule.replicas; "
             "assert 'jax' not in sys.modules, 'jax imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_baseline_shares_weigh_each_request_by_prompt_and_decode_limit():
+    # 40 + 10 + 10 + 10: the first request alone is over half the job.
+    assert baseline_shares([10, 10, 10, 10], [30, 0, 0, 0], 2) == [[0], [1, 2, 3]]
+    assert baseline_shares([10, 10, 10, 10], [0, 0, 0, 0], 2) == [[0, 1], [2, 3]]
+    with pytest.raises(ValueError, match="one max_tokens per prompt"):
+        baseline_shares([10, 10], [1], 2)

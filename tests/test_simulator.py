@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from batchjax import workloads
 from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.policies import POLICIES, make_batcher
+from batchjax.schedule.prefix_tree import TokenBatch
 from batchjax.schedule.step_plan import Budgets, ChunkWork, PrefixRef, StepPlan
 from batchjax.sim.cost_model import CostModel, DoesNotFit
 from batchjax.sim.hardware import GIB, get_device, get_model
@@ -81,6 +83,58 @@ def test_simulator_counts_equal_the_real_engines(engine_runs, policy):
                          max_num_seqs=256).metrics
     for name in ("computed_prefill_tokens", "output_tokens", "num_steps", "peak_kv_pages"):
         assert simulated[name] == runs[policy][name], name
+
+
+def _uneven_work() -> workloads.Workload:
+    """The microbenchmark's 12 shuffled groups with prompts and outputs of uneven lengths, so
+    a split by prefix groups and a split into contiguous shares of the input put different
+    requests, and different amounts of work, on each replica."""
+    micro = workloads.microbenchmark(64, 8, 5, 4, 48, vocab_size=128, seed=3)
+    prompts = [p[:65 + (i * 5) % 8] for i, p in enumerate(micro.prompts)]
+    output_lens = 1 + (np.arange(len(prompts), dtype=np.int64) * 7) % 9
+    return workloads.Workload("uneven", TokenBatch.from_sequences(prompts), output_lens,
+                              output_lens.copy())  # the engine runs each to its max_tokens
+
+
+BASELINES_SPLIT_IN_SHARES = ("none", "vllm")
+
+
+@pytest.fixture(scope="module")
+def engine_runs_on_two_replicas(tiny_llama_dir, tmp_path_factory):
+    """The real engine with data_parallel=2 (two forced host devices, so in a subprocess)
+    under the baselines: each replica's share and counts, which the simulator must replay."""
+    work = _uneven_work()
+    path = tmp_path_factory.mktemp("dp_baselines")
+    requests_path, out = path / "requests.json", path / "out.json"
+    requests_path.write_text(json.dumps(
+        [{"id": str(i), "prompt_token_ids": p.tolist(), "max_tokens": int(n)}
+         for i, (p, n) in enumerate(zip(work.prompts, work.max_tokens))]))
+    engine = dict(data_parallel=2, page_size=16, kv_budget_mb=120 * 8192 / 2**20,
+                  max_tokens_per_step=256, max_num_seqs=256)
+    configs = [dict(engine, policy=policy) for policy in BASELINES_SPLIT_IN_SHARES]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    subprocess.run([sys.executable, "-m", "tests.multidevice_worker", str(tiny_llama_dir), "2",
+                    json.dumps(configs), str(out), str(requests_path)],
+                   check=True, cwd=REPO, env=env, timeout=600)
+    runs = json.loads(out.read_text())
+    return work, {policy: runs[str(k)] for k, policy in enumerate(BASELINES_SPLIT_IN_SHARES)}
+
+
+@pytest.mark.parametrize("policy", BASELINES_SPLIT_IN_SHARES)
+def test_simulated_replicas_replay_the_engines_replicas(engine_runs_on_two_replicas, policy):
+    """Under data parallel the simulator splits a baseline's requests as the engine does, so
+    every replica's requests, prefill work, steps and pages equal the engine's replica's."""
+    work, runs = engine_runs_on_two_replicas
+    engine = runs[policy]["replicas"]
+    simulated = simulate(work, policy, data_parallel=2, kv_budget_pages=120,
+                         max_tokens_per_step=256, max_num_seqs=256).metrics["replicas"]
+    assert [r["kv_budget_pages"] for r in engine] == [120, 120]
+    assert all(r["requests"] > 0 for r in engine)  # both replicas got work
+    for k in range(2):
+        for name in ("requests", "computed_prefill_tokens", "output_tokens", "steps",
+                     "peak_kv_pages"):
+            assert simulated[k][name] == engine[k][name], (k, name)
 
 
 def test_batchllm_saves_more_than_vllm_when_memory_cannot_hold_every_prefix(micro):

@@ -21,7 +21,7 @@ from batchjax.requests import Request, SamplingParams
 from batchjax.schedule.batching import BatchLLMBatcher, check_kv_budget
 from batchjax.schedule.plan import build_plan
 from batchjax.schedule.policies import make_batcher
-from batchjax.schedule.replicas import assign_subtrees
+from batchjax.schedule.replicas import assign_subtrees, baseline_shares
 from batchjax.sharding.mesh import make_mesh, replica_meshes
 
 DISTRIBUTED = ("local", "ray")
@@ -37,19 +37,6 @@ def group_cost(prefix_len: int, own_lens: Sequence[int], max_tokens: Sequence[in
     suffix, every output token at its limit). Only the ranking of groups matters here, and the
     dense products, which every token pays alike, dominate a step on every device."""
     return float(prefix_len + sum(own_lens) + sum(max_tokens))
-
-
-def contiguous_shares(costs: Sequence[float], num_replicas: int) -> list[list[int]]:
-    """Indices 0..N-1 cut into `num_replicas` runs of about equal total cost, in order (the
-    baselines' split: neighbouring requests, which often share a prefix, stay together)."""
-    total = sum(costs)
-    shares: list[list[int]] = [[] for _ in range(num_replicas)]
-    acc = 0.0
-    for i, c in enumerate(costs):
-        r = min(num_replicas - 1, int((acc + c / 2) * num_replicas / total)) if total else 0
-        shares[r].append(i)
-        acc += c
-    return shares
 
 
 def plan_replicas(sched, num_replicas: int, **plan_options):
@@ -234,8 +221,8 @@ class Engine:
         else:  # the baselines have no groups: input order in contiguous, even shares
             check_kv_budget(sched, budgets)  # before any replica starts, naming the job's index
             work = []
-            for share in contiguous_shares(
-                    [len(r.prompt_token_ids) + r.max_tokens for r in sched], n):
+            for share in baseline_shares([len(r.prompt_token_ids) for r in sched],
+                                         [r.max_tokens for r in sched], n):
                 part = [live[i] for i in share]
                 work.append((part, make_batcher(policy, [sched[i] for i in share], budgets)
                              if part else None))

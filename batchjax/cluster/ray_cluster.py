@@ -32,13 +32,14 @@ import types
 from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import urlparse
 
-from batchjax.cluster.engine import SUMMED_METRICS, contiguous_shares, merge_metrics, plan_replicas
+from batchjax.cluster.engine import SUMMED_METRICS, merge_metrics, plan_replicas
 from batchjax.engine import engine as engine_lib
 from batchjax.engine.results import Result
 from batchjax.metrics import process_age_s
 from batchjax.requests import Request, SamplingParams
 from batchjax.schedule.batching import BatchLLMBatcher, BudgetTooSmall, check_kv_budget
 from batchjax.schedule.policies import make_batcher
+from batchjax.schedule.replicas import baseline_shares
 from batchjax.schedule.step_plan import Budgets
 
 RAY_MISSING = 'distributed="ray" needs Ray, an optional extra: pip install -e ".[ray]"'
@@ -176,8 +177,8 @@ class _Coordinator:
                                  "num_prefix_nodes": plan.num_prefix_nodes},
                         "shares": None}
             # The baselines have no groups: input order in contiguous, even shares.
-            shares = contiguous_shares([len(r.prompt_token_ids) + r.max_tokens for r in sched],
-                                       num_replicas)
+            shares = baseline_shares([len(r.prompt_token_ids) for r in sched],
+                                     [r.max_tokens for r in sched], num_replicas)
             for r, share in enumerate(shares):
                 self._taken[r].append((-1, (), tuple(share)))
             return {"plan": None, "shares": shares}
@@ -635,8 +636,8 @@ class RayReplicas:
                     "that finished reached on_result: a rerun with the same journal resumes)")
             if plan_info is None and lost["rerun"]:  # a baseline: the rest of its shares
                 ids = sorted(i for group in lost["rerun"] for i in group[2])
-                cuts = contiguous_shares([len(sched[i].prompt_token_ids) + sched[i].max_tokens
-                                          for i in ids], len(survivors))
+                cuts = baseline_shares([len(sched[i].prompt_token_ids) for i in ids],
+                                       [sched[i].max_tokens for i in ids], len(survivors))
                 for s, cut in zip(survivors, cuts):
                     if cut:
                         share = [ids[j] for j in cut]

@@ -5,6 +5,10 @@ data parallelism is a partition of the plan's groups. LPT takes the groups from 
 down and gives each to the replica with the least work so far; its busiest replica carries at
 most `4/3 - 1/(3 D)` times the best possible partition's, and at most `mean + largest group`.
 Within a replica the groups keep the order they were given in (the plan's execution order).
+
+The baselines plan no groups: they split the job's requests into contiguous shares of about
+equal estimated work (`baseline_shares`), the one split the engine runs and the simulator
+replays.
 """
 
 from __future__ import annotations
@@ -60,3 +64,26 @@ def assign_subtrees(costs: Sequence[float], subtree_of_group: Sequence[int],
     for r, units in enumerate(per_replica):
         owner[units] = r
     return [np.flatnonzero(owner[unit_of_group] == r).tolist() for r in range(num_replicas)]
+
+
+def contiguous_shares(costs: Sequence[float], num_replicas: int) -> list[list[int]]:
+    """Indices 0..N-1 cut into `num_replicas` runs of about equal total cost, in order
+    (neighbouring requests, which often share a prefix, stay together)."""
+    total = sum(costs)
+    shares: list[list[int]] = [[] for _ in range(num_replicas)]
+    acc = 0.0
+    for i, c in enumerate(costs):
+        r = min(num_replicas - 1, int((acc + c / 2) * num_replicas / total)) if total else 0
+        shares[r].append(i)
+        acc += c
+    return shares
+
+
+def baseline_shares(prompt_lens: Sequence[int], max_tokens: Sequence[int],
+                    num_replicas: int) -> list[list[int]]:
+    """A baseline policy's requests per replica: contiguous runs in input order, weighed by
+    each request's prompt plus its decode limit (the tokens it may run through the model)."""
+    if len(prompt_lens) != len(max_tokens):
+        raise ValueError("one max_tokens per prompt length")
+    return contiguous_shares([int(p) + int(m) for p, m in zip(prompt_lens, max_tokens)],
+                             num_replicas)

@@ -5,10 +5,12 @@ workload's true output lengths (a request finishes after exactly `output_len` to
 token and page counts are those of a real run and only the times are estimates.
 
 Scale-out: each replica is `tensor_parallel` chips (the cost model's split and collectives),
-and `data_parallel` replicas share the job. The job is planned once; whole subtrees of shared
-segments go to replicas by longest processing time first (`schedule.replicas.assign_subtrees`)
-on the cost model's estimate of their groups, each replica replays its groups in plan order with its own KV
-budget, and the job takes as long as its slowest replica.
+and `data_parallel` replicas share the job. For `batchllm` the job is planned once; whole
+subtrees of shared segments go to replicas by longest processing time first
+(`schedule.replicas.assign_subtrees`) on the cost model's estimate of their groups, and each
+replica replays its groups in plan order. The baselines take the engine's contiguous shares
+of the input (`schedule.replicas.baseline_shares`). Each replica has its own KV budget, and
+the job takes as long as its slowest replica.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from batchjax.schedule.plan import Plan, build_plan_from_tokens, new_prefix_lens
 from batchjax.schedule.policies import make_batcher
 from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.prefix_tree import TokenBatch, identify_prefixes
-from batchjax.schedule.replicas import assign_subtrees
+from batchjax.schedule.replicas import assign_subtrees, baseline_shares
 from batchjax.schedule.step_plan import Budgets, SampledToken, StepPlan
 from batchjax.sim.cost_model import CostModel
 from batchjax.sim.hardware import get_device, get_model
@@ -112,8 +114,9 @@ def simulate(
     engines' default is 256); `batchllm` is limited by KV memory alone. `kv_budget_pages`
     overrides the budget derived from device memory; both are per replica.
     `tensor_parallel` chips serve each replica (a given `cost` brings its own), and
-    `data_parallel` replicas split the job's prefix groups between them; every policy gets
-    the same split of whole groups, and the baselines run theirs first come, first served.
+    `data_parallel` replicas split the job as the engine does: `batchllm` by whole prefix
+    groups, the baselines in contiguous shares of the input, each run first come, first
+    served.
     """
     if cost is None:
         cost = CostModel(get_device(device), get_model(model), tensor_parallel=tensor_parallel)
@@ -265,24 +268,31 @@ def _simulate_replicas(
     policy_options: dict,
 ) -> SimResult:
     policy_options = dict(policy_options)
-    decode = workload.max_tokens.astype(np.float64)  # SchedRequest's estimate: max_tokens
-    plan: Plan | None = policy_options.pop("plan", None)
-    if plan is None:
-        plan_options = {k: policy_options.pop(k) for k in _PLAN_OPTIONS if k in policy_options}
-        plan = build_plan_from_tokens(workload.prompts, decode, **plan_options)
-    assignment = assign_subtrees(group_costs(plan, cost, decode), plan.subtree_of_group(),
-                                 data_parallel)
+    plan: Plan | None = None
+    if policy == "batchllm":
+        decode = workload.max_tokens.astype(np.float64)  # SchedRequest's estimate: max_tokens
+        plan = policy_options.pop("plan", None)
+        if plan is None:
+            plan_options = {k: policy_options.pop(k) for k in _PLAN_OPTIONS if k in policy_options}
+            plan = build_plan_from_tokens(workload.prompts, decode, **plan_options)
+        assignment = assign_subtrees(group_costs(plan, cost, decode), plan.subtree_of_group(),
+                                     data_parallel)
+        parts = [replica_plan(plan, group_ids) for group_ids in assignment]
+    else:  # the engine's split of the baselines, so each replica replays what it would run
+        shares = baseline_shares(workload.prompts.lengths.tolist(),
+                                 workload.max_tokens.tolist(), data_parallel)
+        parts = [(np.asarray(share, dtype=np.int64), None) for share in shares]
     replicas = []
-    for k, group_ids in enumerate(assignment):
-        members, sub_plan = replica_plan(plan, group_ids)
+    for k, (members, sub_plan) in enumerate(parts):
         part = Workload(
             name=f"{workload.name}-replica{k}",
-            prompts=sub_plan.prompts,
+            prompts=(sub_plan.prompts if sub_plan is not None else
+                     TokenBatch.from_sequences([workload.prompts[i] for i in members.tolist()])),
             output_lens=workload.output_lens[members],
             max_tokens=workload.max_tokens[members],
         )
         options = dict(policy_options)
-        if policy == "batchllm":
+        if sub_plan is not None:
             options["plan"] = sub_plan
         replicas.append(_replay(part, policy, cost, budgets, options) if len(members)
                         else _idle_replica(part, policy, cost, budgets))
@@ -293,10 +303,14 @@ def _simulate_replicas(
     metrics["peak_kv_pages"] = max(r.metrics["peak_kv_pages"] for r in replicas)
     metrics["saving_ratio"] = saving_ratio(
         metrics["logical_prefill_tokens"], metrics["computed_prefill_tokens"])
-    metrics["optimal_saving_ratio"] = plan.optimal_saving_ratio
-    metrics["plan_s"] = plan.plan_s
-    metrics["prefix_levels"] = plan.prefix_levels
-    metrics["num_prefix_nodes"] = plan.num_prefix_nodes
+    if plan is not None:
+        metrics["optimal_saving_ratio"] = plan.optimal_saving_ratio
+        metrics["plan_s"] = plan.plan_s
+        metrics["prefix_levels"] = plan.prefix_levels
+        metrics["num_prefix_nodes"] = plan.num_prefix_nodes
+    else:
+        metrics["optimal_saving_ratio"] = identify_prefixes(
+            workload.prompts).optimal_saving_ratio
     metrics["workload"] = workload.name
     simulated_s = metrics["simulated_s"]  # the slowest replica's: the job's end
     total = metrics["logical_prefill_tokens"] + metrics["output_tokens"]
