@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from batchjax.attention import xla
-from batchjax.engine import sampling
+from batchjax.engine import sampling, transfer
 from batchjax.engine.sampling import sampling_row_arrays
 from batchjax.engine.step_batch import StepBatch, empty_step_batch
 from batchjax.kernels import native, packed_matmul
@@ -161,25 +161,35 @@ class ModelStep:
         if attention == "xla" and self.cpu_kernels == "native":
             impl = functools.partial(impl, native=True)
 
-        def local_forward(params, kv, feed, token_ids, positions, logits_index, md, real_rows):
+        def local_forward(params, kv, feed, forward_inputs):
             # One device's part. An input still being sampled by the step before is a
             # placeholder: its real id is in that step's feed, read here without a round trip
             # through the host.
+            token_ids, positions, logits_index, md, real_rows = forward_inputs
             from_feed = feed[jnp.clip(-token_ids - 1, 0, feed.shape[0] - 1)]
             token_ids = jnp.where(token_ids < 0, from_feed, token_ids)
             return self._forward(params, kv, token_ids, positions, logits_index, md, impl,
                                  real_rows)
 
-        def sample(raw, feed, sampling_rows, rows, *, variant):
+        def sample(raw, feed, sampling_inputs, *, variant):
             # The tokens, the feed the next step reads them from, and what `variant` reports.
+            sampling_rows, rows = sampling_inputs
             tokens, reported = _sample(raw, sampling_rows, rows, variant)
             return tokens, jnp.zeros_like(feed).at[: tokens.shape[0]].set(tokens), reported
 
-        def local_step(params, kv, feed, *inputs, variant):
-            *forward_inputs, sampling_rows, rows = inputs
-            raw, kv = local_forward(params, kv, feed, *forward_inputs)
-            tokens, feed, reported = sample(raw, feed, sampling_rows, rows, variant=variant)
+        # Each program takes its host inputs as one buffer (`batchjax.engine.transfer`);
+        # `layouts` say where they lie in it, the same for every step of a compiled shape.
+        def local_step(params, kv, feed, packed, *, variant, layouts):
+            forward_inputs, sampling_inputs = transfer.unpack(packed, layouts)
+            raw, kv = local_forward(params, kv, feed, forward_inputs)
+            tokens, feed, reported = sample(raw, feed, sampling_inputs, variant=variant)
             return tokens, feed, kv, reported
+
+        def local_forward_only(params, kv, feed, packed, *, layouts):
+            return local_forward(params, kv, feed, *transfer.unpack(packed, layouts))
+
+        def sample_only(raw, feed, packed, *, variant, layouts):
+            return sample(raw, feed, *transfer.unpack(packed, layouts), variant=variant)
 
         kv_spec = rules.kv_spec()
         whole = PartitionSpec()
@@ -194,17 +204,21 @@ class ModelStep:
                 )(params, kv, feed, *inputs)
             return run
 
-        def step(params, kv, feed, *inputs, variant):
-            return over_mesh(functools.partial(local_step, variant=variant),
-                             (whole, whole, (kv_spec, kv_spec), whole))(params, kv, feed, *inputs)
+        def step(params, kv, feed, packed, *, variant, layouts):
+            return over_mesh(functools.partial(local_step, variant=variant, layouts=layouts),
+                             (whole, whole, (kv_spec, kv_spec), whole))(params, kv, feed, packed)
 
-        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("variant",))
+        def forward_only(params, kv, feed, packed, *, layouts):
+            return over_mesh(functools.partial(local_forward_only, layouts=layouts),
+                             (whole, (kv_spec, kv_spec)))(params, kv, feed, packed)
+
+        self._jitted = jax.jit(step, donate_argnums=(1,), static_argnames=("variant", "layouts"))
         # A split step (`StepVariant.split`): the forward pass alone, then the sampler, so that
         # the host can compute the sampler's inputs (grammar masks) while the forward runs.
-        self._jitted_forward = jax.jit(over_mesh(local_forward, (whole, (kv_spec, kv_spec))),
-                                       donate_argnums=(1,))
-        self._jitted_sample = jax.jit(sample, static_argnames=("variant",))
-        # (StepShape, StepVariant) -> the compiled program, or a _SplitProgram for split ones
+        self._jitted_forward = jax.jit(forward_only, donate_argnums=(1,),
+                                       static_argnames=("layouts",))
+        self._jitted_sample = jax.jit(sample_only, static_argnames=("variant", "layouts"))
+        # (StepShape, StepVariant) -> its compiled `_Program`
         self._compiled: dict[tuple, Any] = {}
 
     @staticmethod
@@ -292,43 +306,57 @@ class ModelStep:
         return len(self._compiled)
 
     @staticmethod
-    def _forward_arrays(batch: StepBatch) -> tuple:
-        """The forward pass's host arrays, in the jitted step's order."""
+    def _host_inputs(batch: StepBatch, sampling_rows, rows: dict[str, np.ndarray]) -> tuple:
+        """A step's host arrays: (the forward pass's, the sampler's), in the programs' order."""
         real_rows = (np.int32(batch.num_tokens), np.int32(batch.num_logits_rows))
-        return (batch.token_ids, batch.positions, batch.logits_index, batch.metadata, real_rows)
+        forward = (batch.token_ids, batch.positions, batch.logits_index, batch.metadata,
+                   real_rows)
+        return forward, (tuple(sampling_rows), rows)
 
-    def _inputs(self, batch: StepBatch, sampling_rows, rows: dict[str, np.ndarray]):
-        """A step's host arrays, in the jitted step's order, sent to every device of the mesh
-        in one call."""
-        return _place((*self._forward_arrays(batch), tuple(sampling_rows), rows),
-                      self._replicated, self._local)
+    def _neutral_inputs(self, batch: StepBatch, variant: "StepVariant") -> tuple:
+        return self._host_inputs(batch, sampling_row_arrays(batch.shape.sampled),
+                                 variant.row_arrays(batch.shape.sampled, self.config.vocab_size))
 
-    def _program(self, kv, feed, batch: StepBatch, variant: "StepVariant", inputs=None):
+    def _send(self, layouts, *trees) -> jax.Array:
+        """`trees` packed into one buffer and sent to every device of the mesh: one transfer
+        (`batchjax.engine.transfer`). They must lie as the program that reads them expects."""
+        flat, got = transfer.pack(*trees)
+        if got != layouts:
+            raise ValueError("a step's inputs are not laid out as its compiled program reads "
+                             "them (array shapes or dtypes differ from warm-up's)")
+        return _place(flat, self._replicated, self._local)
+
+    def _buffer(self, layouts) -> jax.ShapeDtypeStruct:
+        """What a program's input buffer looks like, to compile it without sending one."""
+        return jax.ShapeDtypeStruct((sum(l.size for l in layouts),), jnp.int32,
+                                    sharding=self._replicated)
+
+    def _program(self, kv, feed, batch: StepBatch, variant: "StepVariant", host=None):
         """The compiled program of `batch`'s shape; one warm-up did not foresee is compiled
-        here (from `inputs`, or neutral ones) and counted."""
+        here (from `host` inputs, or neutral ones) and counted."""
         key = (batch.shape, variant)
         program = self._compiled.get(key)
         if program is None:
-            if inputs is None:
-                inputs = self._inputs(batch, sampling_row_arrays(batch.shape.sampled),
-                                      variant.row_arrays(batch.shape.sampled,
-                                                         self.config.vocab_size))
-            program = self._compiled[key] = self._compile(kv, feed, inputs, variant)
+            host = self._neutral_inputs(batch, variant) if host is None else host
+            program = self._compiled[key] = self._compile(kv, feed, host, variant)
         return program
 
-    def _lower(self, kv, feed, inputs, variant: "StepVariant"):
-        return self._jitted.lower(self.params, kv, feed, *inputs, variant=variant)
-
-    def _compile(self, kv, feed, inputs, variant: "StepVariant"):
+    def _compile(self, kv, feed, host, variant: "StepVariant") -> "_Program":
         """The program of one shape: the whole step, or for a split variant both halves."""
         if not variant.split:
-            return self._lower(kv, feed, inputs, variant).compile()
-        *forward_inputs, sampling_rows, rows = inputs
-        forward = self._jitted_forward.lower(self.params, kv, feed, *forward_inputs)
+            _, layouts = transfer.pack(*host)
+            return _Program(self._jitted.lower(self.params, kv, feed, self._buffer(layouts),
+                                               variant=variant, layouts=layouts).compile(),
+                            layouts)
+        (_, forward_layouts), (_, sample_layouts) = (transfer.pack(tree) for tree in host)
+        forward = self._jitted_forward.lower(self.params, kv, feed,
+                                             self._buffer(forward_layouts),
+                                             layouts=forward_layouts)
         logits = forward.out_info[0]
         raw = jax.ShapeDtypeStruct(logits.shape, logits.dtype, sharding=self._replicated)
-        sample = self._jitted_sample.lower(raw, feed, sampling_rows, rows, variant=variant)
-        return _SplitProgram(forward.compile(), sample.compile())
+        sample = self._jitted_sample.lower(raw, feed, self._buffer(sample_layouts),
+                                           variant=variant, layouts=sample_layouts)
+        return _Program(forward.compile(), forward_layouts, sample.compile(), sample_layouts)
 
     @staticmethod
     def fetch(tokens: jax.Array) -> np.ndarray:
@@ -354,9 +382,8 @@ class ModelStep:
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             futures = {}
             for shape in todo:
-                inputs = self._inputs(empty_step_batch(shape), sampling_row_arrays(shape.sampled),
-                                      variant.row_arrays(shape.sampled, self.config.vocab_size))
-                futures[pool.submit(self._compile, kv, feed, inputs, variant)] = shape
+                host = self._neutral_inputs(empty_step_batch(shape), variant)
+                futures[pool.submit(self._compile, kv, feed, host, variant)] = shape
             for future in concurrent.futures.as_completed(futures):
                 self._compiled[(futures[future], variant)] = future.result()
                 bar.update(1)
@@ -371,13 +398,14 @@ class ModelStep:
         step's (or `empty_feed`)."""
         if rows is None:
             rows = variant.row_arrays(batch.shape.sampled, self.config.vocab_size)
-        inputs = self._inputs(batch, sampling_rows, rows)
-        program = self._program(kv, feed, batch, variant, inputs)
+        host = self._host_inputs(batch, sampling_rows, rows)
+        program = self._program(kv, feed, batch, variant, host)
         if variant.split:
-            raw, kv = program.forward(self.params, kv, feed, *inputs[:-2])
-            tokens, feed, reported = program.sample(raw, feed, *inputs[-2:])
+            raw, kv = program.run(self.params, kv, feed, self._send(program.layouts, host[0]))
+            tokens, feed, reported = program.sample(
+                raw, feed, self._send(program.sample_layouts, host[1]))
             return tokens, feed, kv, reported
-        return program(self.params, kv, feed, *inputs)
+        return program.run(self.params, kv, feed, self._send(program.layouts, *host))
 
     def forward(self, kv, feed, batch: StepBatch, variant: "StepVariant"):
         """The first half of a split step: returns (logits rows [S, V] f32, kv) as device
@@ -386,21 +414,26 @@ class ModelStep:
         if not variant.split:
             raise ValueError(f"{variant} is not a split variant")
         program = self._program(kv, feed, batch, variant)
-        inputs = _place(self._forward_arrays(batch), self._replicated, self._local)
-        return program.forward(self.params, kv, feed, *inputs)
+        forward = self._host_inputs(batch, (), {})[0]
+        return program.run(self.params, kv, feed, self._send(program.layouts, forward))
 
     def sample(self, raw, feed, batch: StepBatch, sampling_rows: tuple[np.ndarray, ...],
                variant: "StepVariant", rows: dict[str, np.ndarray]):
         """The second half of a split step: (sampled tokens [Ss], feed, reported)."""
         program = self._compiled[(batch.shape, variant)]
-        inputs = _place((tuple(sampling_rows), rows), self._replicated, self._local)
-        return program.sample(raw, feed, *inputs)
+        sampling = self._host_inputs(batch, sampling_rows, rows)[1]
+        return program.sample(raw, feed, self._send(program.sample_layouts, sampling))
 
 
 @dataclasses.dataclass(frozen=True)
-class _SplitProgram:
-    forward: Any
-    sample: Any
+class _Program:
+    """A compiled step: one executable (`run`), or for a split variant the forward pass
+    (`run`) and the sampler (`sample`); and how each one's host inputs lie in its buffer."""
+
+    run: Any
+    layouts: tuple
+    sample: Any = None
+    sample_layouts: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
