@@ -112,7 +112,11 @@ def test_finalize_demands_every_id_and_appending_twice_fails(tmp_path):
         with pytest.raises(ValueError, match="no result"):
             journal.finalize(["r0", "r1"])
         journal.append(_result(1))
+        with pytest.raises(ValueError, match="repeats"):
+            journal.finalize(["r1", "r0", "r1"])
+        journal.append(_result(2))  # an id the input no longer holds
         journal.finalize(["r1", "r0"])
+        assert journal.finished_ids == {"r0", "r1"}
     lines = (tmp_path / "out.jsonl").read_text().splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["r1", "r0"]
 
