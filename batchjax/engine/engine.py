@@ -88,11 +88,16 @@ class _Live:
         self.request = request
         self.prompt_ids = prompt_ids
         self.generated: list[int] = []
-        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None else None
+        self.tokenizer = tokenizer
+        # While it runs, its text matters only to find stop strings: a request without any is
+        # detokenized once it has finished (`result`, on the results thread), off the loop.
+        self.detok = IncrementalDetokenizer(tokenizer) if tokenizer is not None and s.stop \
+            else None
         # A request that only scores its prompt runs as if it generated one token, dropped.
         self.scores_only = not s.generates
         stop_sampling = s if s.generates else dataclasses.replace(s, max_tokens=1)
-        self.stop = StopChecker(stop_sampling, eos_token_ids, max_model_len, len(prompt_ids))
+        self._stop_args = (stop_sampling, eos_token_ids, max_model_len, len(prompt_ids))
+        self.stop = StopChecker(*self._stop_args)
         self.cached_prompt_tokens: int | None = None
         self.finish = None
         self.scheduled = 0  # tokens sampled for it so far, collected or still in flight
@@ -129,11 +134,29 @@ class _Live:
         if self.prompt_logprobs[position] is None:
             self.prompt_logprobs[position] = logprob
 
+    @property
+    def completion_tokens(self) -> int:
+        """Tokens its result reports, once finished."""
+        return 0 if self.scores_only else self.finish.num_tokens
+
+    def _finish_with_text(self):
+        """Its finish decision with the text: the one taken while it ran, or, where the text was
+        left for later, the same decision taken again over its tokens with their text."""
+        if self.detok is not None or self.tokenizer is None:
+            return self.finish
+        detok, stop = IncrementalDetokenizer(self.tokenizer), StopChecker(*self._stop_args)
+        for token_id in self.generated:
+            decision = stop.update(token_id, detok.add(token_id))
+        assert decision == dataclasses.replace(self.finish, text=decision.text), (
+            "a finish decided by token ids alone changed with the text")
+        return decision
+
     def result(self) -> Result:
-        f = self.finish
+        """Its result, once finished (detokenizes it if that was left for later)."""
+        f = self._finish_with_text()
         r = self.request
-        n = 0 if self.scores_only else f.num_tokens
-        text = f.text if self.detok is not None else None
+        n = self.completion_tokens
+        text = f.text if self.tokenizer is not None else None
         return Result(
             id=r.id,
             index=r.index,
@@ -391,8 +414,10 @@ class Engine(RequestPreparer):
             steps = _EngineSteps(self, buckets, feed, live, variant, done, on_result, stats, bar)
             try:
                 run_batcher(batcher, steps, overlap=o.overlap)
-            finally:
-                steps.close()
+            except BaseException:
+                steps.close(check=False)  # the loop's own error is the one to report
+                raise
+            steps.close()
             stats.compiled_after_warmup = self.step.num_compiled_shapes - warm
             metrics = dict(batcher.metrics())
         else:
@@ -555,6 +580,48 @@ class _RunStats:
             self.prefill_flops += flops
 
 
+class _ResultsThread:
+    """Hands finished requests on as results, in the order they finished, from a thread of
+    its own: their detokenization and `on_result` (the journal's fsynced writes) run while the
+    step loop goes on. A failure there (a full disk) stops the handing on and is raised to the
+    loop at its next `check`; what was handed on before it stays."""
+
+    def __init__(self, done: dict[int, Result], on_result, stats: "_RunStats"):
+        self._done, self._on_result, self._stats = done, on_result, stats
+        self.error: BaseException | None = None
+        self._queue: queue.Queue = queue.Queue()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="results")
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (st := self._queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                result = st.result()
+                self._done[st.request.index] = result
+                if self._on_result is not None:
+                    self._on_result(result)
+                if self._stats.time_to_first_result_s is None:
+                    self._stats.time_to_first_result_s = process_age_s()
+            except BaseException as e:  # noqa: BLE001 - raised again on the loop's thread
+                self.error = e
+
+    def put(self, st: _Live) -> None:
+        self._queue.put(st)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self, check: bool = True) -> None:
+        """Waits for every result put so far to be handed on."""
+        self._queue.put(None)
+        self._thread.join()
+        if check:
+            self.check()
+
+
 @dataclasses.dataclass
 class _InFlight:
     """A launched step: its layout, its device outputs, and when it started and ended."""
@@ -579,7 +646,8 @@ class _EngineSteps:
                  live: Sequence[_Live], variant: StepVariant, done: dict[int, Result], on_result,
                  stats: _RunStats, bar=None):
         self._engine, self._buckets, self._feed = engine, buckets, feed
-        self._live, self._variant, self._done, self._on_result = live, variant, done, on_result
+        self._live, self._variant = live, variant
+        self._results = _ResultsThread(done, on_result, stats)
         self._score_ranges = {i: r for i, st in enumerate(live)
                               if (r := st.score_range()) is not None}
         self._stats = stats
@@ -688,6 +756,7 @@ class _EngineSteps:
         return sampled
 
     def collect(self, plan, step: _InFlight) -> list[SampledToken]:
+        self._results.check()
         self._sample(step)
         t_wait = time.perf_counter()
         fetch = self._engine.step.fetch
@@ -715,15 +784,10 @@ class _EngineSteps:
             finished = st.add(int(tok), lp)
             sampled.append(SampledToken(seq, int(tok), finished))
             if finished:
-                result = st.result()
-                self._done[st.request.index] = result
-                stats.output_tokens += result.completion_tokens
-                stats.prompt_tokens += result.prompt_tokens
-                if stats.time_to_first_result_s is None:
-                    stats.time_to_first_result_s = process_age_s()
+                stats.output_tokens += st.completion_tokens
+                stats.prompt_tokens += len(st.prompt_ids)
                 self._bar.update(1)
-                if self._on_result is not None:
-                    self._on_result(result)
+                self._results.put(st)
         stats.model_tokens += batch.num_tokens
         stats.model_flops += step.flops
         stats.padded_tokens += batch.token_ids.shape[0]
@@ -735,7 +799,10 @@ class _EngineSteps:
                                   step=plan.step_index, refresh=False)
         return sampled
 
-    def close(self) -> None:
+    def close(self, check: bool = True) -> None:
+        """Ends the run's threads once every result is handed on; with `check`, raises what
+        failed on the results thread."""
+        self._results.close(check=False)
         self._watch.put(None)
         self._watcher.join()
         if self._own_bar:
@@ -751,6 +818,8 @@ class _EngineSteps:
             if step.decode_only and before.decode_only and not step.compiled:
                 stats.decode_idle_s += idle
                 stats.decode_span_s += max(step.ended - before.ended, idle)
+        if check:
+            self._results.check()
 
 
 def generate(requests: Iterable[str | dict | Request], model: str = "smollm2-135m", *,
