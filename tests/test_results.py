@@ -173,6 +173,44 @@ def test_a_rerun_after_a_refused_rename_finishes_the_file(tmp_path, monkeypatch)
     assert path.read_bytes() == clean.read_bytes()
 
 
+def test_a_failed_directory_fsync_raises_and_leaves_the_final_file(tmp_path, monkeypatch):
+    """The rename is done when the directory's fsync fails: the output is already the final
+    file (input order, no `.tmp` left), the journal follows it, and the error is raised rather
+    than swallowed, since the rename may not survive a power loss; finalizing again completes."""
+    path = tmp_path / "out.jsonl"
+    journal = ResultsJournal(path, InputFormat.NATIVE)
+    for i in (2, 0, 1, 3):  # r3: an id the input no longer holds
+        journal.append(_result(i))
+    real_open, real_fsync, dir_fds = os.open, os.fsync, []
+
+    def open_(file, flags, *args, **kwargs):
+        fd = real_open(file, flags, *args, **kwargs)
+        if os.path.isdir(file):
+            dir_fds.append(fd)
+        return fd
+
+    def fsync(fd):  # the files' fsyncs go through; only a directory's fails
+        if fd in dir_fds:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    with pytest.raises(OSError, match="Input/output error"):
+        journal.finalize(["r0", "r1", "r2"])
+    assert len(dir_fds) == 1
+    with pytest.raises(OSError, match="Bad file descriptor"):  # closed, not leaked
+        os.fstat(dir_fds[0])
+    monkeypatch.undo()
+    final = path.read_bytes()
+    assert [json.loads(line)["id"] for line in final.splitlines()] == ["r0", "r1", "r2"]
+    assert not (tmp_path / "out.jsonl.tmp").exists()
+    assert journal.finished_ids == {"r0", "r1", "r2"}
+    journal.finalize(["r0", "r1", "r2"])
+    journal.close()
+    assert path.read_bytes() == final
+
+
 class _DiskFullAfter:
     """A raw file that takes `room` more bytes and then fails as a full disk does, having
     written part of the line it was given."""
