@@ -3,6 +3,7 @@
 import importlib.util
 import os
 
+import jinja2
 import pytest
 
 from batchjax.models import gguf_loader
@@ -67,6 +68,20 @@ def test_chat_template_renders_like_transformers(tokenizer, hf_tokenizer):
     # Without a system message the template inserts SmolLM's default one.
     assert "named SmolLM" in tokenizer.apply_chat_template(MESSAGES[1:])
     assert tokenizer.apply_chat_template(MESSAGES).endswith("<|im_start|>assistant\n")
+
+
+@pytest.mark.parametrize("source", [
+    "{{ ''.__class__.__mro__[1].__subclasses__() }}",  # Python's internals
+    "{{ messages.append({'role': 'user', 'content': 'injected'}) }}",  # the caller's list
+    "{% for m in messages %}{{ m.update(content='rewritten') }}{% endfor %}",  # its messages
+])
+def test_a_chat_template_can_neither_reach_python_nor_change_its_messages(tokenizer, source):
+    evil = Tokenizer(tokenizer.backend, eos_token_ids=tokenizer.eos_token_ids,
+                     chat_template=source)
+    messages = [dict(m) for m in MESSAGES]
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        evil.apply_chat_template(messages)
+    assert messages == MESSAGES
 
 
 def test_eos_is_im_end(tokenizer):
