@@ -137,6 +137,17 @@ def test_a_table_wider_than_the_job_s_is_a_clear_error():
         build_step_batch(plan, PAGE, TABLE)
 
 
+def test_a_segment_wider_or_a_chain_deeper_than_the_step_s_is_a_clear_error():
+    wide = StepPlan(0, (ChunkWork(0, (3,), 0, (60,), 0, 200, True),),
+                    (PrefixRef(0, tuple(range(1, 51)), 200),))
+    with pytest.raises(ValueError, match="segment 0 needs 50 pages"):
+        build_step_batch(wide, PAGE, TABLE)
+    deep = StepPlan(0, (ChunkWork(0, (3,), 0, (60,), 1, 8, True, prefix_chain=(0, 1)),),
+                    (PrefixRef(0, (1,), 4), PrefixRef(1, (2,), 4, 1)))
+    with pytest.raises(ValueError, match="sequence 0 attends 2 shared segments"):
+        build_step_batch(deep, PAGE, TABLE)
+
+
 @pytest.mark.parametrize("native", [False, pytest.param(True, marks=native_only)])
 @pytest.mark.parametrize("causal", [True, False])
 def test_ragged_attention_matches_the_pallas_kernels_oracles(causal, native):

@@ -8,6 +8,7 @@ of a step is one of the few `BucketTable.shapes()` (see `batchjax.attention.meta
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Mapping
 
 import numpy as np
@@ -41,12 +42,6 @@ class StepBatch:
         return len(self.sample_seq_ids) + len(self.score_seq_ids)
 
 
-def _reached_pages(chunk, page_size: int) -> tuple[int, ...]:
-    """The chunk's own pages up to its last token: a sequence may hold pages for tokens still
-    to come, and a table need not name them."""
-    return chunk.page_table[: -(-(chunk.own_start + chunk.num_tokens) // page_size)]
-
-
 def _group_contiguous(chunks):
     """Chunks reordered so the chunks below each shared segment are adjacent, at every level:
     by their chains, each segment keyed by where it first appears (stable; the chunks that
@@ -57,13 +52,6 @@ def _group_contiguous(chunks):
         for s in c.prefix_chain or (None,):
             first.setdefault(s, i)
     return sorted(chunks, key=lambda c: tuple(first[s] for s in c.prefix_chain or (None,)))
-
-
-def _put_table(out: np.ndarray, row: int, table, what: str) -> None:
-    if len(table) > out.shape[1]:
-        raise ValueError(f"{what} needs {len(table)} pages; the step's page tables hold "
-                         f"{out.shape[1]} (BucketTable.table_pages)")
-    out[row, : len(table)] = table
 
 
 def _score_rows(chunk, ranges) -> range:
@@ -84,66 +72,71 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
     `score_ranges`: per request wanting prompt logprobs, the model positions [lo, hi) whose
     logits it needs (a row predicts the token after it); those of its tokens this step
     computes become scoring rows. Shared segments never cover them (`SchedRequest.logits_from`).
+
+    The layout runs on the host while the device computes the step before, so it is built
+    with whole-array operations over the chunks, not chunk by chunk: a decode step of a few
+    hundred rows would otherwise spend milliseconds in Python.
     """
     chunks = _group_contiguous(plan.chunks)
-    n_tokens = plan.num_tokens
-    n_sampled = sum(1 for c in chunks if c.sample)
-    n_scored = sum(len(_score_rows(c, score_ranges)) for c in chunks)
+    count = len(chunks)
+    q_len = np.fromiter((len(c.token_ids) for c in chunks), np.int32, count)  # [C]
+    own_start = np.fromiter((c.own_start for c in chunks), np.int32, count)
+    prefix_len = np.fromiter((c.prefix_len for c in chunks), np.int32, count)
+    sample = np.fromiter((c.sample for c in chunks), bool, count)
+    n_tokens = int(q_len.sum())
+    scored = [_score_rows(c, score_ranges) for c in chunks] if score_ranges else []
+    n_sampled = int(sample.sum())
+    n_scored = sum(len(rows) for rows in scored)
     shape = buckets.shape(n_tokens, n_sampled + n_scored)
-    t_pad, s_pad, width = shape.tokens, shape.sampled, shape.table_pages
+    t_pad, s_pad, width, levels = (shape.tokens, shape.sampled, shape.table_pages,
+                                   shape.prefix_levels)
+
+    # Tokens: [T], each row's chunk and its index in the chunk's own part.
+    q_start = np.zeros(count, np.int32)
+    np.cumsum(q_len[:-1], out=q_start[1:])
+    chunk_of = np.repeat(np.arange(count, dtype=np.int32), q_len)
+    own_idx = np.arange(n_tokens, dtype=np.int32) - q_start[chunk_of] + own_start[chunk_of]
     token_ids = np.zeros(t_pad, np.int32)
+    token_ids[:n_tokens] = np.fromiter(
+        itertools.chain.from_iterable(c.token_ids for c in chunks), np.int32, n_tokens)
     positions = np.zeros(t_pad, np.int32)
-    slot_mapping = np.full(t_pad, NULL_PAGE * page_size, np.int32)
-    # Sequences and segments: at most one per token (per level), padded with q_len 0.
-    levels = shape.prefix_levels
+    positions[:n_tokens] = prefix_len[chunk_of] + own_idx
+
+    # Own pages: each sequence's table up to its last token, and the slot each token writes.
+    reached = -(-(own_start + q_len) // page_size)  # [C] pages up to the chunk's last token
+    _check_widths(reached, width, lambda i: f"sequence {chunks[i].seq_id}")
     seq_tables = np.full((t_pad, width), NULL_PAGE, np.int32)
+    pages = np.fromiter(itertools.chain.from_iterable(
+        c.page_table[:k] for c, k in zip(chunks, reached.tolist())), np.int32, int(reached.sum()))
+    table_row = np.repeat(np.arange(count), reached)
+    table_start = np.zeros(count, np.int64)
+    np.cumsum(reached[:-1], out=table_start[1:])
+    seq_tables[table_row, np.arange(pages.size) - table_start[table_row]] = pages
+    slot_mapping = np.full(t_pad, NULL_PAGE * page_size, np.int32)
+    slot_mapping[:n_tokens] = (pages[table_start[chunk_of] + own_idx // page_size] * page_size
+                               + own_idx % page_size)
     seq_kv, seq_start, seq_len = (np.zeros(t_pad, np.int32) for _ in range(3))
+    seq_kv[:count], seq_start[:count], seq_len[:count] = own_start + q_len, q_start, q_len
+
     group_tables = np.full((levels, t_pad, width), NULL_PAGE, np.int32)
     group_len, group_start, group_q = (np.zeros((levels, t_pad), np.int32) for _ in range(3))
+    _lay_out_segments(plan, chunks, q_len, q_start, levels, group_tables, group_len,
+                      group_start, group_q)
+
+    # Sampled rows (a chunk's last token), then scoring rows.
     logits_index = np.zeros(s_pad, np.int32)
     sample_positions = np.zeros(s_pad, np.int32)
-    sample_seqs = []
-    score_rows: list[int] = []
-    score_seqs: list[int] = []
-    score_positions: list[int] = []
-    prefixes = {p.group_id: p for p in plan.prefixes}
-    group_row: list[dict[int, int]] = [{} for _ in range(levels)]
-
-    r0 = 0
-    for i, c in enumerate(chunks):
-        n = c.num_tokens
-        own_idx = c.own_start + np.arange(n)
-        token_ids[r0 : r0 + n] = c.token_ids
-        positions[r0 : r0 + n] = c.prefix_len + own_idx
-        table = np.asarray(_reached_pages(c, page_size), np.int32)
-        slot_mapping[r0 : r0 + n] = table[own_idx // page_size] * page_size + own_idx % page_size
-        _put_table(seq_tables, i, table, f"sequence {c.seq_id}")
-        seq_kv[i], seq_start[i], seq_len[i] = c.own_start + n, r0, n
-        if len(c.prefix_chain) > levels:
-            raise ValueError(f"sequence {c.seq_id} attends {len(c.prefix_chain)} shared "
-                             f"segments; the step holds {levels} (BucketTable.prefix_levels)")
-        for level, seg in enumerate(c.prefix_chain):
-            rows = group_row[level]
-            g = rows.get(seg)
-            if g is None:
-                g = rows[seg] = len(rows)
-                pref = prefixes[seg]
-                _put_table(group_tables[level], g, pref.page_table, f"segment {seg}")
-                group_len[level, g], group_start[level, g] = pref.prefix_len, r0
-            elif group_start[level, g] + group_q[level, g] != r0:
-                raise AssertionError(f"segment {seg}'s rows are not contiguous")
-            group_q[level, g] += n
-        if c.sample:
-            k = len(sample_seqs)
-            logits_index[k] = r0 + n - 1
-            sample_positions[k] = c.prefix_len + c.own_start + n
-            sample_seqs.append(c.seq_id)
-        for i in _score_rows(c, score_ranges):
-            score_rows.append(r0 + i)
+    logits_index[:n_sampled] = (q_start + q_len - 1)[sample]
+    sample_positions[:n_sampled] = (prefix_len + own_start + q_len)[sample]
+    sample_seqs = tuple(c.seq_id for c, s in zip(chunks, sample.tolist()) if s)
+    score_seqs, score_positions = [], []
+    at = n_sampled
+    for c, r0, rows in zip(chunks, q_start.tolist(), scored):
+        for i in rows:
+            logits_index[at] = r0 + i
+            at += 1
             score_seqs.append(c.seq_id)
             score_positions.append(c.prefix_len + c.own_start + i)
-        r0 += n
-    logits_index[n_sampled : n_sampled + n_scored] = score_rows
 
     md = PagedAttentionMetadata(
         slot_mapping=slot_mapping,
@@ -160,7 +153,7 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         token_ids=token_ids,
         positions=positions,
         logits_index=logits_index,
-        sample_seq_ids=tuple(sample_seqs),
+        sample_seq_ids=sample_seqs,
         sample_positions=sample_positions,
         metadata=md,
         num_tokens=n_tokens,
@@ -168,6 +161,46 @@ def build_step_batch(plan: StepPlan, page_size: int, buckets: BucketTable,
         score_seq_ids=tuple(score_seqs),
         score_positions=tuple(score_positions),
     )
+
+
+def _check_widths(pages: np.ndarray, width: int, what) -> None:
+    if pages.size and int(pages.max()) > width:
+        i = int(np.argmax(pages))
+        raise ValueError(f"{what(i)} needs {int(pages[i])} pages; the step's page tables hold "
+                         f"{width} (BucketTable.table_pages)")
+
+
+def _lay_out_segments(plan: StepPlan, chunks, q_len, q_start, levels: int, group_tables,
+                      group_len, group_start, group_q) -> None:
+    """The prefix part: at each level, every segment with the rows of the chunks below it.
+
+    The chunks below a segment are adjacent (`_group_contiguous`), so at each level a segment
+    is one run of equal segment ids over the chunks."""
+    depth = max((len(c.prefix_chain) for c in chunks), default=0)
+    if depth > levels:
+        c = next(c for c in chunks if len(c.prefix_chain) == depth)
+        raise ValueError(f"sequence {c.seq_id} attends {depth} shared segments; the step "
+                         f"holds {levels} (BucketTable.prefix_levels)")
+    prefixes = {p.group_id: p for p in plan.prefixes}
+    for level in range(depth):
+        seg = np.fromiter((c.prefix_chain[level] if len(c.prefix_chain) > level else -1
+                           for c in chunks), np.int64, len(chunks))  # [C], -1: none
+        first = np.flatnonzero(np.diff(seg, prepend=-2) != 0)  # each run's first chunk
+        first = first[seg[first] >= 0]
+        ids = seg[first]
+        if len(set(ids.tolist())) != len(ids):
+            raise AssertionError(f"a segment's rows are not contiguous at level {level}")
+        run_end = np.flatnonzero(np.diff(seg, append=-2) != 0)  # each run's last chunk
+        run_end = run_end[seg[run_end] >= 0]
+        g = len(ids)
+        group_start[level, :g] = q_start[first]
+        group_q[level, :g] = q_start[run_end] + q_len[run_end] - q_start[first]
+        refs = [prefixes[s] for s in ids.tolist()]
+        group_len[level, :g] = [p.prefix_len for p in refs]
+        _check_widths(np.array([len(p.page_table) for p in refs]), group_tables.shape[2],
+                      lambda i: f"segment {refs[i].group_id}")
+        for row, p in enumerate(refs):
+            group_tables[level, row, : len(p.page_table)] = p.page_table
 
 
 def empty_step_batch(shape: StepShape) -> StepBatch:
