@@ -52,6 +52,9 @@ def corpus() -> list[dict]:
         raw=b"\xef\xbb\xbf" + json.dumps({"id": "bom_later_line", "prompt": "hi"}).encode())
     add("crlf", "ok", None,
         raw=json.dumps({"id": "crlf", "prompt": "hi", "max_tokens": 2}).encode() + b"\r")
+    # A bare CR is JSON whitespace, not a line end: the line must stay one line.
+    add("cr_inside_line", "ok", None,
+        raw=b'{"id": "cr_inside_line",\r"prompt": "hi", "max_tokens": 2}')
     add("empty_line", "skipped", None, "")
     add("blank_line", "skipped", None, "   \t ")
     add("huge_line", "error", "prompt", make="huge_line")  # 10 MB of prompt: past the context
@@ -65,6 +68,7 @@ def corpus() -> list[dict]:
     bad("max_tokens_negative", "max_tokens", prompt="hi", max_tokens=-3)
     bad("max_tokens_float", "max_tokens", prompt="hi", max_tokens=2.5)
     bad("max_tokens_huge", "max_tokens", prompt="hi", max_tokens=10**12)
+    bad("max_tokens_past_int32", "max_tokens", prompt="hi", max_tokens=2**31)  # positions are int32
     add("max_tokens_past_context", "ok", None,  # runs, cut at the model's context
         _line({"id": "max_tokens_past_context", "prompt": "hi", "max_tokens": 100_000}))
     bad("temperature_string", "temperature", prompt="hi", temperature="hot")
@@ -73,9 +77,13 @@ def corpus() -> list[dict]:
     bad("temperature_negative", "temperature", prompt="hi", temperature=-0.5)
     bad("top_p_zero", "top_p", prompt="hi", top_p=0.0)
     bad("top_p_above_one", "top_p", prompt="hi", top_p=1.5)
+    add("top_p_one", "ok", None,  # the upper end of (0, 1]: the filter off
+        _line({"id": "top_p_one", "prompt": "hi", "max_tokens": 2, "top_p": 1.0}))
     bad("top_k_float", "top_k", prompt="hi", top_k=2.5)
     bad("min_p_negative", "min_p", prompt="hi", min_p=-0.1)
     bad("seed_past_64_bits", "seed", prompt="hi", seed=2**64)
+    bad("seed_past_32_bits", "seed", prompt="hi", seed=2**32)  # seeds key a uint32 PRNG
+    bad("seed_negative", "seed", prompt="hi", seed=-1)
     bad("seed_string", "seed", prompt="hi", seed="42")
     bad("stop_number", "stop", prompt="hi", stop=5)
     bad("stop_token_ids_strings", "stop_token_ids", prompt="hi", stop_token_ids=["x"])
