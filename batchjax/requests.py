@@ -70,6 +70,10 @@ def _is_real(value: Any) -> bool:
 def _token_ids(field: str, value: Any) -> tuple[int, ...]:
     if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
         raise InvalidRequestError(field, "must be a list of integers")
+    # The common case in C-speed builtins (a long prompt has thousands of ids); exact types,
+    # so bools (an int subclass) take the element-wise check below and are refused there.
+    if set(map(type, value)) <= {int} and (not value or min(value) >= 0):
+        return tuple(value)
     if not all(_is_int(t) and t >= 0 for t in value):
         raise InvalidRequestError(field, "must hold only non-negative integers")
     return tuple(value)

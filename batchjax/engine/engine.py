@@ -192,8 +192,11 @@ def _error_result(request: Request, field: str | None, message: str) -> Result:
 
 def step_flops(config, plan, sampled_rows: int) -> float:
     """Useful matmul FLOPs of a step: its real tokens, each over the keys it attends."""
-    context = np.concatenate([
-        c.prefix_len + c.own_start + 1 + np.arange(c.num_tokens) for c in plan.chunks])
+    q_len = np.fromiter((c.num_tokens for c in plan.chunks), np.int64, len(plan.chunks))
+    first = np.fromiter((c.prefix_len + c.own_start + 1 for c in plan.chunks), np.int64,
+                        len(plan.chunks))  # keys the chunk's first token attends
+    starts = np.cumsum(q_len) - q_len
+    context = np.repeat(first - starts, q_len) + np.arange(int(q_len.sum()))
     return forward_flops(config, context, sampled_rows)
 
 
