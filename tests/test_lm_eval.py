@@ -242,7 +242,7 @@ def both(tmp_path_factory):
     return once_per_session(tmp_path_factory, "lm_eval_both", compute)
 
 
-def test_batchjax_matches_lm_evals_hf_backend_item_by_item(both):
+def test_batchjax_matches_lm_evals_hf_backend_item_by_item(both, smollm2_tokenizer):
     hf, ours = both["hf"], both["batchjax"]
     for task in ("batchjax_mc", "batchjax_gen"):
         metric = "acc,none" if task == "batchjax_mc" else "exact_match,strip"
@@ -260,5 +260,8 @@ def test_batchjax_matches_lm_evals_hf_backend_item_by_item(both):
     assert [s["resps"] for s in gen_hf] == [s["resps"] for s in gen_ours]
     assert both["logprob_diffs"]["count"] >= 12 and both["logprob_diffs"]["max"] < 1e-4
     assert len(ours["rolling"]) == len(ROLLING_TEXTS)
-    for a, b in zip(hf["rolling"], ours["rolling"]):
-        assert a < 0 and abs(a - b) < 1e-3 * max(1.0, abs(a) / 100)
+    for text, a, b in zip(ROLLING_TEXTS, hf["rolling"], ours["rolling"]):
+        # A sum of one logprob per token: each within the 1e-4 that f32 logprobs agree to
+        # above (torch's CPU kernels differ by machine; off by a token would be whole nats).
+        tokens = len(smollm2_tokenizer.encode(text))
+        assert a < 0 and abs(a - b) < 1e-4 * tokens, (text[:20], a, b)
