@@ -66,26 +66,6 @@ def smollm2_tokenizer():
     return load_tokenizer("smollm2-135m")[0]
 
 
-def make_tiny_model(directory: str, seed: int = 0) -> str:
-    """A tiny random Llama over SmolLM2's tokenizer, saved as a batchjax checkpoint."""
-    from flax import nnx
-
-    from batchjax.models.checkpoint import is_checkpoint, save_checkpoint
-    from batchjax.models.config import ModelConfig
-    from batchjax.models.llama import LlamaForCausalLM
-
-    if is_checkpoint(directory):
-        return directory
-    tokenizer = smollm2_tokenizer()
-    config = ModelConfig(
-        architecture="LlamaForCausalLM", vocab_size=tokenizer.vocab_size, hidden_size=32,
-        intermediate_size=64, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-        rope_theta=10000.0, rms_norm_eps=1e-6, max_position_embeddings=512,
-        tie_word_embeddings=True, bos_token_id=1, eos_token_ids=tokenizer.eos_token_ids)
-    save_checkpoint(directory, config, LlamaForCausalLM(config, rngs=nnx.Rngs(seed)), tokenizer)
-    return directory
-
-
 # -- kills ------------------------------------------------------------------------------------
 
 
@@ -466,6 +446,8 @@ def main(argv: list[str]) -> None:
     sections = set(_SECTIONS.value)
     model = None
     if sections & {"kills", "malformed"}:
+        from batchjax.models.tiny import make_tiny_model
+
         model = make_tiny_model(os.path.join(work, "tiny_model"))
     if "kills" in sections:
         k = report["kills"] = kill_campaign(model, work, _KILLS.value, rng)

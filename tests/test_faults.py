@@ -11,6 +11,7 @@ import pytest
 
 from batchjax.models.config import ModelFileError
 from batchjax.models.registry import load_model
+from batchjax.models.tiny import make_tiny_model
 from batchjax.models.tokenizer import Tokenizer
 from experiments import faults
 
@@ -45,7 +46,7 @@ def test_a_chat_template_reaching_python_internals_is_refused(smollm2_tokenizer)
 
 
 def test_kills_at_random_instants_resume_to_the_uninterrupted_file(tmp_path):
-    model = faults.make_tiny_model(str(tmp_path / "tiny"))
+    model = make_tiny_model(str(tmp_path / "tiny"))
     report = faults.kill_campaign(model, str(tmp_path / "work"), 4, np.random.default_rng(5),
                                   max_tokens=16)
     assert report["kills"] == 4 and sum(report["phases"].values()) == 4
