@@ -306,12 +306,15 @@ class ModelStep:
         return len(self._compiled)
 
     @staticmethod
-    def _host_inputs(batch: StepBatch, sampling_rows, rows: dict[str, np.ndarray]) -> tuple:
-        """A step's host arrays: (the forward pass's, the sampler's), in the programs' order."""
+    def _forward_inputs(batch: StepBatch) -> tuple:
+        """The forward pass's host arrays, in its program's order."""
         real_rows = (np.int32(batch.num_tokens), np.int32(batch.num_logits_rows))
-        forward = (batch.token_ids, batch.positions, batch.logits_index, batch.metadata,
-                   real_rows)
-        return forward, (tuple(sampling_rows), rows)
+        return (batch.token_ids, batch.positions, batch.logits_index, batch.metadata, real_rows)
+
+    @classmethod
+    def _host_inputs(cls, batch: StepBatch, sampling_rows, rows: dict[str, np.ndarray]) -> tuple:
+        """A step's host arrays: (the forward pass's, the sampler's), in the programs' order."""
+        return cls._forward_inputs(batch), (tuple(sampling_rows), rows)
 
     def _neutral_inputs(self, batch: StepBatch, variant: "StepVariant") -> tuple:
         return self._host_inputs(batch, sampling_row_arrays(batch.shape.sampled),
@@ -398,13 +401,12 @@ class ModelStep:
         step's (or `empty_feed`)."""
         if rows is None:
             rows = variant.row_arrays(batch.shape.sampled, self.config.vocab_size)
+        if variant.split:
+            raw, kv = self.forward(kv, feed, batch, variant)
+            tokens, feed, reported = self.sample(raw, feed, batch, sampling_rows, variant, rows)
+            return tokens, feed, kv, reported
         host = self._host_inputs(batch, sampling_rows, rows)
         program = self._program(kv, feed, batch, variant, host)
-        if variant.split:
-            raw, kv = program.run(self.params, kv, feed, self._send(program.layouts, host[0]))
-            tokens, feed, reported = program.sample(
-                raw, feed, self._send(program.sample_layouts, host[1]))
-            return tokens, feed, kv, reported
         return program.run(self.params, kv, feed, self._send(program.layouts, *host))
 
     def forward(self, kv, feed, batch: StepBatch, variant: "StepVariant"):
@@ -414,15 +416,15 @@ class ModelStep:
         if not variant.split:
             raise ValueError(f"{variant} is not a split variant")
         program = self._program(kv, feed, batch, variant)
-        forward = self._host_inputs(batch, (), {})[0]
-        return program.run(self.params, kv, feed, self._send(program.layouts, forward))
+        return program.run(self.params, kv, feed,
+                           self._send(program.layouts, self._forward_inputs(batch)))
 
     def sample(self, raw, feed, batch: StepBatch, sampling_rows: tuple[np.ndarray, ...],
                variant: "StepVariant", rows: dict[str, np.ndarray]):
         """The second half of a split step: (sampled tokens [Ss], feed, reported)."""
         program = self._compiled[(batch.shape, variant)]
-        sampling = self._host_inputs(batch, sampling_rows, rows)[1]
-        return program.sample(raw, feed, self._send(program.sample_layouts, sampling))
+        return program.sample(raw, feed, self._send(program.sample_layouts,
+                                                    (tuple(sampling_rows), rows)))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,8 +2,8 @@
 
 A step takes two dozen small arrays (token ids, positions, the ragged attention metadata,
 the sampled rows' settings). Sent one by one, each is a transfer of its own with its own
-dispatch on the host (about half a millisecond each on a CPU, more than the arrays' bytes
-cost). `pack` lays every leaf's 32-bit words end to end in one int32 buffer; the jitted step
+dispatch on the host, which costs more than the arrays' bytes (BENCHMARKS.md, "The host's
+work per step"). `pack` lays every leaf's 32-bit words end to end in one int32 buffer; the jitted step
 takes the buffer and `TransferLayout.unpack`s it, the layout being a static argument (the same
 for every step of one compiled shape).
 """
