@@ -43,6 +43,7 @@ _ROWS = (
     ("simulated_s", "simulated time (s, estimate)", "{:.2f}"),
     ("output_tokens_per_s", "output tokens/s", "{:,.1f}"),
     ("total_tokens_per_s", "total tokens/s", "{:,.1f}"),
+    ("model_flops", "model FLOPs (dense and attention)", "{:.4g}"),
     ("prefill_gflops_per_s", "model GFLOP/s, prefill steps", "{:,.1f}"),
     ("decode_gflops_per_s", "model GFLOP/s, decode steps", "{:,.1f}"),
     ("host_s_per_step", "host time per step (s)", "{:.4f}"),

@@ -16,7 +16,7 @@ from batchjax.schedule.policies import POLICIES, make_batcher
 from batchjax.schedule.prefix_tree import TokenBatch
 from batchjax.schedule.step_plan import Budgets, ChunkWork, PrefixRef, StepPlan
 from batchjax.sim.cost_model import CostModel, DoesNotFit
-from batchjax.sim.hardware import GIB, get_device, get_model
+from batchjax.sim.hardware import GIB, ModelShape, get_device, get_model
 from batchjax.sim.plotting import plot_trace
 from batchjax.sim.simulate import ReplaySteps, simulate
 
@@ -25,7 +25,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METRIC_NAMES = (
     "policy num_requests num_groups logical_prefill_tokens computed_prefill_tokens saving_ratio "
     "optimal_saving_ratio output_tokens num_steps peak_kv_pages kv_budget_pages plan_s "
-    "simulated_s output_tokens_per_s"
+    "simulated_s output_tokens_per_s model_flops"
 ).split()
 
 
@@ -71,18 +71,23 @@ def engine_runs(tiny_llama_dir):
     for policy in POLICIES:
         engine.generate(requests, policy=policy)
         runs[policy] = dict(engine.last_metrics)
-    return work, runs
+    return work, runs, engine.config
 
 
 @pytest.mark.parametrize("policy", POLICIES)
 def test_simulator_counts_equal_the_real_engines(engine_runs, policy):
     """The simulator replays the engine's schedule: the same prefill work, steps and pages as
     the engine measured running the model."""
-    work, runs = engine_runs
+    work, runs, config = engine_runs
+    shape = ModelShape("tiny", config.num_layers, config.hidden_size, config.num_heads,
+                       config.num_kv_heads, config.head_dim, config.intermediate_size,
+                       config.vocab_size, config.tie_word_embeddings)
     simulated = simulate(work, policy, kv_budget_pages=120, max_tokens_per_step=256,
-                         max_num_seqs=256).metrics
+                         max_num_seqs=256, cost=CostModel(get_device("a100-80gb"), shape)).metrics
     for name in ("computed_prefill_tokens", "output_tokens", "num_steps", "peak_kv_pages"):
         assert simulated[name] == runs[policy][name], name
+    # The FLOPs the engine counted running the model, by the simulator's own formula.
+    assert simulated["model_flops"] == pytest.approx(runs[policy]["model_flops"], rel=1e-9)
 
 
 def _uneven_work() -> workloads.Workload:

@@ -49,6 +49,7 @@ class StepCost:
     attention_s: float
     communication_s: float
     overhead_s: float
+    flops: float = 0.0  # the step's model FLOPs (dense and attention, all chips together)
 
     @property
     def total_s(self) -> float:
@@ -182,7 +183,8 @@ class CostModel:
         attention_bytes = (kv_read + tokens) * self.kv_bytes_per_token_per_chip
         attention = max(attention_flops / t / flops_per_s, attention_bytes / bytes_per_s)
         return StepCost(
-            dense, attention, self.communication_seconds(tokens, sampled), self.step_overhead_s
+            dense, attention, self.communication_seconds(tokens, sampled), self.step_overhead_s,
+            float(dense_flops + attention_flops),
         )
 
     def step_seconds(self, step: StepPlan) -> float:

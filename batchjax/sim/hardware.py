@@ -94,6 +94,8 @@ MODELS = {
         ModelShape("llama-3.1-70b", 80, 8192, 64, 8, 128, 28672, 128256),
         ModelShape("qwen-2.5-7b", 28, 3584, 28, 4, 128, 18944, 152064),
         ModelShape("qwen-2.5-14b", 48, 5120, 40, 8, 128, 13824, 152064),
+        # The engine's default model: with it, a replay's FLOPs are those of the CPU runs.
+        ModelShape("smollm2-135m", 30, 576, 9, 3, 64, 1536, 49152, tie_word_embeddings=True),
     )
 }
 

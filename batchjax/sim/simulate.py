@@ -42,7 +42,7 @@ _PLAN_OPTIONS = ("grouping_method", "align_to_pages", "order_key", "prefix_level
                  "min_saved_tokens")
 # Counters that add up over replicas; budgets and peaks are per replica.
 _SUMMED = ("num_requests", "num_groups", "logical_prefill_tokens", "computed_prefill_tokens",
-           "output_tokens", "num_steps", "num_preemptions", "replay_wall_s")
+           "output_tokens", "num_steps", "num_preemptions", "replay_wall_s", "model_flops")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,11 +154,11 @@ def _replay(
         )
     batcher = make_batcher(policy, requests, budgets, **policy_options)
     trace_rows: list[tuple[int, int, float]] = []  # tokens, KV pages in use, seconds
-    parts = np.zeros(4)  # dense, attention, communication, overhead seconds
+    parts = np.zeros(5)  # dense, attention, communication, overhead seconds; model FLOPs
 
     def on_launch(step: StepPlan) -> None:
         c = cost.step_cost(step)
-        parts[:] += (c.dense_s, c.attention_s, c.communication_s, c.overhead_s)
+        parts[:] += (c.dense_s, c.attention_s, c.communication_s, c.overhead_s, c.flops)
         trace_rows.append((step.num_tokens, step.kv_pages_in_use, c.total_s))
 
     run_batcher(batcher, ReplaySteps(workload.output_lens.tolist(), on_launch))
@@ -187,6 +187,7 @@ def _replay(
         attention_s=float(parts[1]),
         communication_s=float(parts[2]),
         overhead_s=float(parts[3]),
+        model_flops=float(parts[4]),
     )
     return SimResult(metrics, trace)
 
@@ -333,6 +334,6 @@ def _idle_replica(workload: Workload, policy: str, cost: CostModel, budgets: Bud
         "max_num_seqs": budgets.max_num_seqs if policy != "batchllm" else None,
         "simulated_s": 0.0, "output_tokens_per_s": 0.0, "total_tokens_per_s": 0.0,
         "replay_wall_s": 0.0, "dense_s": 0.0, "attention_s": 0.0, "communication_s": 0.0,
-        "overhead_s": 0.0,
+        "overhead_s": 0.0, "model_flops": 0.0,
     }
     return SimResult(metrics, StepTrace(empty, empty, np.zeros(0)))
