@@ -97,15 +97,21 @@ class ModelStep:
 
     The step runs on `mesh` (default: a mesh of one device), every device on its own heads
     and MLP columns (`batchjax.sharding`): one program under `shard_map`, whose partial
-    products after the output and down projections are summed over the `model` axis, and
-    whose vocabulary slices of the logits are gathered before sampling. A mesh of one runs
-    the same program, its collectives over one device.
+    products after the output and down projections are summed over the `model` axis. The
+    embedding table and the LM head are placed as `sharding_rules` say (default: the rules
+    active when the step is built, `rules.active()`), each with its collective: see
+    `batchjax.sharding.rules`. A mesh of one runs the same program, its collectives over one
+    device.
     """
 
     def __init__(self, model: nnx.Module, attention: str = "xla", cpu_kernels: str = "auto",
-                 mesh: Mesh | None = None):
+                 mesh: Mesh | None = None,
+                 sharding_rules: dict[str, str | None] | None = None):
         config = model.config
         self.config = config
+        self.rules = dict(rules.active() if sharding_rules is None else sharding_rules)
+        # (embedding table, LM head): which of their axes is on the `model` axis.
+        self.placement = rules.placement(self.rules)
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])
         if self.mesh.devices.shape[0] != 1:
             raise ValueError(f"a step runs on one replica's [1, T] mesh, got "
@@ -126,18 +132,27 @@ class ModelStep:
             gate_up.kernel.set_value(gate_up.kernel[...][:, layout.gate_up_columns()])
             layers.append(layer)
         self._layer_graphdef = _fused_layer_graphdef(layout.local_config(), model.dtype)
-        self._embed_graphdef, embed_state = nnx.split(model.embed_tokens)
         self._norm_graphdef, norm_state = nnx.split(model.norm)
         self.cpu_kernels = choose_cpu_kernels(cpu_kernels, model.dtype)
         layer_states = [nnx.split(layer)[1] for layer in layers]
+        table = model.embed_tokens.embedding[...]  # [V, H]
         if model.lm_head is None:
-            head = model.embed_tokens.embedding[...].T  # tied: the lookup keeps [V, H] too
+            head = table.T  # tied: the lookup keeps [V, H] too
         else:
             head = model.lm_head.kernel[...]
-        params = {"embed": embed_state, "norm": norm_state, "packed": {},
-                  "head": layout.pad_vocab(head)}
+        # Whichever axis is split is padded to split evenly (with zeros: see `_embed`, `_head`).
+        table_placement, head_placement = self.placement
+        if table_placement == "vocab":
+            table = layout.pad_vocab(table, axis=0)
+        elif table_placement == "embed":
+            table = layout.pad_hidden(table, axis=1)
+        head = layout.pad_vocab(head)  # whole packed panels, split or not
+        if head_placement == "embed":
+            head = layout.pad_hidden(head, axis=0)
+        params = {"embed": {"embedding": table}, "norm": norm_state, "packed": {},
+                  "head": head}
         if self.cpu_kernels == "native":
-            self._pack(params, layer_states, model.dtype, self.tensor_parallel)
+            self._pack(params, layer_states, model.dtype, self.tensor_parallel, head_placement)
         # Which native product the bf16 weights run on (None: XLA's dot, or f32 weights).
         self.bf16_matmul = None
         if self.cpu_kernels == "native" and jnp.dtype(model.dtype) == jnp.bfloat16:
@@ -148,12 +163,13 @@ class ModelStep:
                 self.bf16_matmul = "amx_bf16" if native.cpu_has_amx_bf16() else "avx512_bf16"
         params["layers"] = _stack_states(layer_states)
         self._param_specs = jax.tree_util.tree_map_with_path(
-            lambda path, x: rules.param_spec(rules.tree_path_names(path), x.ndim, x.size), params)
+            lambda path, x: rules.param_spec(rules.tree_path_names(path), x.ndim, x.size,
+                                             self.rules), params)
         # Whether every device of the mesh is this process's (not a `jax.distributed` job).
         self._local = all(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
         self.params = _place(params, jax.tree.map(
             lambda spec: NamedSharding(self.mesh, spec), self._param_specs), self._local)
-        self.kv_sharding = NamedSharding(self.mesh, rules.kv_spec())
+        self.kv_sharding = NamedSharding(self.mesh, rules.kv_spec(self.rules))
         self._replicated = replicated(self.mesh)
         self.dtype = model.dtype
         self._inv_freq = np.asarray(config.rope_inv_freq(), np.float32)  # [D/2]
@@ -191,7 +207,7 @@ class ModelStep:
         def sample_only(raw, feed, packed, *, variant, layouts):
             return sample(raw, feed, *transfer.unpack(packed, layouts), variant=variant)
 
-        kv_spec = rules.kv_spec()
+        kv_spec = rules.kv_spec(self.rules)
         whole = PartitionSpec()
 
         def over_mesh(local, out_specs):
@@ -222,13 +238,14 @@ class ModelStep:
         self._compiled: dict[tuple, Any] = {}
 
     @staticmethod
-    def _pack(params, layer_states, dtype, tensor_parallel: int) -> None:
+    def _pack(params, layer_states, dtype, tensor_parallel: int, head_placement: str) -> None:
         """Moves the dense kernels into `params["packed"]`, packed for the native matmul.
 
         Each layer's copy becomes an empty placeholder, so the scan slices nothing for it; a
         kernel whose width on one device is not a multiple of the panel stays where it is, on
         XLA's dot. Column-parallel kernels are cut over their panels, row-parallel ones over
-        their rows (`batchjax.sharding.rules`).
+        their rows (`batchjax.sharding.rules`); the LM head is either, as `head_placement`
+        says ("vocab": columns, "embed": rows).
         """
         packed = params["packed"]
         preferred = packed_matmul.bf16_layout()  # AVX512-BF16 pairs where the CPU has them
@@ -249,20 +266,57 @@ class ModelStep:
             for st in layer_states:
                 st[module][name]["kernel"] = nnx.Param(jnp.zeros((0,), dtype))
         head = params["head"]
-        if head.shape[-1] // tensor_parallel % packed_matmul.PANEL == 0:
-            packed["lm_head"] = pack(head[None], head.shape[0])
+        k, n = head.shape
+        if head_placement == "vocab":
+            n //= tensor_parallel
+        else:
+            k //= tensor_parallel
+        if n % packed_matmul.PANEL == 0:
+            packed["lm_head"] = pack(head[None], k)
             del params["head"]
+
+    def _embed(self, table, token_ids):
+        """token_ids [T] -> x [T, hidden] (whole on every device) from this device's part of
+        the embedding table, as `self.placement` puts it."""
+        if self.placement[0] == "vocab":  # rows [d V/T, (d+1) V/T): the others' are zeros
+            rows = table.shape[0]
+            local = token_ids - jax.lax.axis_index("model") * rows
+            mine = (local >= 0) & (local < rows)
+            x = jnp.take(table, jnp.clip(local, 0, rows - 1), axis=0)
+            return jax.lax.psum(jnp.where(mine[:, None], x, jnp.zeros_like(x)), "model")
+        x = jnp.take(table, token_ids, axis=0)
+        if self.placement[0] == "embed":  # hidden columns [d H/T, (d+1) H/T), padded
+            x = jax.lax.all_gather(x, "model", axis=1, tiled=True)[:, : self.config.hidden_size]
+        return x
+
+    def _head(self, params, x, num_sampled):
+        """x [S, hidden] (whole on every device) -> logits [S, V] f32 (whole on every device)
+        from this device's part of the LM head, as `self.placement` puts it."""
+        if self.placement[1] == "embed":  # rows [d H/T, (d+1) H/T) of the padded head
+            x = self.layout.pad_hidden(x, axis=1)
+            local = x.shape[1] // self.tensor_parallel
+            x = jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index("model") * local, local,
+                                             axis=1)
+        packed = params["packed"]
+        if "lm_head" in packed:
+            logits = packed_matmul.packed_matmul(x, packed["lm_head"], 0, num_sampled)
+        else:
+            logits = jnp.dot(x, params["head"])
+        if self.placement[1] == "embed":  # partial sums over this device's hidden columns
+            logits = jax.lax.psum(logits.astype(jnp.float32), "model")
+        else:  # this device's slice of the (padded) vocabulary
+            logits = jax.lax.all_gather(logits, "model", axis=1, tiled=True)
+        return logits[:, : self.config.vocab_size].astype(jnp.float32)
 
     def _forward(self, params, kv, token_ids, positions, logits_index, md, impl, real_rows):
         """One device's part: token_ids, positions: [T]; logits_index: [S] -> logits [S, V]
-        f32 (gathered over the mesh), its kv heads.
+        f32 (whole on every device), its kv heads.
 
         real_rows: (real tokens, real sampled rows), int32 scalars; the native products skip
         the padding rows after them (XLA's dot computes them and the step ignores them).
         """
         num_tokens, num_sampled = real_rows
-        embed = nnx.merge(self._embed_graphdef, params["embed"])
-        x = embed(token_ids)  # [T, hidden]
+        x = self._embed(params["embed"]["embedding"], token_ids)  # [T, hidden]
         angles = positions.astype(jnp.float32)[:, None] * self._inv_freq[None, :]
         angles = jnp.concatenate([angles, angles], axis=-1)  # [T, D]
         cos, sin = jnp.cos(angles).astype(self.dtype), jnp.sin(angles).astype(self.dtype)
@@ -293,13 +347,7 @@ class ModelStep:
             body, (x, kv), (params["layers"], jnp.arange(num_layers, dtype=jnp.int32)))
         x = x[logits_index]  # only sampled rows need the vocabulary-wide projection
         x = nnx.merge(self._norm_graphdef, params["norm"])(x)
-        if "lm_head" in packed:
-            logits = packed_matmul.packed_matmul(x, packed["lm_head"], 0, num_sampled)
-        else:
-            logits = jnp.dot(x, params["head"])
-        # Each device scored its slice of the (padded) vocabulary.
-        logits = jax.lax.all_gather(logits, "model", axis=1, tiled=True)
-        return logits[:, : self.config.vocab_size].astype(jnp.float32), kv
+        return self._head(params, x, num_sampled), kv
 
     @property
     def num_compiled_shapes(self) -> int:

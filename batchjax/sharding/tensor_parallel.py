@@ -1,12 +1,13 @@
 """Tensor-parallel layout: how a model's weights are cut so each device holds whole heads.
 
 With `T` devices on the `model` axis, device `d` holds query heads `[d Hq/T, (d+1) Hq/T)`,
-the KV heads they read, MLP columns `[d I/T, (d+1) I/T)` and a slice of the vocabulary. The
-fused projections are laid out per device: the q/k/v kernel's columns are device 0's q, k
-and v heads, then device 1's, ..., so cutting the fused columns into T equal blocks gives
-each device its own q/k/v (gate/up likewise). After the output and down projections (rows
-cut the same way) one all-reduce per projection sums the partial products: the two
-all-reduces per block of Megatron-style tensor parallelism.
+the KV heads they read, MLP columns `[d I/T, (d+1) I/T)` and, as `rules` place them, slices
+of the embedding table and the LM head (over the vocabulary, padded to split evenly, or over
+the hidden axis, padded likewise). The fused projections are laid out per device: the q/k/v
+kernel's columns are device 0's q, k and v heads, then device 1's, ..., so cutting the fused
+columns into T equal blocks gives each device its own q/k/v (gate/up likewise). After the
+output and down projections (rows cut the same way) one all-reduce per projection sums the
+partial products: the two all-reduces per block of Megatron-style tensor parallelism.
 
 KV heads: when T divides the KV heads, each device keeps Hkv/T of them; when the KV heads
 divide T, each KV head is replicated on the T/Hkv devices whose query heads read it (as vLLM
@@ -126,10 +127,29 @@ class Layout:
     def fuse_gate_up(self, gate, up):
         return jnp.concatenate([gate, up], axis=-1)[..., self.gate_up_columns()]
 
-    def pad_vocab(self, head):
-        """The LM head `[..., H, V]` with zero columns up to `padded_vocab` (sliced off the
-        gathered logits before sampling, so they never win)."""
-        extra = self.padded_vocab - head.shape[-1]
-        if not extra:
-            return head
-        return jnp.pad(head, [(0, 0)] * (head.ndim - 1) + [(0, extra)])
+    @property
+    def padded_hidden(self) -> int:
+        """The hidden size rounded up to a multiple of the devices (for an embedding table or
+        LM head split over its hidden axis)."""
+        t = self.tensor_parallel
+        return -(-self.config.hidden_size // t) * t
+
+    def pad_vocab(self, w, axis: int = -1):
+        """`w` (the LM head `[..., H, V]`, or the embedding table `[V, H]` with `axis=0`) with
+        zeros up to `padded_vocab` along `axis`: padded logits are sliced off before sampling
+        and padded rows are never looked up, so they never win."""
+        return _pad_to(w, axis, self.padded_vocab)
+
+    def pad_hidden(self, w, axis: int):
+        """`w` with zeros up to `padded_hidden` along its hidden `axis`: zero columns of a
+        lookup are sliced off after it, zero rows of the head add nothing to the logits."""
+        return _pad_to(w, axis, self.padded_hidden)
+
+
+def _pad_to(w, axis: int, size: int):
+    extra = size - w.shape[axis]
+    if not extra:
+        return w
+    pads = [(0, 0)] * w.ndim
+    pads[axis] = (0, extra)
+    return jnp.pad(w, pads)
