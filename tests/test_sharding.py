@@ -94,6 +94,77 @@ def test_rules_put_heads_mlp_vocab_and_kv_heads_on_the_model_axis():
         spec(("layers", "mlp", "mystery", "kernel"), 3)
 
 
+@pytest.mark.parametrize("table", rules.EMBED_PLACEMENTS)
+@pytest.mark.parametrize("head", rules.HEAD_PLACEMENTS)
+def test_each_placement_puts_its_axis_of_the_table_and_head_on_the_model_axis(table, head):
+    placed = rules.placement_rules(table, head)
+    assert rules.placement(placed) == (table, head)
+    assert rules.parse_placement(f"{table}/{head}") == (table, head)
+
+    def spec(path, ndim):
+        return tuple(rules.param_spec(path, ndim, rules=placed))
+
+    assert spec(("embed", "embedding"), 2) == {
+        "replicated": (None, None), "vocab": ("model", None), "embed": (None, "model")}[table]
+    assert spec(("head",), 2) == {"vocab": (None, "model"), "embed": ("model", None)}[head]
+    # The packed head [1, N/16, K, 16]: vocabulary columns over panels, hidden rows over rows.
+    assert spec(("packed", "lm_head"), 4) == {
+        "vocab": (None, "model", None, None), "embed": (None, None, "model", None)}[head]
+    # Nothing else moves: the residual stream's hidden axis stays whole on every device.
+    assert spec(("norm", "weight"), 1) == (None,)
+    assert spec(("layers", "self_attn", "qkv_proj", "kernel"), 3) == (None, None, "model")
+    assert spec(("layers", "mlp", "down_proj", "kernel"), 3) == (None, "model", None)
+    assert tuple(rules.kv_spec(placed)) == (None, None, None, "model", None)
+    with rules.use(placed):
+        assert rules.active() is placed and tuple(rules.param_spec(("head",), 2)) == spec(
+            ("head",), 2)
+    assert rules.active() is rules.RULES
+    assert rules.placement() == rules.DEFAULT_PLACEMENT
+
+
+def test_placements_that_cannot_be_run_are_refused():
+    with pytest.raises(ValueError, match="TABLE/HEAD"):
+        rules.parse_placement("vocab")
+    with pytest.raises(ValueError, match="TABLE/HEAD"):
+        rules.parse_placement("replicated/replicated")  # the head is always split
+    with pytest.raises(ValueError, match="one axis at a time"):
+        rules.placement(dict(rules.RULES, embed_vocab="model", embed_hidden="model"))
+    with pytest.raises(ValueError, match="one axis at a time"):
+        rules.placement(dict(rules.RULES, head_vocab="data", head_hidden=None))
+    with pytest.raises(ValueError, match="no axis of the LM head"):
+        rules.placement(rules.TENSOR_PARALLEL)
+
+
+def test_a_split_vocabulary_or_hidden_axis_is_padded_with_zeros():
+    layout = Layout.for_model(dataclasses.replace(TINY, num_heads=3, num_kv_heads=1,
+                                                  intermediate_size=96), 3)
+    assert layout.padded_vocab == 144 and layout.padded_hidden == 66
+    table = np.ones((100, TINY.hidden_size))
+    rows = np.asarray(layout.pad_vocab(table, axis=0))
+    assert rows.shape == (144, 64) and not rows[100:].any() and rows[:100].all()
+    cols = np.asarray(layout.pad_hidden(table, axis=1))
+    assert cols.shape == (100, 66) and not cols[:, 64:].any()
+    head = np.asarray(layout.pad_hidden(layout.pad_vocab(table.T), axis=0))
+    assert head.shape == (66, 144) and head[:64, :100].all() and head.sum() == 6400
+
+
+@pytest.mark.parametrize("layout", ["pairs", "widen"])
+def test_a_row_parallel_packed_head_splits_into_each_devices_rows(layout):
+    """Cutting packed panels [1, N/16, K (K/2 pairs), ...] over their rows gives each device
+    the panels of its own rows of the head, as an LM head placed over `embed` needs."""
+    import jax.numpy as jnp
+
+    from batchjax.kernels import packed_matmul
+
+    t, k, n = 3, 66, 48
+    head = np.random.default_rng(0).normal(size=(k, n)).astype(np.float32)
+    panels = np.asarray(packed_matmul.pack(jnp.asarray(head, jnp.bfloat16)[None], layout))
+    for dev, block in enumerate(np.split(panels, t, axis=2)):
+        np.testing.assert_array_equal(
+            np.asarray(packed_matmul.unpack(jnp.asarray(block)), np.float32)[0],
+            np.asarray(jnp.asarray(head, jnp.bfloat16), np.float32)[dev * 22:(dev + 1) * 22])
+
+
 def test_a_mesh_larger_than_the_devices_fails_before_anything_loads():
     with pytest.raises(MeshError, match=r"tensor_parallel=64 x data_parallel=2 needs 128"):
         make_mesh(64, 2)
