@@ -1,7 +1,8 @@
 """Tensor-parallel overhead per step, on host devices forced out of this machine's cores.
 
     python -m experiments.bench_tensor_parallel [--model=smollm2-135m] [--tensor_parallel=1,3] \
-        [--devices=3] [--repeats=5] [--only=NAME,...] [--json_out=PATH]
+        [--devices=3] [--repeats=5] [--rounds=1] [--placements=TABLE/HEAD,...] \
+        [--only=NAME,...] [--json_out=PATH]
 
 Forced host devices share the same cores, so splitting a step over them cannot make it
 faster: what this measures is what the split costs (the all-reduces, the logits gather, the
@@ -9,6 +10,14 @@ smaller per-device products and the partitioned program), step by step against T
 same process and on the same step layouts as `experiments.bench_engine`. On real chips the
 same program divides the work over them; the simulator (`experiments.simulate
 --tensor_parallel`) estimates that.
+
+`--placements` times each tensor-parallel size > 1 once per placement of the embedding table
+and the LM head ("TABLE/HEAD", `batchjax.sharding.rules`: e.g. `replicated/vocab`, the
+default, `vocab/vocab`, `embed/embed`; `all` for every one); T=1 runs the default. Every
+engine is built first (one load of the model, one KV pool per size, handed from engine to
+engine), then each of `--rounds` rounds times every engine's steps, in reverse order every
+other round, so that other work on the machine falls on all of them alike: a step's figure is
+the median over rounds of each round's median of `--repeats`, with the spread over rounds.
 """
 
 from __future__ import annotations
@@ -27,12 +36,17 @@ def _force_devices(argv) -> None:
 _force_devices(sys.argv)
 
 import json  # noqa: E402
+import statistics  # noqa: E402
 
 from absl import app, flags  # noqa: E402
 
 from batchjax.bench.steps import step_seconds  # noqa: E402
-from batchjax.engine.engine import Engine  # noqa: E402
+from batchjax.engine.engine import Engine, dtype_of  # noqa: E402
+from batchjax.engine.page_pool import kv_bytes_per_page  # noqa: E402
+from batchjax.models.registry import load_model  # noqa: E402
 from batchjax.schedule.buckets import BucketTable  # noqa: E402
+from batchjax.sharding import rules  # noqa: E402
+from batchjax.sharding.tensor_parallel import Layout  # noqa: E402
 # The step layouts and the flags --model, --dtype, --repeats, --only and --json_out are
 # experiments.bench_engine's.
 from experiments.bench_engine import (PAGE, _DTYPE, _JSON, _MODEL, _ONLY,  # noqa: E402
@@ -40,8 +54,21 @@ from experiments.bench_engine import (PAGE, _DTYPE, _JSON, _MODEL, _ONLY,  # noq
 
 _TP = flags.DEFINE_list("tensor_parallel", ["1", "3"], "Tensor-parallel sizes to time.")
 flags.DEFINE_integer("devices", 3, "Host devices to force (read before JAX starts).")
+_PLACEMENTS = flags.DEFINE_list(
+    "placements", ["/".join(rules.DEFAULT_PLACEMENT)],
+    "Placements TABLE/HEAD of the embedding table and the LM head to time at each size > 1 "
+    "('all': every one).")
+_ROUNDS = flags.DEFINE_integer("rounds", 1, "Rounds over every engine (median and spread).")
 _DEFAULT_STEPS = ("prefill 512", "decode 64 over shared prefix 1024 (4 x 16)", "decode 256",
                   "decode 16 over own")
+
+
+def _placements() -> list[str]:
+    if _PLACEMENTS.value == ["all"]:
+        return [f"{t}/{h}" for t in rules.EMBED_PLACEMENTS for h in rules.HEAD_PLACEMENTS]
+    for p in _PLACEMENTS.value:
+        rules.parse_placement(p)  # fails early on a typo
+    return list(_PLACEMENTS.value)
 
 
 def main(argv):
@@ -50,30 +77,72 @@ def main(argv):
     only = _ONLY.value or _DEFAULT_STEPS
     plans = {name: plan for name, plan in step_plans().items()
              if any(part in name for part in only)}
-    times: dict[int, dict[str, float]] = {}
-    for t in sizes:
-        engine = Engine(_MODEL.value, dtype=_DTYPE.value, kv_budget_mb=4096, progress=False,
-                        tensor_parallel=t)
-        buckets = BucketTable.for_budget(engine.options.max_tokens_per_step, 69)
-        feed = engine.step.empty_feed(buckets.tokens[-1])
-        times[t] = {}
-        for name, plan in plans.items():
-            times[t][name], _ = step_seconds(engine, plan, buckets, feed, PAGE, _REPEATS.value)
-            print(f"T={t} {name:<47} {times[t][name] * 1000:8.1f} ms", flush=True)
-        del engine
-    base = sizes[0]
-    print(f"\n| step | " + " | ".join(f"T={t} (ms)" for t in sizes) + " | " +
-          " | ".join(f"T={t} / T={base}" for t in sizes[1:]) + " |")
-    print("|---" * (1 + 2 * len(sizes) - 1) + "|")
-    for name in plans:
-        cells = [f"{times[t][name] * 1000:.1f}" for t in sizes]
-        ratios = [f"{times[t][name] / times[base][name]:.2f}x" for t in sizes[1:]]
-        print(f"| {name} | " + " | ".join(cells + ratios) + " |")
+    default = "/".join(rules.DEFAULT_PLACEMENT)
+    arms = [(t, p) for t in sizes for p in (_placements() if t > 1 else [default])]
+    dtype = dtype_of(_DTYPE.value)
+    loaded = load_model(_MODEL.value, dtype=dtype)
+    # One KV pool per size, as large as the plans' pages need, handed from engine to engine
+    # (the placement does not change the pools' layout).
+    pages = 1 + max(p for plan in plans.values() for part in plan.chunks + plan.prefixes
+                    for p in part.page_table)
+    engines, pools = {}, {}
+    for t, placement in arms:
+        kv_heads = Layout.for_model(loaded.config, t).pool_kv_heads
+        page_mb = kv_bytes_per_page(loaded.config, PAGE, dtype, kv_heads) / 2**20
+        with rules.use(rules.placement_rules(*rules.parse_placement(placement))):
+            engine = Engine(_MODEL.value, dtype=_DTYPE.value, page_size=PAGE, progress=False,
+                            tensor_parallel=t, loaded=loaded,
+                            kv_budget_mb=(pages if t not in pools else 1) * page_mb * 1.01)
+        if t not in pools:
+            pools[t] = engine.kv
+        engine.kv = None  # the size's pool is handed to it when it runs
+        engines[t, placement] = engine
+    buckets = BucketTable.for_budget(engines[arms[0]].options.max_tokens_per_step, 69)
+    feeds = {t: engines[t, p].step.empty_feed(buckets.tokens[-1]) for t, p in arms}
+    times: dict[tuple[int, str], dict[str, list[float]]] = {a: {n: [] for n in plans}
+                                                           for a in arms}
+    for r in range(_ROUNDS.value):
+        for t, placement in (arms if r % 2 == 0 else arms[::-1]):
+            engine = engines[t, placement]
+            engine.kv = pools[t]
+            try:
+                for name, plan in plans.items():
+                    seconds, _ = step_seconds(engine, plan, buckets, feeds[t], PAGE,
+                                              _REPEATS.value)
+                    times[t, placement][name].append(seconds)
+                    print(f"round {r} T={t} {placement:<17} {name:<47} "
+                          f"{seconds * 1000:8.1f} ms", flush=True)
+            finally:
+                pools[t], engine.kv = engine.kv, None
+
+    def median(arm, name):
+        return statistics.median(times[arm][name])
+
+    # One row per size and placement, one column per step: the median (its spread over
+    # rounds) and its ratio to the first size's.
+    base = arms[0]
+    label = {a: f"T={a[0]}" + (f" {a[1]}" if a[0] > 1 else "") for a in arms}
+    print(f"\nmedian of {_ROUNDS.value} round(s) of the median of {_REPEATS.value}, in ms"
+          + (" (min-max over rounds)" if _ROUNDS.value > 1 else "")
+          + f", and its ratio to {label[base]}")
+    print("| size, placement | " + " | ".join(plans) + " |")
+    print("|---" + "|---:" * len(plans) + "|")
+    for a in arms:
+        cells = []
+        for name in plans:
+            ms = [x * 1000 for x in times[a][name]]
+            cell = f"{statistics.median(ms):.1f}"
+            if len(ms) > 1:
+                cell += f" ({min(ms):.0f}-{max(ms):.0f})"
+            ratio = statistics.median(times[a][name]) / statistics.median(times[base][name])
+            cells.append(cell + f" {ratio:.2f}x")
+        print(f"| {label[a]} | " + " | ".join(cells) + " |")
     if _JSON.value:
         os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
         with open(_JSON.value, "w") as f:
-            json.dump({"model": _MODEL.value, "dtype": _DTYPE.value,
-                       "seconds": {str(t): v for t, v in times.items()}}, f, indent=2)
+            json.dump({"model": _MODEL.value, "dtype": _DTYPE.value, "rounds": _ROUNDS.value,
+                       "repeats": _REPEATS.value,
+                       "seconds": {label[a]: times[a] for a in arms}}, f, indent=2)
 
 
 if __name__ == "__main__":
