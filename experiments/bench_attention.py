@@ -11,8 +11,17 @@ each request has `suffix_len` keys of its own. Timed in one run, so ratios compa
   each request's full page table) and `jax.nn.dot_product_attention` over contiguous
   per-request KV; achieved bandwidth is printed against the H200's 4.8 TB/s.
 
+With `--cascade_root=R`, the groups' prefixes all begin with the same R tokens (one system
+prompt over the documents) and the step is timed two ways with the cascade kernels
+(`pallas_kernels.cascade_attention`): at depth 2 (the root once for every query, then each
+group's own part) and at depth 1 (each group's whole prefix, the root read once per group),
+with the share of the HBM peak each reaches. On a CPU this runs the kernels in interpret mode
+(a check of the script, not a measurement).
+
     python -m experiments.bench_attention --device=cpu
     python -m experiments.bench_attention --device=gpu --dtype=bfloat16 --groups=16
+    python -m experiments.bench_attention --device=gpu --dtype=bfloat16 --groups=16 \
+        --prefix_len=1280 --cascade_root=512
 """
 
 import statistics
@@ -25,6 +34,7 @@ from absl import app, flags
 
 from batchjax.bench.roofline import median_seconds
 from pallas_kernels import (
+    cascade_attention,
     merge_attention_states,
     merge_attention_states_reference,
     ragged_paged_attention,
@@ -46,6 +56,8 @@ KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "KV heads.")
 HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "Head dimension.")
 DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "KV and query dtype.")
 ITERS = flags.DEFINE_integer("iters", 10, "Timed repetitions (median reported).")
+ROOT = flags.DEFINE_integer("cascade_root", 0, "Tokens every group's prefix shares (0: none); "
+                            "then depth 2 against depth 1 of the cascade kernels is timed.")
 
 HBM_PEAK_BYTES_PER_S = 4.8e12  # H200
 
@@ -65,6 +77,10 @@ def decode_step(rng: np.random.Generator):
     q = q.astype(dtype)
     ids = rng.permutation(num_pages).astype(np.int32)
     group_tables = ids[: groups * prefix_pages].reshape(groups, prefix_pages)
+    if ROOT.value:  # every group's prefix begins with the same pages: the shared root
+        assert ROOT.value % page == 0 and ROOT.value < PREFIX_LEN.value, \
+            "--cascade_root must be a multiple of --page_size, below --prefix_len"
+        group_tables[:, : ROOT.value // page] = group_tables[0, : ROOT.value // page]
     own_tables = ids[groups * prefix_pages :].reshape(requests, own_pages)
     member_of = np.repeat(np.arange(groups), degree)
     full_tables = np.concatenate([group_tables[member_of], own_tables], axis=1)
@@ -227,10 +243,70 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
             print(f"speedup over {name}: {seconds / best[0]:.2f}x")
 
 
+def cascade_levels(prefix, requests: int):
+    """The step's shared context as two levels: the root once over every query, then each
+    group's part after it. Returns the cascade's (page tables, lens, q starts, q lens)."""
+    tables, lens, q_start, q_len = (np.asarray(a) for a in prefix)
+    groups, width = tables.shape
+    root_pages = ROOT.value // PAGE_SIZE.value
+    level_tables = np.zeros((2, groups, width), np.int32)
+    level_tables[0, 0, :root_pages] = tables[0, :root_pages]
+    level_tables[1, :, : width - root_pages] = tables[:, root_pages:]
+    level_lens = np.stack([np.where(np.arange(groups) == 0, ROOT.value, 0), lens - ROOT.value])
+    level_q_start = np.stack([np.zeros(groups), q_start])
+    level_q_len = np.stack([np.where(np.arange(groups) == 0, requests, 0), q_len])
+    return tuple(jnp.asarray(a, jnp.int32) for a in
+                 (level_tables, level_lens, level_q_start, level_q_len))
+
+
+def run_cascade(q, k_pages, v_pages, prefix, own, full) -> dict:
+    """Depth 2 against depth 1 of the cascade kernels on one decode step; returns the times."""
+    requests = q.shape[0]
+    interpret = DEVICE.value == "cpu"
+    one_level = tuple(a[None] for a in prefix)
+    two_levels = cascade_levels(prefix, requests)
+
+    def cascade(levels):
+        def attend(q, k, v):
+            mine = ragged_paged_attention(q, k, v, *own, interpret=interpret)
+            return cascade_attention(q, k, v, mine, *levels, interpret=interpret,
+                                     block_q=DEGREE.value)
+        return jax.jit(attend)
+
+    keys = {"depth 2 (root once, then each group's part)":
+            (cascade(two_levels), ROOT.value + GROUPS.value * (PREFIX_LEN.value - ROOT.value)),
+            "depth 1 (each group's whole prefix)":
+            (cascade(one_level), GROUPS.value * PREFIX_LEN.value)}
+    own_keys = requests * SUFFIX_LEN.value
+    # Both against the oracle: each request's whole context, gathered.
+    want = ragged_paged_attention_reference(q, k_pages, v_pages, *full)[0].astype(jnp.float32)
+    error = max(float(jnp.max(jnp.abs(fn(q, k_pages, v_pages)[0].astype(jnp.float32) - want)))
+                for fn, _ in keys.values())
+    print(f"device={jax.devices()[0].device_kind} requests={requests} groups={GROUPS.value} "
+          f"degree={DEGREE.value} prefix={PREFIX_LEN.value} (root {ROOT.value}) "
+          f"suffix={SUFFIX_LEN.value} Hq={Q_HEADS.value} Hkv={KV_HEADS.value} D={HEAD_DIM.value} "
+          f"dtype={DTYPE.value} jax={jax.__version__}; max |cascade - per-request oracle| = "
+          f"{error:.1e}")
+    timer = median_seconds if interpret else gpu_seconds
+    times = {}
+    for name, (fn, prefix_keys) in keys.items():
+        seconds = timer(lambda: fn(q, k_pages, v_pages), ITERS.value)
+        times[name] = seconds
+        bandwidth = kv_bytes(prefix_keys + own_keys) / seconds
+        print(f"{name:45s} {seconds * 1e6:10.1f} us  KV read {bandwidth / 1e12:5.2f} TB/s "
+              f"({100 * bandwidth / HBM_PEAK_BYTES_PER_S:5.1f}% of 4.8)")
+    first, second = times.values()
+    print(f"depth 1 over depth 2: {second / first:.2f}x")
+    return {"error": error, "seconds": times}
+
+
 def main(argv: list[str]) -> None:
     del argv
     step = decode_step(np.random.default_rng(0))
-    (run_cpu if DEVICE.value == "cpu" else run_gpu)(*step)
+    if ROOT.value:
+        run_cascade(*step)
+    else:
+        (run_cpu if DEVICE.value == "cpu" else run_gpu)(*step)
 
 
 if __name__ == "__main__":

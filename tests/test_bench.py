@@ -197,3 +197,42 @@ def test_the_machine_record_names_the_cpu_generation_and_its_vector_units(tmp_pa
                  "cpu_details": {"family": "23", "model": "1", "simd": ["avx2", "fma"]}})
     header = open(written["markdown"], encoding="utf-8").readline()
     assert "AMD EPYC family 23 model 1 (avx2, fma), 2 cores" in header
+
+
+def test_accelerator_bench_runs_each_system_in_its_own_process_and_compares(tmp_path):
+    """`experiments.bench_accelerator` (run on a GPU when one is lent) on a tiny random shape on
+    the CPU: every request gets its tokens on both systems, the engine compiles nothing after
+    warm-up, and the simulator's estimate for the same job is reported beside them."""
+    out = tmp_path / "acc"
+    cmd = [sys.executable, "-m", "experiments.bench_accelerator", "--shape=tiny",
+           "--num_docs=2", "--questions=3", "--doc_tokens=40", "--question_tokens=8",
+           "--max_tokens=5", "--kv_budget_mb=4", "--max_tokens_per_step=64", "--hf_batch=4",
+           "--dtype=float32", "--sim_device=h200", f"--out={out}"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    batchjax = json.loads((out / "batchjax.json").read_text())
+    assert [r["run"] for r in batchjax["runs"]] == ["first", "steady"]
+    for run in batchjax["runs"]:
+        assert run["output_tokens"] == 6 * 5 and run["compiled_after_warmup"] == 0
+        assert run["saving_ratio"] > 0.5  # the two documents are computed once each
+    hf = json.loads((out / "transformers.json").read_text())
+    assert hf["output_tokens"] == 6 * 5
+    sim = json.loads((out / "simulator.json").read_text())
+    assert sim["computed_prefill_tokens"] == batchjax["runs"][1]["computed_prefill_tokens"]
+    text = (out / "report.md").read_text()
+    assert "transformers generate" in text and "simulator's estimate" in text
+
+
+def test_attention_bench_times_the_cascade_at_depth_two_against_one(tmp_path):
+    """`bench_attention --cascade_root` (the GPU check of multi-level sharing) on a CPU, in
+    interpret mode: both depths give each request's attention over its whole context."""
+    cmd = [sys.executable, "-m", "experiments.bench_attention", "--device=cpu",
+           "--cascade_root=32", "--prefix_len=64", "--groups=3", "--degree=4",
+           "--suffix_len=16", "--q_heads=4", "--kv_heads=2", "--head_dim=16", "--iters=1"]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    error = float(proc.stdout.split("per-request oracle| = ")[1].split()[0])
+    assert error < 1e-5
+    assert "depth 2 (root once" in proc.stdout and "depth 1 over depth 2:" in proc.stdout
