@@ -124,15 +124,6 @@ class Sequence_:
     _table: tuple[int, ...] = ()
 
     @property
-    def is_request(self) -> bool:
-        return self.seq_id >= 0
-
-    @property
-    def prefix_group(self) -> int | None:
-        """The deepest segment it attends (None: it attends none)."""
-        return self.chain[-1] if self.chain else None
-
-    @property
     def num_pending(self) -> int:
         return len(self.tokens) - self.num_computed
 
@@ -202,20 +193,21 @@ class StepCounters:
 
 def make_chunk(seq: Sequence_, num_tokens: int) -> ChunkWork:
     """The next `num_tokens` of `seq`, attending its chain; its pages must already cover
-    them."""
-    start = seq.num_computed
+    them. Called once per chunk, hundreds of times a decode step, so it reads the fields once
+    and passes them by position."""
+    start, tokens, chain = seq.num_computed, seq.tokens, seq.chain
     end = start + num_tokens
-    last = end == len(seq.tokens)
+    sample = end == len(tokens) and seq.seq_id >= 0  # a request's last known token
     return ChunkWork(
-        seq_id=seq.seq_id,
-        token_ids=tuple(seq.tokens[start:end]),
-        own_start=start,
-        page_table=seq.page_table(),
-        prefix_group=seq.prefix_group,
-        prefix_len=seq.prefix_len,
-        sample=seq.is_request and last,
-        is_decode=seq.is_request and last and seq.num_generated > 0 and num_tokens == 1,
-        prefix_chain=seq.chain,
+        seq.seq_id,
+        (tokens[start],) if num_tokens == 1 else tuple(tokens[start:end]),
+        start,
+        seq.page_table(),
+        chain[-1] if chain else None,
+        seq.prefix_len,
+        sample,
+        sample and num_tokens == 1 and seq.num_generated > 0,  # a decode token
+        chain,
     )
 
 
@@ -243,7 +235,7 @@ def apply_sampled(
     for chunk in step.chunks:
         seq = seqs[chunk.seq_id]
         if not seq.finished:
-            seq.num_computed += chunk.num_tokens
+            seq.num_computed += len(chunk.token_ids)
     finished = []
     for token in sampled:
         seq = seqs[token.seq_id]

@@ -40,7 +40,7 @@ class PrefixRef:
     level: int = 0
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True, unsafe_hash=True)
 class ChunkWork:
     """Tokens of one sequence computed in one step.
 
@@ -51,6 +51,10 @@ class ChunkWork:
     (0 if nothing). It attends, causally, to own-part indices `<= own_start + i` in
     `page_table`, and, without a mask, to every segment of `prefix_chain` (top-level first;
     `prefix_group` is its last, the deepest).
+
+    Read-only once made (and hashed by value), like the frozen values here, but not frozen:
+    a decode step makes a chunk per running request, and a frozen dataclass is made field by
+    field through `object.__setattr__`, several times slower than plain assignments.
     """
 
     seq_id: int
@@ -65,7 +69,7 @@ class ChunkWork:
 
     def __post_init__(self) -> None:
         if self.prefix_group is not None and not self.prefix_chain:
-            object.__setattr__(self, "prefix_chain", (self.prefix_group,))
+            self.prefix_chain = (self.prefix_group,)
 
     @property
     def num_tokens(self) -> int:
@@ -87,9 +91,12 @@ class StepPlan:
         return sum(c.num_tokens for c in self.chunks)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(slots=True, unsafe_hash=True)
 class SampledToken:
-    """What the executor reports for a chunk that sampled."""
+    """What the executor reports for a chunk that sampled.
+
+    Read-only once made, as `ChunkWork`, and not frozen for the same reason: the executor
+    makes two a running request each step (the placeholder, then the real token)."""
 
     seq_id: int
     token_id: int
