@@ -14,7 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchjax.schedule.batching import BatchLLMBatcher, BudgetTooSmall, check_kv_budget
+from batchjax.schedule.batching import (BatchLLMBatcher, BudgetTooSmall, Sequence_,
+                                       check_kv_budget, decode_chunks, make_chunk, pages_for)
 from batchjax.schedule.checking import (CheckingExecutor, Replay, check_invariants,  # noqa: F401
                                         random_workload, run_checked, tight_budgets)
 from batchjax.schedule.plan import build_plan
@@ -165,6 +166,21 @@ def test_batchllm_admits_past_the_baselines_request_cap():
     result = run_checked(make_batcher("batchllm", requests, budgets), requests, output_lens,
                          budgets)
     assert max(sum(c.is_decode for c in s.chunks) for s in result.steps) > 2
+
+
+@pytest.mark.parametrize("chain, prefix_len", [((), 0), ((3,), 12), ((3, 5), 20)])
+def test_a_groups_decode_chunks_are_those_make_chunk_gives(chain, prefix_len):
+    """A decode step makes a group's decode chunks in one pass (`decode_chunks`): the same
+    chunks as `make_chunk` makes one by one."""
+    seqs = []
+    for i in range(4):
+        seq = Sequence_(i, list(range(10 + i)), 8, prefix_len, chain)
+        seq.add_pages(list(range(1 + 4 * i, 1 + 4 * i + pages_for(10 + i, 4))))
+        seq.num_computed, seq.num_generated = 9 + i, 1 + i  # its last sampled token pending
+        seqs.append(seq)
+    chunks = decode_chunks(seqs)
+    assert chunks == [make_chunk(seq, 1) for seq in seqs]
+    assert all(c.is_decode and c.sample for c in chunks)
 
 
 @pytest.mark.parametrize("policy", POLICIES)

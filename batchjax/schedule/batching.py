@@ -108,7 +108,9 @@ class Sequence_:
 
     `tokens` is the own part known so far (a request: its prompt after the group prefix, then
     what it generated; a shared segment: its tokens). The first `num_computed` have KV in
-    `pages`. It attends the segments of `chain` (top-level first), `prefix_len` tokens in all.
+    `pages` (`table`: the same pages as the tuple its chunks carry, made again only when the
+    pages change, not for every chunk). It attends the segments of `chain` (top-level first),
+    `prefix_len` tokens in all.
     """
 
     seq_id: int
@@ -117,11 +119,11 @@ class Sequence_:
     prefix_len: int = 0
     chain: tuple[int, ...] = ()
     pages: list[int] = dataclasses.field(default_factory=list)
+    table: tuple[int, ...] = ()
     num_computed: int = 0
     num_generated: int = 0
     reserved_pages: int = 0
     finished: bool = False
-    _table: tuple[int, ...] = ()
 
     @property
     def num_pending(self) -> int:
@@ -130,16 +132,15 @@ class Sequence_:
     @property
     def is_decoding(self) -> bool:
         """Only the last sampled token is missing its KV: the next chunk is one decode token."""
-        return self.num_generated > 0 and self.num_pending == 1
+        return self.num_generated > 0 and len(self.tokens) - self.num_computed == 1
 
-    def page_table(self) -> tuple[int, ...]:
-        if len(self._table) != len(self.pages):
-            self._table = tuple(self.pages)
-        return self._table
+    def add_pages(self, pages: list[int]) -> None:
+        self.pages.extend(pages)
+        self.table = tuple(self.pages)
 
     def drop_kv(self) -> list[int]:
         """Forget the computed KV (preemption); returns the pages to hand back."""
-        pages, self.pages, self._table = self.pages, [], ()
+        pages, self.pages, self.table = self.pages, [], ()
         self.num_computed = 0
         return pages
 
@@ -202,13 +203,24 @@ def make_chunk(seq: Sequence_, num_tokens: int) -> ChunkWork:
         seq.seq_id,
         (tokens[start],) if num_tokens == 1 else tuple(tokens[start:end]),
         start,
-        seq.page_table(),
+        seq.table,
         chain[-1] if chain else None,
         seq.prefix_len,
         sample,
         sample and num_tokens == 1 and seq.num_generated > 0,  # a decode token
         chain,
     )
+
+
+def decode_chunks(seqs: Sequence[Sequence_]) -> list[ChunkWork]:
+    """`make_chunk(seq, 1)` for each of `seqs`, requests of one group (one chain, one prefix
+    length) that decode next, made in one pass: a decode step makes hundreds."""
+    if not seqs:
+        return []
+    chain, prefix_len = seqs[0].chain, seqs[0].prefix_len
+    group = chain[-1] if chain else None
+    return [ChunkWork(s.seq_id, (s.tokens[-1],), s.num_computed, s.table, group, prefix_len,
+                      True, True, chain) for s in seqs]
 
 
 def resolve_sampled(seqs: dict[int, Sequence_],
@@ -263,6 +275,14 @@ class _SegmentState:
     resident: bool = False
     active: int = 0  # admitted groups below it
     unfinished: int = 0  # unfinished requests below it
+    ref: PrefixRef | None = None  # as the last step that attended it saw it
+
+    def prefix_ref(self, seg_id: int) -> PrefixRef:
+        """The segment as a step attends it: made again only when its pages changed."""
+        table = self.seq.table
+        if self.ref is None or self.ref.page_table is not table:
+            self.ref = PrefixRef(seg_id, table, len(self.seq.tokens), len(self.seq.chain))
+        return self.ref
 
 
 @dataclasses.dataclass(eq=False, slots=True)
@@ -276,7 +296,7 @@ class _GroupState:
     chain: tuple[int, ...]  # segment ids, top-level first
     request_ids: tuple[int, ...]
     waiting: collections.deque[int]
-    running: dict[int, None]
+    running: dict[int, Sequence_]  # by request id, in admission order
     pledge_pages: int = 0
     running_pages: int = 0
     num_unfinished: int = 0
@@ -425,27 +445,28 @@ class BatchLLMBatcher:
         return self._num_unfinished > 0 or self._take_from_source()
 
     def next_step(self) -> StepPlan:
-        preempted = self._reserve_decode_growth()
+        decoding, prefilling = self._running_by_phase()
+        preempted = self._reserve_decode_growth(decoding)
         budget = self._budgets.max_tokens_per_step
         chunks: list[ChunkWork] = []
         # (a) one decode token for every running request.
         for gid in self._active:
-            for rid in self._groups[gid].running:
-                seq = self._seqs[rid]
-                if budget and seq.is_decoding:
-                    chunks.append(self._run(seq, 1))
-                    budget -= 1
+            seqs = decoding[gid][:budget]
+            for seq in seqs:
+                self._cover(seq, 1)
+            chunks += decode_chunks(seqs)
+            budget -= len(seqs)
         # (b) suffix prefill of groups whose segments are computed: running chunks first.
         for gid in self._active:
             group = self._groups[gid]
             if not self._chain_ready(group):
                 continue
-            for rid in group.running:
-                seq = self._seqs[rid]
-                if budget and not seq.is_decoding and seq.num_pending:
-                    n = min(seq.num_pending, budget)
-                    chunks.append(self._run(seq, n))
-                    budget -= n
+            for seq in prefilling[gid]:
+                if not budget:
+                    break
+                n = min(seq.num_pending, budget)
+                chunks.append(self._run(seq, n))
+                budget -= n
             budget = self._admit_requests(group, budget, chunks)
         # (c) segment prefill: the segments under way, then new groups in plan order.
         scheduled: set[int] = set()
@@ -517,10 +538,14 @@ class BatchLLMBatcher:
     # -- internals -------------------------------------------------------------------------
 
     def _run(self, seq: Sequence_, n: int) -> ChunkWork:
+        self._cover(seq, n)
+        return make_chunk(seq, n)
+
+    def _cover(self, seq: Sequence_, n: int) -> None:
+        """Pages for the next `n` tokens of `seq`."""
         need = pages_for(seq.num_computed + n, self._page_size) - len(seq.pages)
         if need > 0:
-            seq.pages.extend(self._pool.allocate(need))
-        return make_chunk(seq, n)
+            seq.add_pages(self._pool.allocate(need))
 
     def _chain_ready(self, group: _GroupState) -> bool:
         return all(self._segments[s].seq.num_pending == 0 for s in group.chain)
@@ -570,7 +595,7 @@ class BatchLLMBatcher:
             if self._reserved - before + after > self._budgets.kv_budget_pages:
                 break
             group.waiting.popleft()
-            group.running[rid] = None
+            group.running[rid] = seq
             seq.reserved_pages = self._estimate_pages[rid]
             self._set_running_pages(group, group.running_pages + seq.reserved_pages)
             n = min(seq.num_pending, budget)
@@ -578,18 +603,32 @@ class BatchLLMBatcher:
             budget -= n
         return budget
 
-    def _reserve_decode_growth(self) -> list[int]:
-        """Grows reservations that decoding outgrew; preempts latest groups over the budget."""
+    def _running_by_phase(self) -> tuple[dict[int, list[Sequence_]], dict[int, list[Sequence_]]]:
+        """Each active group's running requests that decode next (one token: the last one
+        sampled), and those with prompt tokens left, in admission order: a step walks all its
+        running requests once."""
+        decoding: dict[int, list[Sequence_]] = {}
+        prefilling: dict[int, list[Sequence_]] = {}
         for gid in self._active:
-            group = self._groups[gid]
+            decoding[gid], prefilling[gid] = dec, pre = [], []
+            for seq in self._groups[gid].running.values():
+                if seq.is_decoding:
+                    dec.append(seq)
+                elif seq.num_pending:
+                    pre.append(seq)
+        return decoding, prefilling
+
+    def _reserve_decode_growth(self, decoding: dict[int, list[Sequence_]]) -> list[int]:
+        """Grows reservations that decoding outgrew; preempts latest groups over the budget."""
+        for gid, seqs in decoding.items():
             grown = 0
-            for rid in group.running:
-                seq = self._seqs[rid]
+            for seq in seqs:
                 need = pages_for(seq.num_computed + 1, self._page_size)
-                if seq.is_decoding and need > seq.reserved_pages:
+                if need > seq.reserved_pages:
                     grown += need - seq.reserved_pages
                     seq.reserved_pages = need
             if grown:
+                group = self._groups[gid]
                 self._set_running_pages(group, group.running_pages + grown)
         preempted: list[int] = []
         while self._reserved > self._budgets.kv_budget_pages and self._active:
@@ -602,7 +641,7 @@ class BatchLLMBatcher:
         self._reserved -= group.reserved_pages
         victims = list(group.running)
         for rid in reversed(victims):
-            seq = self._seqs[rid]
+            seq = group.running[rid]
             self._pool.release(seq.drop_kv())
             # It outgrew its estimate once: from now on it reserves for its full length.
             self._estimate_pages[rid] = pages_for(
@@ -650,13 +689,13 @@ class BatchLLMBatcher:
                 self._release_segment(seg)
 
     def _attended_prefixes(self, chunks: Sequence[ChunkWork]) -> tuple[PrefixRef, ...]:
+        """Every segment the chunks attend, in the order they first appear."""
         seen: dict[int, None] = {}
+        last = None
         for c in chunks:
-            for s in c.prefix_chain:
-                seen[s] = None
-        refs = []
-        for s in seen:
-            seg = self._segments[s]
-            refs.append(PrefixRef(s, seg.seq.page_table(), len(seg.seq.tokens),
-                                  len(seg.seq.chain)))
-        return tuple(refs)
+            # A group's chunks mostly follow each other and carry its one chain object.
+            if c.prefix_chain is not last:
+                last = c.prefix_chain
+                for s in last:
+                    seen[s] = None
+        return tuple(self._segments[s].prefix_ref(s) for s in seen)

@@ -94,7 +94,8 @@ class CachedFcfsBatcher:
             seq = self._seqs[rid]
             n = min(seq.num_pending, budget)
             need = pages_for(seq.num_computed + n, self._page_size) - len(seq.pages)
-            while need > self._pages.num_available and rid in self._running:
+            # Most decode tokens fit their last page: no need to ask the pool.
+            while need > 0 and need > self._pages.num_available and rid in self._running:
                 preempted.append(self._preempt_last())
             if rid not in self._running:
                 break
@@ -151,7 +152,7 @@ class CachedFcfsBatcher:
 
     def _run(self, seq: Sequence_, n: int, need: int) -> ChunkWork:
         if need > 0:
-            seq.pages.extend(self._pages.allocate(need))
+            seq.add_pages(self._pages.allocate(need))
         return make_chunk(seq, n)
 
     def _preempt_last(self) -> int:
@@ -172,13 +173,13 @@ class CachedFcfsBatcher:
 
     def _reuse_cached_pages(self, seq: Sequence_) -> None:
         """Starts `seq` after its longest cached run of full pages (at least one token left,
-        and none whose logits it needs)."""
+        and none whose logits it needs). A waiting request holds no pages."""
         max_pages = min(len(seq.tokens) - 1, self._shareable[seq.seq_id]) // self._page_size
         if isinstance(self._pages, HashedPageCache):
             keys = self._prompt_keys(seq)
-            seq.pages = self._pages.match(keys, max_pages)
+            seq.add_pages(self._pages.match(keys, max_pages))
         elif isinstance(self._pages, RadixPageCache):
-            seq.pages = self._pages.match(seq.tokens, max_pages)
+            seq.add_pages(self._pages.match(seq.tokens, max_pages))
         seq.num_computed = len(seq.pages) * self._page_size
 
     def _prompt_keys(self, seq: Sequence_) -> list[int]:
