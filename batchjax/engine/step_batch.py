@@ -46,12 +46,24 @@ def _group_contiguous(chunks):
     """Chunks reordered so the chunks below each shared segment are adjacent, at every level:
     by their chains, each segment keyed by where it first appears (stable; the chunks that
     attend nothing sit together, where the first of them was). A segment's own chunk sits with
-    its parent's subtree."""
+    its parent's subtree.
+
+    A chain's key is made once, at its first chunk (its segments appear there at the latest),
+    and a batcher's chunks of one group carry one chain object: most chunks cost a compare."""
     first: dict[int | None, int] = {}
+    key_of: dict[tuple[int, ...], tuple[int, ...]] = {}
+    keys = []
+    chain = key = None
     for i, c in enumerate(chunks):
-        for s in c.prefix_chain or (None,):
-            first.setdefault(s, i)
-    return sorted(chunks, key=lambda c: tuple(first[s] for s in c.prefix_chain or (None,)))
+        if c.prefix_chain is not chain:
+            chain = c.prefix_chain
+            key = key_of.get(chain)
+            if key is None:
+                for s in chain or (None,):
+                    first.setdefault(s, i)
+                key = key_of[chain] = tuple(first[s] for s in chain or (None,))
+        keys.append(key)
+    return [chunks[i] for i in sorted(range(len(chunks)), key=keys.__getitem__)]
 
 
 def _score_rows(chunk, ranges) -> range:
@@ -175,26 +187,39 @@ def _lay_out_segments(plan: StepPlan, chunks, q_len, q_start, levels: int, group
     """The prefix part: at each level, every segment with the rows of the chunks below it.
 
     The chunks below a segment are adjacent (`_group_contiguous`), so at each level a segment
-    is one run of equal segment ids over the chunks."""
-    depth = max((len(c.prefix_chain) for c in chunks), default=0)
+    is one run of equal segment ids over the chunks. Adjacent chunks with the same chain (a
+    group's) share every level's segment, so the levels are read over runs of equal chains,
+    a few per step, not over the chunks."""
+    chains = [c.prefix_chain for c in chunks]
+    depth = max(map(len, chains), default=0)
     if depth > levels:
         c = next(c for c in chunks if len(c.prefix_chain) == depth)
         raise ValueError(f"sequence {c.seq_id} attends {depth} shared segments; the step "
                          f"holds {levels} (BucketTable.prefix_levels)")
+    if not depth:
+        return
+    run_first, run_chains = [], []  # [R] each run's first chunk, and its chain
+    for i, chain in enumerate(chains):
+        if not run_chains or chain != run_chains[-1]:
+            run_first.append(i)
+            run_chains.append(chain)
+    run_last = np.array(run_first[1:] + [len(chains)]) - 1  # [R] each run's last chunk
+    run_first = np.array(run_first)
     prefixes = {p.group_id: p for p in plan.prefixes}
     for level in range(depth):
-        seg = np.fromiter((c.prefix_chain[level] if len(c.prefix_chain) > level else -1
-                           for c in chunks), np.int64, len(chunks))  # [C], -1: none
-        first = np.flatnonzero(np.diff(seg, prepend=-2) != 0)  # each run's first chunk
+        seg = np.array([chain[level] if len(chain) > level else -1 for chain in run_chains],
+                       np.int64)  # [R], -1: none
+        first = np.flatnonzero(np.diff(seg, prepend=-2) != 0)  # each segment's first run
         first = first[seg[first] >= 0]
         ids = seg[first]
         if len(set(ids.tolist())) != len(ids):
             raise AssertionError(f"a segment's rows are not contiguous at level {level}")
-        run_end = np.flatnonzero(np.diff(seg, append=-2) != 0)  # each run's last chunk
-        run_end = run_end[seg[run_end] >= 0]
+        last = np.flatnonzero(np.diff(seg, append=-2) != 0)  # each segment's last run
+        last = last[seg[last] >= 0]
+        c0, c1 = run_first[first], run_last[last]  # the segment's first and last chunk
         g = len(ids)
-        group_start[level, :g] = q_start[first]
-        group_q[level, :g] = q_start[run_end] + q_len[run_end] - q_start[first]
+        group_start[level, :g] = q_start[c0]
+        group_q[level, :g] = q_start[c1] + q_len[c1] - q_start[c0]
         refs = [prefixes[s] for s in ids.tolist()]
         group_len[level, :g] = [p.prefix_len for p in refs]
         _check_widths(np.array([len(p.page_table) for p in refs]), group_tables.shape[2],
