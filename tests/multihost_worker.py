@@ -33,6 +33,7 @@ def _generate(spec: dict, multihost) -> dict:
     return {
         "token_ids": [list(r.token_ids) for r in results],
         "errors": [None if r.error is None else str(r.error) for r in results],
+        "weight_bytes_read": engine.weight_bytes_read,
         "metrics": {k: engine.last_metrics.get(k) for k in (
             "num_compiled_shapes", "compiled_after_warmup", "cpu_kernels", "tensor_parallel",
             "num_devices", "wall_s", "warmup_s")},

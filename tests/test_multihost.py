@@ -86,6 +86,19 @@ def _finish(procs, deadline: float) -> list[dict]:
     return [json.loads(open(spec["out"]).read()) for _, spec, _ in procs]
 
 
+def _tensor_bytes(model_dir) -> int:
+    """The weights' bytes in a HF directory's safetensors files."""
+    from safetensors import safe_open
+
+    from batchjax.models.safetensors_loader import safetensors_files
+
+    total = 0
+    for path in safetensors_files(str(model_dir)):
+        with safe_open(path, framework="np") as f:
+            total += sum(f.get_tensor(name).nbytes for name in f.keys())
+    return total
+
+
 @pytest.mark.parametrize("cpu_kernels", ["xla", "native"])
 def test_tensor_parallel_over_two_processes_gives_the_one_process_tokens(
         tiny_llama_dir, tmp_path, cpu_kernels):
@@ -110,6 +123,8 @@ def test_tensor_parallel_over_two_processes_gives_the_one_process_tokens(
     finally:
         outs = _finish(procs, deadline)
     assert [len(t) for t in expected] == [r["max_tokens"] for r in REQUESTS]
+    checkpoint_bytes = _tensor_bytes(tiny_llama_dir)
+    assert sum(out["weight_bytes_read"] for out in outs) >= checkpoint_bytes  # all of it read
     for pid, out in enumerate(outs):
         assert (out["process_id"], out["num_processes"]) == (pid, 2)
         assert (out["num_devices"], out["local_devices"]) == (2, 1)
@@ -118,6 +133,8 @@ def test_tensor_parallel_over_two_processes_gives_the_one_process_tokens(
         assert out["token_ids"] == expected, f"process {pid}"
         m = out["metrics"]
         assert (m["tensor_parallel"], m["num_devices"]) == (2, 2)
+        # Each process read its half of the checkpoint, not the whole of it.
+        assert 0 < out["weight_bytes_read"] <= 0.55 * checkpoint_bytes, out["weight_bytes_read"]
         assert m["cpu_kernels"] == cpu_kernels
         assert m["compiled_after_warmup"] == 0
 

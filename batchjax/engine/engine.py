@@ -318,9 +318,10 @@ class Engine(RequestPreparer):
         dtype = dtype_of(self.options.dtype)
         self.policy = policy
         _enable_compilation_cache(self.options.compilation_cache_dir)
-        if loaded is None:
-            loaded = load_model(model, dtype=dtype)
+        if loaded is None:  # across processes, each reads only its devices' slices
+            loaded = load_model(model, dtype=dtype, mesh=mesh)
         self.model_source = model
+        self.weight_bytes_read = loaded.bytes_read
         RequestPreparer.__init__(self, loaded.config, loaded.tokenizer)
         o = self.options
         # The step keeps its own stacked copy of the parameters (laid out on `mesh`); the

@@ -556,12 +556,15 @@ def _sample(raw, sampling_rows, rows, variant: StepVariant):
 def _place(tree, shardings, local: bool):
     """`tree`'s arrays on `shardings` (one sharding, or a tree of them). With `local` (every
     device of the mesh is this process's), a plain `device_put`; across processes
-    (`jax.distributed`), each process builds its devices' shards from its own copy of the
-    whole array."""
+    (`jax.distributed`), an array read in slices (spread over the processes already) is
+    laid out again by all of them together; of any other, each process builds its devices'
+    shards from its own copy of the whole array."""
     if local:
         return jax.device_put(tree, shardings)
 
     def one(x, sharding):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.jit(lambda a: a, out_shardings=sharding)(x)
         x = np.asarray(x)
         return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 

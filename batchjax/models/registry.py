@@ -45,6 +45,8 @@ class LoadedModel:
     tokenizer: Tokenizer | None
     source: str  # the resolved file or directory
     format: str  # "gguf", "safetensors" or "orbax"
+    # Weight bytes this process read from the files, where it read only its slices (`mesh`).
+    bytes_read: int | None = None
 
 
 def resolve_spec(spec: str) -> tuple[str, str]:
@@ -69,19 +71,30 @@ def resolve_spec(spec: str) -> tuple[str, str]:
     )
 
 
-def load_model(spec: str = DEFAULT_MODEL, dtype: jnp.dtype = jnp.float32) -> LoadedModel:
+def load_model(spec: str = DEFAULT_MODEL, dtype: jnp.dtype = jnp.float32,
+               mesh=None) -> LoadedModel:
+    """The model of `spec`. With a `mesh` whose devices span processes (`jax.distributed`),
+    a HF directory is read in slices: each process reads only what its devices hold
+    (`safetensors_loader.SliceReader`). GGUF files and batchjax checkpoints are read whole
+    by every process."""
+    from batchjax.sharding.mesh import reading_sharding, spans_processes
+
     fmt, path = resolve_spec(spec)
+    slices = None
+    if fmt == "safetensors" and mesh is not None and spans_processes(mesh):
+        slices = safetensors_loader.SliceReader(lambda shape: reading_sharding(mesh, shape))
     if fmt == "gguf":
         reader = gguf_loader.open_gguf(path)
         config = gguf_loader.gguf_config(reader)
         tokenizer = Tokenizer.from_gguf_metadata(gguf_loader.tokenizer_metadata(reader))
         model = load_weights(config, gguf_loader.iter_gguf_tensors(reader, config), dtype)
     elif fmt == "safetensors":
-        config, model = safetensors_loader.load_hf_directory(path, dtype)
+        config, model = safetensors_loader.load_hf_directory(path, dtype, slices)
         tokenizer = Tokenizer.from_directory(path, config.eos_token_ids)
     else:
         config, model, tokenizer = checkpoint.load_checkpoint(path, dtype)
-    return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path, format=fmt)
+    return LoadedModel(config=config, model=model, tokenizer=tokenizer, source=path, format=fmt,
+                       bytes_read=None if slices is None else slices.bytes_read)
 
 
 def load_tokenizer(spec: str = DEFAULT_MODEL) -> tuple[Tokenizer | None, ModelConfig]:

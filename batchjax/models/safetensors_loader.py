@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterator
+from typing import Callable, Iterator
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -65,9 +66,48 @@ def iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
             raise ModelFileError(path, f"truncated or corrupted safetensors file: {e}") from None
 
 
+class SliceReader:
+    """Reads each tensor as a global `jax.Array` over devices that may span processes: every
+    process reads from the file only the slices its own devices hold (`safe_open`'s
+    `get_slice`), so a model larger than one host's memory loads a part on each host.
+
+    `sharding_for(shape)`: the sharding a tensor of that shape is read into (what is read is
+    then laid out for the step on the device, by all processes together). `bytes_read`:
+    what this process has read so far.
+    """
+
+    def __init__(self, sharding_for: Callable[[tuple[int, ...]], jax.sharding.Sharding]):
+        self.sharding_for = sharding_for
+        self.bytes_read = 0
+
+    def __call__(self, files: list[str]) -> Iterator[tuple[str, jax.Array]]:
+        for path in files:
+            try:
+                with safe_open(path, framework="np") as f:
+                    for name in f.keys():
+                        yield name, self._read(f.get_slice(name))
+            except SafetensorError as e:
+                raise ModelFileError(path, f"truncated or corrupted safetensors file: {e}") \
+                    from None
+
+    def _read(self, tensor) -> jax.Array:
+        shape = tuple(tensor.get_shape())
+
+        def block(index) -> np.ndarray:
+            part = np.asarray(tensor[index] if shape else tensor[:])
+            self.bytes_read += part.nbytes
+            return part
+
+        return jax.make_array_from_callback(shape, self.sharding_for(shape), block)
+
+
 def load_hf_directory(
-    directory: str, dtype: jnp.dtype = jnp.float32
+    directory: str, dtype: jnp.dtype = jnp.float32, reader: SliceReader | None = None
 ) -> tuple[ModelConfig, LlamaForCausalLM]:
+    """The model of a HF directory: whole tensors one at a time, or with `reader`, each
+    process's slices of them."""
     config = read_hf_config(directory)
-    model = load_weights(config, iter_safetensors(safetensors_files(directory)), dtype)
+    files = safetensors_files(directory)
+    tensors = iter_safetensors(files) if reader is None else reader(files)
+    model = load_weights(config, tensors, dtype)
     return config, model

@@ -50,6 +50,24 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
+def spans_processes(mesh: Mesh) -> bool:
+    """Whether some device of `mesh` belongs to another process (a `jax.distributed` job)."""
+    return any(d.process_index != jax.process_index() for d in mesh.devices.flat)
+
+
+def reading_sharding(mesh: Mesh, shape: Sequence[int]) -> NamedSharding:
+    """How a checkpoint tensor is read onto `mesh` when its devices span processes: split
+    over every device along the first axis that divides evenly (each process then reads its
+    own part of the file), whole on each device if none does (small ones: norms, biases)."""
+    n = mesh.devices.size
+    spec = [None] * len(shape)
+    for axis, size in enumerate(shape):
+        if size % n == 0:
+            spec[axis] = AXES
+            break
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
 def describe(mesh: Mesh) -> str:
     d, t = mesh.devices.shape
     return f"{d} x {t} mesh ({AXES[0]} x {AXES[1]}) of {mesh.devices.flat[0].platform} devices"
