@@ -453,7 +453,9 @@ class BatchLLMBatcher:
         for gid in self._active:
             seqs = decoding[gid][:budget]
             for seq in seqs:
-                self._cover(seq, 1)
+                # Only a token past its last page needs one: most skip the page arithmetic.
+                if seq.num_computed >= len(seq.pages) * self._page_size:
+                    self._cover(seq, 1)
             chunks += decode_chunks(seqs)
             budget -= len(seqs)
         # (b) suffix prefill of groups whose segments are computed: running chunks first.
@@ -623,8 +625,9 @@ class BatchLLMBatcher:
         for gid, seqs in decoding.items():
             grown = 0
             for seq in seqs:
-                need = pages_for(seq.num_computed + 1, self._page_size)
-                if need > seq.reserved_pages:
+                # Only a token past its reserved pages grows the reservation.
+                if seq.num_computed >= seq.reserved_pages * self._page_size:
+                    need = pages_for(seq.num_computed + 1, self._page_size)
                     grown += need - seq.reserved_pages
                     seq.reserved_pages = need
             if grown:
