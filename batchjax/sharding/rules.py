@@ -26,8 +26,16 @@ A vocabulary (hidden size) that does not split over the devices is padded with z
 columns (`tensor_parallel.Layout`): padded ids are never looked up, padded logits are sliced
 off before sampling, and zero hidden columns add nothing.
 
-Default placement (`DEFAULT_PLACEMENT`): measured with `experiments.bench_tensor_parallel
---placements` (SmolLM2-135M, f32, 3 forced host devices); see `DEFAULT_PLACEMENT`.
+The default (`DEFAULT_PLACEMENT`) keeps the table replicated and the head over the vocabulary:
+no other placement measured faster. `experiments.bench_tensor_parallel --placements=all
+--repeats=15` (SmolLM2-135M, f32, T=3 on 3 host devices forced out of 2 cores, each placement
+timed in turn on the `bench_engine` step layouts; two runs, and a third of 25 turns for the
+closest rivals) put every other placement at 0.93x-1.14x of the default's time, its median of
+paired ratios, with interquartile ranges of about +-0.1 around it: a tie within noise. The
+one leaning is the head over `embed`: 1-7% faster on the widest decode (256 rows over 16
+groups) and 2-7% slower on the prefill and on 64 rows, a wash. Splitting the table was
+within the same noise (0.99x-1.11x), so where its memory matters `vocab/vocab` costs little. Forced host devices make every collective a copy in one memory; real chips may rank
+them differently.
 """
 
 from __future__ import annotations
@@ -50,7 +58,8 @@ TENSOR_PARALLEL: Mapping[str, str | None] = {
     "kv_heads": "model",
 }
 
-# (embedding table, LM head): the one that measured fastest (see the module docstring).
+# (embedding table, LM head): today's, which no other placement measured faster (see the
+# module docstring).
 DEFAULT_PLACEMENT = ("replicated", "vocab")
 
 
