@@ -1,7 +1,7 @@
 """Tensor-parallel overhead per step, on host devices forced out of this machine's cores.
 
     python -m experiments.bench_tensor_parallel [--model=smollm2-135m] [--tensor_parallel=1,3] \
-        [--devices=3] [--repeats=5] [--rounds=1] [--placements=TABLE/HEAD,...] \
+        [--devices=3] [--repeats=5] [--placements=TABLE/HEAD,...|all] \
         [--only=NAME,...] [--json_out=PATH]
 
 Forced host devices share the same cores, so splitting a step over them cannot make it
@@ -15,9 +15,10 @@ same program divides the work over them; the simulator (`experiments.simulate
 and the LM head ("TABLE/HEAD", `batchjax.sharding.rules`: e.g. `replicated/vocab`, the
 default, `vocab/vocab`, `embed/embed`; `all` for every one); T=1 runs the default. Every
 engine is built first (one load of the model, one KV pool per size, handed from engine to
-engine), then each of `--rounds` rounds times every engine's steps, in reverse order every
-other round, so that other work on the machine falls on all of them alike: a step's figure is
-the median over rounds of each round's median of `--repeats`, with the spread over rounds.
+engine); then each step is timed `--repeats` times on every engine in turn, in reverse order
+every other turn, so that other work on the machine falls on all of them alike. A figure is
+the median; a ratio is the median over turns of the ratio of two engines' times in the same
+turn, with its interquartile range.
 """
 
 from __future__ import annotations
@@ -37,12 +38,16 @@ _force_devices(sys.argv)
 
 import json  # noqa: E402
 import statistics  # noqa: E402
+import time  # noqa: E402
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from batchjax.bench.steps import step_seconds  # noqa: E402
 from batchjax.engine.engine import Engine, dtype_of  # noqa: E402
 from batchjax.engine.page_pool import kv_bytes_per_page  # noqa: E402
+from batchjax.engine.sampling import sampling_row_arrays  # noqa: E402
+from batchjax.engine.step import StepVariant  # noqa: E402
+from batchjax.engine.step_batch import build_step_batch  # noqa: E402
 from batchjax.models.registry import load_model  # noqa: E402
 from batchjax.schedule.buckets import BucketTable  # noqa: E402
 from batchjax.sharding import rules  # noqa: E402
@@ -58,7 +63,6 @@ _PLACEMENTS = flags.DEFINE_list(
     "placements", ["/".join(rules.DEFAULT_PLACEMENT)],
     "Placements TABLE/HEAD of the embedding table and the LM head to time at each size > 1 "
     "('all': every one).")
-_ROUNDS = flags.DEFINE_integer("rounds", 1, "Rounds over every engine (median and spread).")
 _DEFAULT_STEPS = ("prefill 512", "decode 64 over shared prefix 1024 (4 x 16)", "decode 256",
                   "decode 16 over own")
 
@@ -69,6 +73,10 @@ def _placements() -> list[str]:
     for p in _PLACEMENTS.value:
         rules.parse_placement(p)  # fails early on a typo
     return list(_PLACEMENTS.value)
+
+
+def label(arm: tuple[int, str]) -> str:
+    return f"T={arm[0]}" + (f" {arm[1]}" if arm[0] > 1 else "")
 
 
 def main(argv):
@@ -101,48 +109,65 @@ def main(argv):
     feeds = {t: engines[t, p].step.empty_feed(buckets.tokens[-1]) for t, p in arms}
     times: dict[tuple[int, str], dict[str, list[float]]] = {a: {n: [] for n in plans}
                                                            for a in arms}
-    for r in range(_ROUNDS.value):
-        for t, placement in (arms if r % 2 == 0 else arms[::-1]):
-            engine = engines[t, placement]
+    for name, plan in plans.items():
+        batch = build_step_batch(plan, PAGE, buckets)
+        rows = sampling_row_arrays(batch.logits_index.shape[0],
+                                   positions=batch.sample_positions)
+
+        def seconds(arm) -> float:
+            t, engine = arm[0], engines[arm]
             engine.kv = pools[t]
             try:
-                for name, plan in plans.items():
-                    seconds, _ = step_seconds(engine, plan, buckets, feeds[t], PAGE,
-                                              _REPEATS.value)
-                    times[t, placement][name].append(seconds)
-                    print(f"round {r} T={t} {placement:<17} {name:<47} "
-                          f"{seconds * 1000:8.1f} ms", flush=True)
+                start = time.perf_counter()
+                tokens, _, engine.kv, _ = engine.step(engine.kv, feeds[t], batch, rows,
+                                                      StepVariant())
+                jax.block_until_ready(tokens)
+                return time.perf_counter() - start
             finally:
                 pools[t], engine.kv = engine.kv, None
 
-    def median(arm, name):
-        return statistics.median(times[arm][name])
+        for arm in arms:
+            seconds(arm)  # compile and warm up
+        for r in range(_REPEATS.value):
+            for arm in (arms if r % 2 == 0 else arms[::-1]):
+                times[arm][name].append(seconds(arm))
+        print(f"{name}: " + ", ".join(
+            f"{label(a)} {statistics.median(times[a][name]) * 1000:.1f} ms" for a in arms),
+            flush=True)
 
-    # One row per size and placement, one column per step: the median (its spread over
-    # rounds) and its ratio to the first size's.
+    def ratio(a, b, name) -> str:
+        """Median and interquartile range over turns of a's time over b's in the same turn."""
+        r = [x / y for x, y in zip(times[a][name], times[b][name])]
+        if len(r) < 2:
+            return f"{r[0]:.2f}x"
+        q1, q2, q3 = statistics.quantiles(r, n=4, method="inclusive")
+        return f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
+
+    def table(title, rows, against):
+        print(f"\n{title}")
+        print("| size, placement | " + " | ".join(plans) + " |")
+        print("|---" + "|---:" * len(plans) + "|")
+        for a in rows:
+            cells = [ratio(a, against(a), name) for name in plans]
+            print(f"| {label(a)} | " + " | ".join(cells) + " |")
+
     base = arms[0]
-    label = {a: f"T={a[0]}" + (f" {a[1]}" if a[0] > 1 else "") for a in arms}
-    print(f"\nmedian of {_ROUNDS.value} round(s) of the median of {_REPEATS.value}, in ms"
-          + (" (min-max over rounds)" if _ROUNDS.value > 1 else "")
-          + f", and its ratio to {label[base]}")
+    print(f"\nmedian of {_REPEATS.value} turns, in ms")
     print("| size, placement | " + " | ".join(plans) + " |")
     print("|---" + "|---:" * len(plans) + "|")
     for a in arms:
-        cells = []
-        for name in plans:
-            ms = [x * 1000 for x in times[a][name]]
-            cell = f"{statistics.median(ms):.1f}"
-            if len(ms) > 1:
-                cell += f" ({min(ms):.0f}-{max(ms):.0f})"
-            ratio = statistics.median(times[a][name]) / statistics.median(times[base][name])
-            cells.append(cell + f" {ratio:.2f}x")
-        print(f"| {label[a]} | " + " | ".join(cells) + " |")
+        print(f"| {label(a)} | " + " | ".join(
+            f"{statistics.median(times[a][name]) * 1000:.1f}" for name in plans) + " |")
+    table(f"ratio to {label(base)} (interquartile range over turns)", arms[1:], lambda a: base)
+    others = [a for a in arms if a[0] > 1 and a[1] != default]
+    if others and all((a[0], default) in times for a in others):
+        table(f"ratio to the default placement {default} at the same size", others,
+              lambda a: (a[0], default))
     if _JSON.value:
         os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
         with open(_JSON.value, "w") as f:
-            json.dump({"model": _MODEL.value, "dtype": _DTYPE.value, "rounds": _ROUNDS.value,
-                       "repeats": _REPEATS.value,
-                       "seconds": {label[a]: times[a] for a in arms}}, f, indent=2)
+            json.dump({"model": _MODEL.value, "dtype": _DTYPE.value, "repeats": _REPEATS.value,
+                       "seconds": {label(a): times[a] for a in arms}}, f, indent=2)
 
 
 if __name__ == "__main__":
