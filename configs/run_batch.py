@@ -21,6 +21,9 @@ def get_config() -> ml_collections.ConfigDict:
     c.overlap = True  # plan and launch step N+1 while step N runs (same results either way)
     c.tensor_parallel = 1  # devices per replica (heads and MLP columns split over them)
     c.data_parallel = 1  # replicas, each with its own KV pool and whole prefix groups
+    # tensor parallel: the embedding table's and LM head's split, TABLE/HEAD with TABLE one of
+    # replicated, vocab, embed and HEAD one of vocab, embed
+    c.placement = "replicated/vocab"
     c.distributed = "local"  # replicas in this process, or "ray": one Ray actor each
     c.ray_address = ""  # a Ray cluster to join; "" starts one in this process
     c.strict = False

@@ -97,10 +97,9 @@ def main(argv):
     for t, placement in arms:
         kv_heads = Layout.for_model(loaded.config, t).pool_kv_heads
         page_mb = kv_bytes_per_page(loaded.config, PAGE, dtype, kv_heads) / 2**20
-        with rules.use(rules.placement_rules(*rules.parse_placement(placement))):
-            engine = Engine(_MODEL.value, dtype=_DTYPE.value, page_size=PAGE, progress=False,
-                            tensor_parallel=t, loaded=loaded,
-                            kv_budget_mb=(pages if t not in pools else 1) * page_mb * 1.01)
+        engine = Engine(_MODEL.value, dtype=_DTYPE.value, page_size=PAGE, progress=False,
+                        tensor_parallel=t, loaded=loaded, placement=placement,
+                        kv_budget_mb=(pages if t not in pools else 1) * page_mb * 1.01)
         if t not in pools:
             pools[t] = engine.kv
         engine.kv = None  # the size's pool is handed to it when it runs

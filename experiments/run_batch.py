@@ -128,7 +128,7 @@ def _engine(cfg) -> Engine:
         page_size=cfg.page_size, kv_budget_mb=cfg.kv_budget_mb,
         max_tokens_per_step=cfg.max_tokens_per_step, max_num_seqs=cfg.max_num_seqs,
         prefix_levels=cfg.prefix_levels, min_saved_tokens=cfg.min_saved_tokens,
-        overlap=cfg.overlap, tensor_parallel=cfg.tensor_parallel,
+        overlap=cfg.overlap, tensor_parallel=cfg.tensor_parallel, placement=cfg.placement,
         data_parallel=cfg.data_parallel, distributed=cfg.distributed,
         ray_address=cfg.ray_address or None,
     )

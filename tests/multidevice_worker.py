@@ -3,9 +3,9 @@
     python -m tests.multidevice_worker MODEL N_DEVICES CONFIGS_JSON OUT_JSON [REQUESTS_JSON]
 
 Multi-device tests run this in a subprocess: the host device count is fixed when JAX starts.
-Each config is the keywords of `batchjax.cluster.Engine` plus "policy", "model" (another model
-than MODEL) and "placement" (the embedding table's and the LM head's, "TABLE/HEAD", see
-`batchjax.sharding.rules`); the output maps each config's index to its results' token ids and
+Each config is the keywords of `batchjax.cluster.Engine` (among them "placement", the embedding
+table's and the LM head's split, "TABLE/HEAD") plus "policy" and "model" (another model than
+MODEL); the output maps each config's index to its results' token ids and
 its metrics. REQUESTS_JSON, a file holding a
 list of requests, replaces the built-in job (a request's own max_tokens wins over a config's).
 """
@@ -23,7 +23,6 @@ def main(model: str, num_devices: int, configs: list[dict], out: str,
     import numpy as np
 
     from batchjax.cluster import Engine
-    from batchjax.sharding import rules
 
     rng = np.random.default_rng(0)
     requests = []
@@ -42,12 +41,8 @@ def main(model: str, num_devices: int, configs: list[dict], out: str,
         config = dict(config)
         policy = config.pop("policy", "batchllm")
         max_tokens = config.pop("max_tokens", 8)
-        placement = config.pop("placement", None)
-        placed = (rules.placement_rules(*rules.parse_placement(placement)) if placement
-                  else rules.active())
         reqs = [{"max_tokens": max_tokens, **r, "ignore_eos": True} for r in requests]
-        with rules.use(placed):
-            engine = Engine(config.pop("model", model), policy=policy, progress=False, **config)
+        engine = Engine(config.pop("model", model), policy=policy, progress=False, **config)
         out_results = engine.generate(reqs)
         m = engine.last_metrics
         results[k] = {

@@ -115,10 +115,7 @@ def test_each_placement_puts_its_axis_of_the_table_and_head_on_the_model_axis(ta
     assert spec(("layers", "self_attn", "qkv_proj", "kernel"), 3) == (None, None, "model")
     assert spec(("layers", "mlp", "down_proj", "kernel"), 3) == (None, "model", None)
     assert tuple(rules.kv_spec(placed)) == (None, None, None, "model", None)
-    with rules.use(placed):
-        assert rules.active() is placed and tuple(rules.param_spec(("head",), 2)) == spec(
-            ("head",), 2)
-    assert rules.active() is rules.RULES
+    assert rules.placement(placed) == (table, head)
     assert rules.placement() == rules.DEFAULT_PLACEMENT
 
 
@@ -172,3 +169,10 @@ def test_a_mesh_larger_than_the_devices_fails_before_anything_loads():
         make_mesh(0, 1)
     mesh = make_mesh()
     assert mesh.devices.shape == (1, 1) and mesh.axis_names == ("data", "model")
+
+
+def test_an_engine_refuses_an_unknown_placement_before_loading_anything():
+    from batchjax.engine.engine import Engine
+
+    with pytest.raises(ValueError, match="TABLE/HEAD with TABLE one of replicated, vocab, embed"):
+        Engine("no-such-model-is-loaded", placement="rows/vocab")

@@ -32,6 +32,7 @@ from batchjax.requests import (InvalidRequestError, Request, RequestError, Sampl
                                requests_from_python, sample_requests)
 from batchjax.metrics import process_age_s
 from batchjax.schedule.buckets import BucketTable
+from batchjax.sharding import rules
 from batchjax.sharding.mesh import describe, make_mesh
 from batchjax.schedule.driver import run_batcher
 from batchjax.schedule.policies import make_batcher
@@ -61,6 +62,9 @@ class EngineOptions:
     # Plan and launch step N+1 while step N runs (its tokens come back one step late); the
     # results are the same either way.
     overlap: bool = True
+    # Tensor parallel: where the embedding table and the LM head are split, "TABLE/HEAD"
+    # (`batchjax.sharding.rules`; a mesh of one splits nothing).
+    placement: str = "/".join(rules.DEFAULT_PLACEMENT)
     progress: bool = True
     # XLA programs persist here across processes (a rerun skips compilation); "" turns it off.
     compilation_cache_dir: str = os.path.join(
@@ -315,6 +319,7 @@ class Engine(RequestPreparer):
             raise ValueError(f"tensor_parallel={tensor_parallel} but the mesh given is "
                              f"{describe(mesh)}")
         self.options = EngineOptions(**options)
+        placement = rules.placement_rules(*rules.parse_placement(self.options.placement))
         dtype = dtype_of(self.options.dtype)
         self.policy = policy
         _enable_compilation_cache(self.options.compilation_cache_dir)
@@ -326,7 +331,8 @@ class Engine(RequestPreparer):
         o = self.options
         # The step keeps its own stacked copy of the parameters (laid out on `mesh`); the
         # module itself is dropped.
-        self.step = ModelStep(loaded.model, o.attention, o.cpu_kernels, mesh=mesh)
+        self.step = ModelStep(loaded.model, o.attention, o.cpu_kernels, mesh=mesh,
+                              sharding_rules=placement)
         self.mesh = self.step.mesh
         kv_heads = self.step.layout.pool_kv_heads
         self.kv_budget_pages = pages_for_budget(self.config, o.page_size, dtype, o.kv_budget_mb,

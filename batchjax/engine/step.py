@@ -98,8 +98,8 @@ class ModelStep:
     The step runs on `mesh` (default: a mesh of one device), every device on its own heads
     and MLP columns (`batchjax.sharding`): one program under `shard_map`, whose partial
     products after the output and down projections are summed over the `model` axis. The
-    embedding table and the LM head are placed as `sharding_rules` say (default: the rules
-    active when the step is built, `rules.active()`), each with its collective: see
+    embedding table and the LM head are placed as `sharding_rules` say (default:
+    `rules.RULES`, the default placement), each with its collective: see
     `batchjax.sharding.rules`. A mesh of one runs the same program, its collectives over one
     device.
     """
@@ -109,7 +109,7 @@ class ModelStep:
                  sharding_rules: dict[str, str | None] | None = None):
         config = model.config
         self.config = config
-        self.rules = dict(rules.active() if sharding_rules is None else sharding_rules)
+        self.rules = dict(rules.RULES if sharding_rules is None else sharding_rules)
         # (embedding table, LM head): which of their axes is on the `model` axis.
         self.placement = rules.placement(self.rules)
         self.mesh = mesh if mesh is not None else make_mesh(devices=jax.devices()[:1])

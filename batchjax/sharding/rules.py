@@ -34,14 +34,14 @@ closest rivals) put every other placement at 0.93x-1.14x of the default's time, 
 paired ratios, with interquartile ranges of about +-0.1 around it: a tie within noise. The
 one leaning is the head over `embed`: 1-7% faster on the widest decode (256 rows over 16
 groups) and 2-7% slower on the prefill and on 64 rows, a wash. Splitting the table was
-within the same noise (0.99x-1.11x), so where its memory matters `vocab/vocab` costs little. Forced host devices make every collective a copy in one memory; real chips may rank
-them differently.
+within the same noise (0.99x-1.11x), so where its memory matters `vocab/vocab` costs little.
+Forced host devices make every collective a copy in one memory; real chips may rank them
+differently, which is why the placement is an engine option (`placement="TABLE/HEAD"`).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, Mapping, Sequence
+from typing import Mapping, Sequence
 
 from jax.sharding import PartitionSpec
 
@@ -89,29 +89,11 @@ def placement_rules(embed: str = DEFAULT_PLACEMENT[0], head: str = DEFAULT_PLACE
 
 
 RULES: Mapping[str, str | None] = placement_rules()
-_active: Mapping[str, str | None] = RULES
-
-
-def active() -> Mapping[str, str | None]:
-    """The rules a step built now follows (`RULES` unless inside `use`)."""
-    return _active
-
-
-@contextlib.contextmanager
-def use(rules: Mapping[str, str | None]) -> Iterator[Mapping[str, str | None]]:
-    """Steps built inside follow `rules` (e.g. `use(placement_rules("vocab", "embed"))` around
-    an `Engine`): how benchmarks and tests try another placement."""
-    global _active
-    before, _active = _active, rules
-    try:
-        yield rules
-    finally:
-        _active = before
 
 
 def placement(rules: Mapping[str, str | None] | None = None) -> tuple[str, str]:
     """(table, head) placement that `rules` give: which of their axes is on the `model` axis."""
-    rules = active() if rules is None else rules
+    rules = RULES if rules is None else rules
 
     def one(what: str, choices: Mapping[str, str | None]) -> str:
         split = {name: rules[axis] for name, axis in choices.items()
@@ -155,7 +137,7 @@ KV_AXES = ("layers", "pages", "page", "kv_heads", "head_dim")
 def to_spec(axes: Sequence[str | None], rules: Mapping[str, str | None] | None = None
             ) -> PartitionSpec:
     """Logical axes -> a PartitionSpec (axes without a rule are replicated)."""
-    rules = active() if rules is None else rules
+    rules = RULES if rules is None else rules
     return PartitionSpec(*(rules.get(a) if a is not None else None for a in axes))
 
 
