@@ -18,9 +18,10 @@ the step's divided by T (when T exceeds the KV heads, each chip keeps one KV hea
 replicated, its projections are still counted as split, a small error). The chips then
 exchange activations, which is added to the step, not overlapped with the kernels:
 - an all-reduce of the step's `tokens x hidden` activations after every layer's attention
-  output projection and after its MLP down projection (2 per layer), and one after the
-  vocabulary-split embedding lookup;
+  output projection and after its MLP down projection (2 per layer);
 - an all-gather of the sampled rows' logits from the vocabulary-split LM head.
+That is the engine's default placement (`batchjax.sharding.rules`): the embedding table is
+whole on every chip, so its lookup needs no collective.
 A ring all-reduce of B bytes costs `2 (T - 1) / T * B / link + latency`, an all-gather
 `(T - 1) / T * B / link + latency`, with `link` one direction of a chip's link at
 `link_efficiency`. With T = 1 nothing is added and nothing divided: the one-chip estimate.
@@ -155,7 +156,7 @@ class CostModel:
         link = d.link_bytes_per_s * self.link_efficiency
         activations = tokens * m.hidden_size * m.bytes_per_value
         all_reduce = 2 * (t - 1) / t * activations / link + d.collective_latency_s
-        seconds = (2 * m.num_layers + 1) * all_reduce  # o_proj, down_proj; the embedding
+        seconds = 2 * m.num_layers * all_reduce  # after o_proj and down_proj
         if sampled:
             logits = sampled * m.vocab_size * m.bytes_per_value
             seconds += (t - 1) / t * logits / link + d.collective_latency_s
