@@ -190,6 +190,21 @@ def test_budget_below_one_request_fails_before_any_step(policy):
         make_batcher(policy, requests, Budgets(64, kv_budget_pages=9, page_size=4))
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_chain_and_its_requests_start_in_the_step_that_finishes_each_segment(overlap):
+    """A step writes its keys layer by layer before its attention reads any, so a segment's
+    child and the requests below the chain start in the step holding its parent's last
+    chunk: one step runs the whole two-segment chain and the requests' prompts, and the
+    reference executor finds every context's keys where they are read."""
+    requests, groups = _two_segment_group()
+    budgets = Budgets(max_tokens_per_step=32, kv_budget_pages=16, page_size=4)
+    batcher = BatchLLMBatcher(requests, groups, budgets)
+    result = run_checked(batcher, requests, [3, 4], budgets, overlap)
+    first = result.steps[0].chunks
+    assert [(c.seq_id, c.num_tokens) for c in first] == [(-4, 5), (-8, 3), (0, 6), (1, 1)]
+    assert len(result.steps) == 4  # then 3 decode steps: the longest request's 4 tokens
+
+
 def _two_segment_group():
     """One group whose prefix is two shared segments of 5 and 3 tokens (pages of 4: 2 + 1,
     each segment on fresh pages, not the 2 pages its 8 tokens would fill), and two requests

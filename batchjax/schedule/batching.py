@@ -362,6 +362,7 @@ class BatchLLMBatcher:
         if source is None and sorted(self._group_of_request) != list(range(len(requests))):
             raise ValueError("the plan's groups must cover every request exactly once")
         self._active: dict[int, None] = {}  # admission order: the last one is preempted first
+        self._finishing: set[int] = set()  # segments whose last chunk is in the step planned now
         self._reserved = 0
         self._step_index = 0
 
@@ -445,6 +446,7 @@ class BatchLLMBatcher:
         return self._num_unfinished > 0 or self._take_from_source()
 
     def next_step(self) -> StepPlan:
+        self._finishing.clear()  # (a preemption below may drop a segment finished last step)
         decoding, prefilling = self._running_by_phase()
         preempted = self._reserve_decode_growth(decoding)
         budget = self._budgets.max_tokens_per_step
@@ -470,10 +472,17 @@ class BatchLLMBatcher:
                 chunks.append(self._run(seq, n))
                 budget -= n
             budget = self._admit_requests(group, budget, chunks)
-        # (c) segment prefill: the segments under way, then new groups in plan order.
+        # (c) segment prefill: the segments under way, then new groups in plan order. A
+        # segment whose last chunk is in this step has its children start in it too (a step
+        # writes its keys layer by layer before any of its attention reads them), and so do
+        # the requests below a chain finishing in it.
         scheduled: set[int] = set()
         for gid in self._active:
-            budget = self._advance_chain(self._groups[gid], budget, chunks, scheduled)
+            group = self._groups[gid]
+            if not self._chain_ready(group):
+                budget = self._advance_chain(group, budget, chunks, scheduled)
+                if self._chain_ready(group):
+                    budget = self._admit_requests(group, budget, chunks)
         while budget and (self._pending or self._take_from_source()):
             group = self._groups[self._pending[0]]
             pledge = max(self._estimate_pages[i] for i in group.waiting)
@@ -493,10 +502,10 @@ class BatchLLMBatcher:
                     seg.resident = True
                     self._reserved += seg.pages
             self._reserved += group.reserved_pages
+            if not self._chain_ready(group):
+                budget = self._advance_chain(group, budget, chunks, scheduled)
             if self._chain_ready(group):
                 budget = self._admit_requests(group, budget, chunks)
-            else:
-                budget = self._advance_chain(group, budget, chunks, scheduled)
         prefixes = self._attended_prefixes(chunks)
         step = StepPlan(
             self._step_index, tuple(chunks), prefixes, tuple(preempted), self._pool.num_allocated
@@ -550,21 +559,27 @@ class BatchLLMBatcher:
             seq.add_pages(self._pool.allocate(need))
 
     def _chain_ready(self, group: _GroupState) -> bool:
-        return all(self._segments[s].seq.num_pending == 0 for s in group.chain)
+        """Every segment of the group's chain computed, or finishing in the step planned now."""
+        return all(self._segments[s].seq.num_pending == 0 or s in self._finishing
+                   for s in group.chain)
 
     def _advance_chain(self, group: _GroupState, budget: int, chunks: list[ChunkWork],
                        scheduled: set[int]) -> int:
-        """A chunk of the group's first segment still to compute, once its parent is done and
-        unless another group scheduled it in this step."""
+        """Chunks of the group's segments still to compute, top first: a segment's next chunk
+        once its parent is computed or finishes in this step, unless another group scheduled
+        that segment in this step."""
         for s in group.chain:
             seq = self._segments[s].seq
-            if not seq.num_pending:
+            if not seq.num_pending or s in self._finishing:
                 continue
             if budget and s not in scheduled:
                 n = min(seq.num_pending, budget)
                 chunks.append(self._run(seq, n))
                 budget -= n
                 scheduled.add(s)
+                if n == seq.num_pending:  # its last chunk: its child may start now
+                    self._finishing.add(s)
+                    continue
             break
         return budget
 
