@@ -53,6 +53,8 @@ _SIM_DEVICE = flags.DEFINE_string("sim_device", None,
                                   "The simulator's device profile (default: from the name of "
                                   "the device; none for a CPU).")
 _OUT = flags.DEFINE_string("out", "out/bench/accelerator", "Output directory.")
+_ARM_TIMEOUT = flags.DEFINE_integer("arm_timeout", 300, "Seconds one system may take before "
+                                    "it is stopped and the others run.")
 _ARM = flags.DEFINE_string("arm", None, "Internal: run one system in this process.")
 
 TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
@@ -262,7 +264,10 @@ def main(argv) -> None:
     for system in _SYSTEMS.value:
         argv = [sys.executable, "-m", "experiments.bench_accelerator", f"--arm={system}",
                 *[a for a in sys.argv[1:] if not a.startswith("--systems")]]
-        code = subprocess.run(argv).returncode
+        try:
+            code = subprocess.run(argv, timeout=_ARM_TIMEOUT.value).returncode
+        except subprocess.TimeoutExpired:
+            code = "timed out"
         path = os.path.join(_OUT.value, f"{system}.json")
         if code == 0 and os.path.exists(path):
             with open(path) as f:

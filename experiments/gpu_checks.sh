@@ -35,7 +35,8 @@ fi
 if wants engine; then
   timeout "${ENGINE_TIMEOUT:-420}" $PY -m experiments.bench_accelerator --shape=llama-3.1-8b \
     --num_docs=64 --questions=16 --doc_tokens=1024 --question_tokens=64 --max_tokens=32 \
-    --kv_budget_mb=16384 --max_tokens_per_step=2048 --out="$OUT/engine" 2>&1 \
+    --kv_budget_mb=16384 --max_tokens_per_step=2048 --arm_timeout=200 --out="$OUT/engine" \
+    2>&1 \
     | tee "$OUT/engine.txt"
 fi
 
