@@ -189,14 +189,10 @@ def run_transformers(sizes: dict) -> dict:
 
 def simulate_job(sizes: dict, engine: dict) -> dict | None:
     from batchjax.sim.cost_model import CostModel
-    from batchjax.sim.hardware import ModelShape, get_device
+    from batchjax.sim.hardware import ModelShape, get_device, profile_for
     from batchjax.sim.simulate import simulate
 
-    name = _SIM_DEVICE.value
-    if name is None:
-        kind = engine["device"].lower()
-        name = next((d for d in ("h200", "h100", "a100") if d in kind), None)
-        name = "a100-80gb" if name == "a100" else name
+    name = _SIM_DEVICE.value or profile_for(engine["device"])
     if not name:
         return None
     shape = ModelShape(_SHAPE.value, sizes["num_layers"], sizes["hidden_size"],
@@ -260,7 +256,7 @@ def main(argv) -> None:
         run = {"batchjax": run_batchjax, "transformers": run_transformers}[_ARM.value]
         _write(_ARM.value, run(sizes))
         return
-    results = {}
+    results, failed = {}, []
     for system in _SYSTEMS.value:
         argv = [sys.executable, "-m", "experiments.bench_accelerator", f"--arm={system}",
                 *[a for a in sys.argv[1:] if not a.startswith("--systems")]]
@@ -273,6 +269,7 @@ def main(argv) -> None:
             with open(path) as f:
                 results[system] = json.load(f)
         else:
+            failed.append(system)
             print(f"{system} failed (exit {code}); the others still run", file=sys.stderr)
     if "batchjax" in results:
         sim = simulate_job(sizes, results["batchjax"])
@@ -283,8 +280,8 @@ def main(argv) -> None:
     with open(os.path.join(_OUT.value, "report.md"), "w") as f:
         f.write(text + "\n")
     print(text)
-    if len(results) < len([s for s in _SYSTEMS.value]):
-        raise SystemExit(1)
+    if failed:
+        raise SystemExit(f"failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ each request has `suffix_len` keys of its own. Timed in one run, so ratios compa
 * gpu: the compiled Pallas kernels (prefix + own + merge; Mosaic GPU for 16-bit dtypes, with
   several key splits, and Triton) against per-request paged attention (the ragged kernel over
   each request's full page table) and `jax.nn.dot_product_attention` over contiguous
-  per-request KV; achieved bandwidth is printed against the H200's 4.8 TB/s.
+  per-request KV; achieved bandwidth is printed against the device's HBM peak (the
+  simulator's profile of an H200, H100 or A100, by the device's name).
 
 With `--cascade_root=R`, the groups' prefixes all begin with the same R tokens (one system
 prompt over the documents) and the step is timed two ways with the cascade kernels
@@ -33,6 +34,7 @@ import numpy as np
 from absl import app, flags
 
 from batchjax.bench.roofline import median_seconds
+from batchjax.sim.hardware import DEVICES, profile_for
 from pallas_kernels import (
     cascade_attention,
     merge_attention_states,
@@ -59,7 +61,13 @@ ITERS = flags.DEFINE_integer("iters", 10, "Timed repetitions (median reported)."
 ROOT = flags.DEFINE_integer("cascade_root", 0, "Tokens every group's prefix shares (0: none); "
                             "then depth 2 against depth 1 of the cascade kernels is timed.")
 
-HBM_PEAK_BYTES_PER_S = 4.8e12  # H200
+
+
+def hbm_peak() -> tuple[float, str]:
+    """(HBM bytes/s, its name) of the device the benchmark runs on, from the simulator's
+    profiles (`batchjax.sim.hardware.DEVICES`); an H200's where the name matches none."""
+    name = profile_for(jax.devices()[0].device_kind) or "h200"
+    return DEVICES[name].hbm_bytes_per_s, name
 
 
 def decode_step(rng: np.random.Generator):
@@ -143,6 +151,7 @@ def gpu_seconds(fn, repeats: int, calls: int = 20) -> float:
 
 def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
     requests = q.shape[0]
+    peak, peak_name = hbm_peak()
 
     # The shared-prefix path is a prefix part, an own part and a merge; every variant timed
     # below (whole or a part alone) is built from these.
@@ -226,7 +235,7 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
         times[name] = seconds
         bandwidth = kv_bytes(keys) / seconds
         print(f"{name:38s} {seconds * 1e6:9.1f} us  {bandwidth / 1e12:5.2f} TB/s "
-              f"({100 * bandwidth / HBM_PEAK_BYTES_PER_S:5.1f}% of 4.8)  max|diff|={error:.1e}")
+              f"({100 * bandwidth / peak:5.1f}% of {peak_name}'s HBM)  max|diff|={error:.1e}")
     for name, fn, keys in parts:
         seconds = gpu_seconds(lambda: fn(q, k_pages, v_pages), ITERS.value)
         bandwidth = kv_bytes(keys) / seconds
@@ -235,7 +244,7 @@ def run_gpu(q, k_pages, v_pages, prefix, own, full) -> None:
     times["jax.nn.dot_product_attention"] = seconds
     bandwidth = kv_bytes(full_keys) / seconds
     print(f"{'jax.nn.dot_product_attention':38s} {seconds * 1e6:9.1f} us  "
-          f"{bandwidth / 1e12:5.2f} TB/s ({100 * bandwidth / HBM_PEAK_BYTES_PER_S:5.1f}% of 4.8)")
+          f"{bandwidth / 1e12:5.2f} TB/s ({100 * bandwidth / peak:5.1f}% of {peak_name}'s HBM)")
     best = min((t, n) for n, t in times.items() if "shared" in n)
     print(f"fastest shared-prefix variant: {best[1]}")
     for name, seconds in times.items():
@@ -259,9 +268,10 @@ def cascade_levels(prefix, requests: int):
                  (level_tables, level_lens, level_q_start, level_q_len))
 
 
-def run_cascade(q, k_pages, v_pages, prefix, own, full) -> dict:
-    """Depth 2 against depth 1 of the cascade kernels on one decode step; returns the times."""
+def run_cascade(q, k_pages, v_pages, prefix, own, full) -> None:
+    """Depth 2 against depth 1 of the cascade kernels on one decode step."""
     requests = q.shape[0]
+    peak, peak_name = hbm_peak()
     interpret = DEVICE.value == "cpu"
     one_level = tuple(a[None] for a in prefix)
     two_levels = cascade_levels(prefix, requests)
@@ -273,7 +283,7 @@ def run_cascade(q, k_pages, v_pages, prefix, own, full) -> dict:
                                      block_q=DEGREE.value)
         return jax.jit(attend)
 
-    keys = {"depth 2 (root once, then each group's part)":
+    variants = {"depth 2 (root once, then each group's part)":
             (cascade(two_levels), ROOT.value + GROUPS.value * (PREFIX_LEN.value - ROOT.value)),
             "depth 1 (each group's whole prefix)":
             (cascade(one_level), GROUPS.value * PREFIX_LEN.value)}
@@ -281,7 +291,7 @@ def run_cascade(q, k_pages, v_pages, prefix, own, full) -> dict:
     # Both against the oracle: each request's whole context, gathered.
     want = ragged_paged_attention_reference(q, k_pages, v_pages, *full)[0].astype(jnp.float32)
     error = max(float(jnp.max(jnp.abs(fn(q, k_pages, v_pages)[0].astype(jnp.float32) - want)))
-                for fn, _ in keys.values())
+                for fn, _ in variants.values())
     print(f"device={jax.devices()[0].device_kind} requests={requests} groups={GROUPS.value} "
           f"degree={DEGREE.value} prefix={PREFIX_LEN.value} (root {ROOT.value}) "
           f"suffix={SUFFIX_LEN.value} Hq={Q_HEADS.value} Hkv={KV_HEADS.value} D={HEAD_DIM.value} "
@@ -289,15 +299,14 @@ def run_cascade(q, k_pages, v_pages, prefix, own, full) -> dict:
           f"{error:.1e}")
     timer = median_seconds if interpret else gpu_seconds
     times = {}
-    for name, (fn, prefix_keys) in keys.items():
+    for name, (fn, prefix_keys) in variants.items():
         seconds = timer(lambda: fn(q, k_pages, v_pages), ITERS.value)
         times[name] = seconds
         bandwidth = kv_bytes(prefix_keys + own_keys) / seconds
         print(f"{name:45s} {seconds * 1e6:10.1f} us  KV read {bandwidth / 1e12:5.2f} TB/s "
-              f"({100 * bandwidth / HBM_PEAK_BYTES_PER_S:5.1f}% of 4.8)")
+              f"({100 * bandwidth / peak:5.1f}% of {peak_name}'s HBM)")
     first, second = times.values()
     print(f"depth 1 over depth 2: {second / first:.2f}x")
-    return {"error": error, "seconds": times}
 
 
 def main(argv: list[str]) -> None:

@@ -142,26 +142,23 @@ def main(argv):
         q1, q2, q3 = statistics.quantiles(r, n=4, method="inclusive")
         return f"{q2:.2f}x ({q1:.2f}-{q3:.2f})"
 
-    def table(title, rows, against):
+    def table(title, rows, cell):
+        """One row per arm of `rows`, one column per step: `cell(arm, step name)`."""
         print(f"\n{title}")
         print("| size, placement | " + " | ".join(plans) + " |")
         print("|---" + "|---:" * len(plans) + "|")
         for a in rows:
-            cells = [ratio(a, against(a), name) for name in plans]
-            print(f"| {label(a)} | " + " | ".join(cells) + " |")
+            print(f"| {label(a)} | " + " | ".join(cell(a, name) for name in plans) + " |")
 
     base = arms[0]
-    print(f"\nmedian of {_REPEATS.value} turns, in ms")
-    print("| size, placement | " + " | ".join(plans) + " |")
-    print("|---" + "|---:" * len(plans) + "|")
-    for a in arms:
-        print(f"| {label(a)} | " + " | ".join(
-            f"{statistics.median(times[a][name]) * 1000:.1f}" for name in plans) + " |")
-    table(f"ratio to {label(base)} (interquartile range over turns)", arms[1:], lambda a: base)
+    table(f"median of {_REPEATS.value} turns, in ms", arms,
+          lambda a, name: f"{statistics.median(times[a][name]) * 1000:.1f}")
+    table(f"ratio to {label(base)} (interquartile range over turns)", arms[1:],
+          lambda a, name: ratio(a, base, name))
     others = [a for a in arms if a[0] > 1 and a[1] != default]
     if others and all((a[0], default) in times for a in others):
         table(f"ratio to the default placement {default} at the same size", others,
-              lambda a: (a[0], default))
+              lambda a, name: ratio(a, (a[0], default), name))
     if _JSON.value:
         os.makedirs(os.path.dirname(_JSON.value) or ".", exist_ok=True)
         with open(_JSON.value, "w") as f:

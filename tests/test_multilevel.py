@@ -277,9 +277,11 @@ def test_the_pallas_cascade_gives_the_xla_tokens(tiny_llama_dir, nested_referenc
 
 def test_the_cascade_benchmark_compares_equal_work():
     """bench_cascade's two layouts of each step: the same tokens over the same contexts."""
+    from batchjax.bench.cascade import PAGE, step_pairs
     from batchjax.engine.engine import step_flops
+    from batchjax.engine.step_batch import build_step_batch
     from batchjax.models.config import ModelConfig
-    from batchjax.bench.cascade import step_pairs
+    from batchjax.schedule.buckets import BucketTable
 
     config = ModelConfig(architecture="llama", vocab_size=128, hidden_size=64,
                          intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -288,7 +290,9 @@ def test_the_cascade_benchmark_compares_equal_work():
     for name, pair in step_pairs().items():
         tree, one = pair["tree"], pair["one level"]
         assert tree.num_tokens == one.num_tokens, name
-        assert step_flops(config, tree, 0) == step_flops(config, one, 0), name
+        buckets = BucketTable.for_budget(1024, 128, prefix_levels=2)
+        assert step_flops(config, build_step_batch(tree, PAGE, buckets)) == step_flops(
+            config, build_step_batch(one, PAGE, buckets)), name
         assert max(len(c.prefix_chain) for c in tree.chunks) == (1 if "document" in name
                                                                  and "after" in name else 2)
 

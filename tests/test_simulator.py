@@ -16,7 +16,7 @@ from batchjax.schedule.policies import POLICIES, make_batcher
 from batchjax.schedule.prefix_tree import TokenBatch
 from batchjax.schedule.step_plan import Budgets, ChunkWork, PrefixRef, StepPlan
 from batchjax.sim.cost_model import CostModel, DoesNotFit
-from batchjax.sim.hardware import GIB, ModelShape, get_device, get_model
+from batchjax.sim.hardware import GIB, ModelShape, get_device, get_model, profile_for
 from batchjax.sim.plotting import plot_trace
 from batchjax.sim.simulate import ReplaySteps, simulate
 
@@ -347,3 +347,9 @@ def test_cli_prints_estimates_for_tensor_and_data_parallel(micro, tmp_path):
                           text=True, timeout=120)
     assert proc.returncode != 0
     assert "does not fit on one h200" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_real_device_is_matched_to_its_profile_by_name():
+    assert [profile_for(k) for k in ("NVIDIA H100 80GB HBM3", "NVIDIA H200",
+                                     "NVIDIA A100-SXM4-80GB", "cpu")] == [
+        "h100", "h200", "a100-80gb", None]

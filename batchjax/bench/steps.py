@@ -21,4 +21,4 @@ def step_seconds(engine, plan, buckets, feed, page_size: int,
         return tokens
 
     seconds = median_seconds(run, repeats)
-    return seconds, step_flops(engine.config, plan, batch.num_logits_rows)
+    return seconds, step_flops(engine.config, batch)

@@ -194,14 +194,11 @@ def _error_result(request: Request, field: str | None, message: str) -> Result:
                                      message=message))
 
 
-def step_flops(config, plan, sampled_rows: int) -> float:
-    """Useful matmul FLOPs of a step: its real tokens, each over the keys it attends."""
-    q_len = np.fromiter((c.num_tokens for c in plan.chunks), np.int64, len(plan.chunks))
-    first = np.fromiter((c.prefix_len + c.own_start + 1 for c in plan.chunks), np.int64,
-                        len(plan.chunks))  # keys the chunk's first token attends
-    starts = np.cumsum(q_len) - q_len
-    context = np.repeat(first - starts, q_len) + np.arange(int(q_len.sum()))
-    return forward_flops(config, context, sampled_rows)
+def step_flops(config, batch) -> float:
+    """Useful matmul FLOPs of a laid-out step (`StepBatch`): its real tokens, each over the
+    keys it attends (a token at position p attends p + 1), and its logits rows."""
+    return forward_flops(config, batch.positions[: batch.num_tokens] + 1,
+                         batch.num_logits_rows)
 
 
 class RequestPreparer:
@@ -706,7 +703,7 @@ class _EngineSteps:
             self._stats.startup_s = process_age_s()
         step = _InFlight(batch, tokens, reported, now,
                          engine.step.num_compiled_shapes > compiled,
-                         step_flops(engine.config, plan, batch.num_logits_rows),
+                         step_flops(engine.config, batch),
                          all(c.is_decode for c in plan.chunks), raw=raw, sampling_rows=rows)
         if tokens is not None:
             self._watch.put(step)

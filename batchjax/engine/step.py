@@ -38,7 +38,7 @@ from batchjax.kernels import native, packed_matmul
 from batchjax.models.llama import DecoderLayer
 from batchjax.requests import MAX_LOGPROBS
 from batchjax.sharding import rules
-from batchjax.sharding.mesh import describe, make_mesh, replicated
+from batchjax.sharding.mesh import describe, make_mesh, replicated, spans_processes
 from batchjax.sharding.tensor_parallel import Layout
 
 _PACKABLE = (("self_attn", "qkv_proj"), ("self_attn", "o_proj"), ("mlp", "gate_up_proj"),
@@ -166,7 +166,7 @@ class ModelStep:
             lambda path, x: rules.param_spec(rules.tree_path_names(path), x.ndim, x.size,
                                              self.rules), params)
         # Whether every device of the mesh is this process's (not a `jax.distributed` job).
-        self._local = all(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+        self._local = not spans_processes(self.mesh)
         self.params = _place(params, jax.tree.map(
             lambda spec: NamedSharding(self.mesh, spec), self._param_specs), self._local)
         self.kv_sharding = NamedSharding(self.mesh, rules.kv_spec(self.rules))

@@ -455,9 +455,7 @@ class BatchLLMBatcher:
         for gid in self._active:
             seqs = decoding[gid][:budget]
             for seq in seqs:
-                # Only a token past its last page needs one: most skip the page arithmetic.
-                if seq.num_computed >= len(seq.pages) * self._page_size:
-                    self._cover(seq, 1)
+                self._cover(seq, 1)
             chunks += decode_chunks(seqs)
             budget -= len(seqs)
         # (b) suffix prefill of groups whose segments are computed: running chunks first.
@@ -553,10 +551,11 @@ class BatchLLMBatcher:
         return make_chunk(seq, n)
 
     def _cover(self, seq: Sequence_, n: int) -> None:
-        """Pages for the next `n` tokens of `seq`."""
-        need = pages_for(seq.num_computed + n, self._page_size) - len(seq.pages)
-        if need > 0:
-            seq.add_pages(self._pool.allocate(need))
+        """Pages for the next `n` tokens of `seq`. Most calls are decode tokens whose last
+        page has room: one comparison, no page arithmetic."""
+        end = seq.num_computed + n
+        if end > len(seq.pages) * self._page_size:
+            seq.add_pages(self._pool.allocate(pages_for(end, self._page_size) - len(seq.pages)))
 
     def _chain_ready(self, group: _GroupState) -> bool:
         """Every segment of the group's chain computed, or finishing in the step planned now."""

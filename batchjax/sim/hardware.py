@@ -100,6 +100,14 @@ MODELS = {
 }
 
 
+def profile_for(device_kind: str) -> str | None:
+    """The profile of a real device by its name (JAX's `device_kind`, e.g. "NVIDIA H100 80GB
+    HBM3"), or None where none fits (a CPU)."""
+    kind = device_kind.lower()
+    return next((name for name in ("h200", "h100", "a100-80gb") if name.split("-")[0] in kind),
+                None)
+
+
 def get_device(name: str) -> Device:
     if name not in DEVICES:
         raise ValueError(f"unknown device {name!r}; known: {sorted(DEVICES)}")
